@@ -1,0 +1,237 @@
+"""UniTok architecture configuration: one typed dataclass, named presets, JSON round trip,
+and the converter from the official release's ``args`` dict.
+
+Everything that decides the *shape* of a UniTok model lives here; training hyper-parameters
+live in :mod:`unitok.train.config`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .modules.encoder import VITAMIN_VARIANTS
+
+PROJECTIONS = ('attn', 'linear')
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid or inconsistent."""
+
+
+@dataclass
+class UniTokConfig:
+    """Architecture of a UniTok tokenizer.
+
+    The latent between encoder and decoder is ``num_codebooks * code_dim`` wide; each of the
+    ``num_codebooks`` chunks is snapped to one of ``codebook_size`` l2-normalised codes, so an image
+    of ``H x W`` pixels becomes ``num_codebooks`` integer codes per cell of an ``H/16 x W/16`` grid.
+    """
+    # --- image side ---
+    encoder: str = 'vitamin_large'       # ViTamin variant, a key of modules.encoder.VITAMIN_VARIANTS
+    image_size: int = 256                # training resolution; inference takes any multiple of 16
+    num_query: int = 0                   # learned register/query tokens prepended to the token grid
+    drop_path: float = 0.1               # stochastic depth (max rate) in encoder and decoder ViT blocks
+    # --- quantizer ---
+    num_codebooks: int = 8               # K sub-codebooks; the latent is split into K chunks
+    codebook_size: int = 4096            # codes per sub-codebook
+    code_dim: int = 8                    # width of one code; latent width = num_codebooks * code_dim
+    commitment_beta: float = 0.25        # weight of ||sg(q) - z||^2 in the quantizer loss
+    entropy_loss: bool = False           # also compute the codebook entropy loss (costs B*L*K*n memory)
+    entropy_temperature: float = 0.01    # softmax temperature of the entropy loss
+    # --- projections and decoder ---
+    projection: str = 'attn'             # 'attn': attention projection with GeGLU MLP, or 'linear'
+    decoder_depth: int | None = None     # ViT blocks in the decoder; None = same as the encoder
+    decoder_conv_depths: tuple[int, int] = (4, 2)  # inverted-MbConv blocks in the two up-sampling stages
+    # --- text tower (open_clip TextTransformer) and CLIP head ---
+    text_width: int = 768
+    text_heads: int = 12
+    text_layers: int = 12
+    text_vocab_size: int = 49408         # open_clip BPE vocabulary
+    text_context_length: int = 77
+    embed_dim: int = 768                 # shared image/text embedding width
+    # --- memory ---
+    grad_checkpointing: bool = False     # recompute encoder/decoder/text activations in backward
+
+    def __post_init__(self):
+        self.decoder_conv_depths = tuple(int(d) for d in self.decoder_conv_depths)
+        self.validate()
+
+    # ------------------------------------------------------------------ derived sizes
+    @property
+    def latent_dim(self) -> int:
+        """Width of the quantized latent (all sub-codebooks together)."""
+        return self.num_codebooks * self.code_dim
+
+    @property
+    def vocab_size(self) -> int:
+        """Codes over all sub-codebooks (the official ``vocab_size``)."""
+        return self.num_codebooks * self.codebook_size
+
+    @property
+    def encoder_dim(self) -> int:
+        return VITAMIN_VARIANTS[self.encoder].embed_dim
+
+    @property
+    def grid_size(self) -> int:
+        """Token grid side at ``image_size``."""
+        return self.image_size // 16
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        def positive(name):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f'{name} must be a positive integer, got {v!r}')
+
+        if self.encoder not in VITAMIN_VARIANTS:
+            raise ConfigError(f'unknown encoder {self.encoder!r}; choose one of {sorted(VITAMIN_VARIANTS)}')
+        for name in ('image_size', 'num_codebooks', 'codebook_size', 'code_dim', 'text_width', 'text_heads',
+                     'text_layers', 'text_vocab_size', 'text_context_length', 'embed_dim'):
+            positive(name)
+        if self.image_size % 16:
+            raise ConfigError(f'image_size must be a multiple of 16 (the encoder downsamples 16x), got {self.image_size}')
+        if not isinstance(self.num_query, int) or self.num_query < 0:
+            raise ConfigError(f'num_query must be a non-negative integer, got {self.num_query!r}')
+        if self.projection not in PROJECTIONS:
+            raise ConfigError(f'projection must be one of {PROJECTIONS}, got {self.projection!r}')
+        if self.projection == 'attn':
+            c, w = self.encoder_dim, self.latent_dim
+            if c % w and w % c:
+                raise ConfigError(f"projection='attn' needs the encoder width ({c}) and the latent width "
+                                  f'num_codebooks*code_dim ({w}) to divide one another')
+            if c // w < 1:
+                raise ConfigError(f"projection='attn' needs a latent ({w}) no wider than the encoder ({c})")
+        if self.decoder_depth is not None and (not isinstance(self.decoder_depth, int) or self.decoder_depth < 1):
+            raise ConfigError(f'decoder_depth must be None or a positive integer, got {self.decoder_depth!r}')
+        if len(self.decoder_conv_depths) != 2 or min(self.decoder_conv_depths) < 1:
+            raise ConfigError(f'decoder_conv_depths must be two positive integers, got {self.decoder_conv_depths}')
+        if self.text_width % self.text_heads:
+            raise ConfigError(f'text_width ({self.text_width}) must be divisible by text_heads ({self.text_heads})')
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ConfigError(f'drop_path must be in [0, 1), got {self.drop_path}')
+        if self.commitment_beta < 0 or self.entropy_temperature <= 0:
+            raise ConfigError('commitment_beta must be >= 0 and entropy_temperature > 0')
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d['decoder_conv_depths'] = list(self.decoder_conv_depths)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> 'UniTokConfig':
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f'unknown UniTokConfig field(s) {unknown}; known fields: {sorted(known)}')
+        return cls(**d)
+
+    def to_json(self, path: str | None = None) -> str:
+        s = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            with open(path, 'w', encoding='utf-8') as f:
+                f.write(s + '\n')
+        return s
+
+    @classmethod
+    def from_json(cls, path_or_text: str) -> 'UniTokConfig':
+        text = path_or_text
+        if not path_or_text.lstrip().startswith('{'):
+            with open(path_or_text, encoding='utf-8') as f:
+                text = f.read()
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as e:
+            raise ConfigError(f'invalid config JSON: {e}') from None
+
+    def replace(self, **overrides) -> 'UniTokConfig':
+        """A copy with some fields changed (validated)."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ConfigError(f'unknown UniTokConfig field(s) {unknown}')
+        return dataclasses.replace(self, **overrides)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> 'UniTokConfig':
+        """A named preset (see :data:`PRESETS`) with optional field overrides."""
+        if name not in PRESETS:
+            raise ConfigError(f'unknown preset {name!r}; choose one of {sorted(PRESETS)}')
+        return PRESETS[name].replace(**overrides)
+
+    @classmethod
+    def from_official_args(cls, args: Mapping[str, Any]) -> 'UniTokConfig':
+        """Convert the official ``Args`` dict stored in a released checkpoint.
+
+        The official code counts ``vocab_size`` and ``vocab_width`` over *all* codebooks;
+        here they are per sub-codebook (``codebook_size``, ``code_dim``).
+        """
+        defaults = _OFFICIAL_DEFAULTS
+
+        def get(k):
+            return args.get(k, defaults[k])
+
+        k = int(get('num_codebooks'))
+        vocab, width = int(get('vocab_size')), int(get('vocab_width'))
+        if k <= 0 or vocab % k or width % k:
+            raise ConfigError(f'official args: vocab_size={vocab} and vocab_width={width} must both be '
+                              f'divisible by num_codebooks={k}')
+        encoder = str(get('model'))
+        if encoder not in VITAMIN_VARIANTS:
+            raise ConfigError(f'official args: unknown model {encoder!r}; supported: {sorted(VITAMIN_VARIANTS)}')
+        return cls(
+            encoder=encoder,
+            image_size=int(get('img_size')),
+            num_query=int(get('num_query')),
+            drop_path=float(get('drop_path')),
+            num_codebooks=k,
+            codebook_size=vocab // k,
+            code_dim=width // k,
+            commitment_beta=float(get('vq_beta')),
+            entropy_loss=float(get('le')) > 0,
+            entropy_temperature=float(get('e_temp')),
+            projection=str(get('quant_proj')),
+            text_width=int(get('text_width')),
+            text_heads=int(get('text_heads')),
+            text_layers=int(get('text_layers')),
+            text_vocab_size=int(get('text_vocab_size')),
+            text_context_length=int(get('text_context_length')),
+            embed_dim=int(get('embed_dim')),
+        )
+
+    def to_official_args(self) -> dict[str, Any]:
+        """The architecture part of the official ``Args`` dict (inverse of :meth:`from_official_args`)."""
+        if self.decoder_depth not in (None, VITAMIN_VARIANTS[self.encoder].depth) or self.decoder_conv_depths != (4, 2):
+            raise ConfigError('the official code has no way to express a custom decoder depth')
+        return dict(
+            model=self.encoder, img_size=self.image_size, num_query=self.num_query, drop_path=self.drop_path,
+            num_codebooks=self.num_codebooks, vocab_size=self.vocab_size, vocab_width=self.latent_dim,
+            vq_beta=self.commitment_beta, le=1.0 if self.entropy_loss else 0.0, e_temp=self.entropy_temperature,
+            quant_proj=self.projection, text_width=self.text_width, text_heads=self.text_heads,
+            text_layers=self.text_layers, text_vocab_size=self.text_vocab_size,
+            text_context_length=self.text_context_length, embed_dim=self.embed_dim,
+        )
+
+
+# Defaults of the official `Args` class for the fields that shape the model.
+_OFFICIAL_DEFAULTS = dict(
+    model='vitamin_large', img_size=256, num_query=0, drop_path=0.1, num_codebooks=8, vocab_size=32768,
+    vocab_width=64, vq_beta=0.25, le=0.0, e_temp=0.01, quant_proj='attn', text_width=768, text_heads=12,
+    text_layers=12, text_vocab_size=49408, text_context_length=77, embed_dim=768,
+)
+
+PRESETS: dict[str, UniTokConfig] = {
+    # The released checkpoint: ViTamin-L, 256 px, 8 x 4096 codes of 8 dims, 16x16 tokens.
+    'unitok-large': UniTokConfig(),
+    # ViTamin-B with the same quantizer.
+    'unitok-base': UniTokConfig(encoder='vitamin_base'),
+    # Small enough to train on two CPU cores at 64 px in minutes (4x4 tokens of 8 x 512 codes).
+    'unitok-tiny': UniTokConfig(
+        encoder='vitamin_tiny', image_size=64, drop_path=0.0,
+        num_codebooks=8, codebook_size=512, code_dim=4,
+        decoder_conv_depths=(1, 1),
+        text_width=128, text_heads=2, text_layers=2, text_context_length=32, embed_dim=128,
+    ),
+}

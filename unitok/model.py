@@ -1,0 +1,283 @@
+"""UniTok: a unified discrete image tokenizer for generation and understanding.
+
+Paper: "UniTok: A Unified Tokenizer for Visual Generation and Understanding", Ma et al., 2025
+(arXiv 2502.20321). Reference implementation: github.com/FoundationVision/UniTok (state-dict names
+and numerics match it; see tests/test_golden.py).
+
+Data flow (shapes for the released model, 256 px)::
+
+    images (B, 3, H, W) in [-1, 1]
+      -> encoder (ViTamin, /16)                  (B, Q + h*w, C)      C = 1024
+      -> quant_proj                              (B, Q + h*w, K*d)    K*d = 8*8
+      -> quantizer: codes (B, K, Q + h*w), quantized (B, Q + h*w, K*d)
+      -> post_quant_proj                         (B, Q + h*w, C)
+      -> decoder (grid h x w)                    (B, 3, H, W)
+      mean over tokens -> fc_norm -> projection  (B, E) image embedding, E = 768
+    texts -> BPE ids (N, 77) -> text_encoder     (N, E) text embedding
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .config import UniTokConfig
+from .images import check_images
+from .modules.decoder import ViTaminDecoder
+from .modules.encoder import VITAMIN_VARIANTS, build_encoder
+from .modules.projection import build_projection
+from .modules.text import build_text_tower, tokenize
+from .quantizer import MultiCodebookQuantizer, QuantizerOutput
+
+@dataclass
+class UniTokOutput:
+    """What :meth:`UniTok.forward` returns (the inputs of the training losses).
+
+    Attributes:
+        reconstruction: (b, 3, H, W) float32 decoder output of the first ``b = recon_batch_size`` images,
+            not clamped; None when ``recon_batch_size == 0``.
+        codes: (B, K, Q + h*w) int64 code ids (query tokens first).
+        quantizer_loss: scalar commitment loss.
+        entropy_loss: scalar entropy loss (0 unless ``config.entropy_loss``).
+        codebook_usage: (K,) share of each sub-codebook's codes used by this batch.
+        image_features: (B, E) unit-norm image embeddings (from the quantized tokens).
+        text_features: (N, E) unit-norm text embeddings, or None without texts.
+        logit_scale: scalar, the CLIP temperature ``exp(logit_scale)``.
+    """
+    reconstruction: torch.Tensor | None
+    codes: torch.Tensor
+    quantizer_loss: torch.Tensor
+    entropy_loss: torch.Tensor
+    codebook_usage: torch.Tensor
+    image_features: torch.Tensor
+    text_features: torch.Tensor | None
+    logit_scale: torch.Tensor
+
+
+class UniTok(nn.Module):
+    """The UniTok tokenizer: image <-> multi-codebook codes, plus CLIP-aligned image/text embeddings.
+
+    Code layout: :meth:`encode` returns ``(B, K, h, w)`` int64 codes, ``h, w = H/16, W/16``, sub-codebook
+    k in channel k. A model with ``num_query = Q > 0`` query tokens returns ``(B, K, Q + h*w)`` instead:
+    the Q query codes first, then the grid in raster order (the grid alone cannot hold them); pass
+    ``grid=(h, w)`` to :meth:`decode` for non-square images in that case.
+    """
+
+    def __init__(self, config: UniTokConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        spec = VITAMIN_VARIANTS[config.encoder]
+        width, latent = spec.embed_dim, config.latent_dim
+        proj_heads = max(1, width // latent)
+
+        self.encoder = build_encoder(config.encoder, config.image_size, config.num_query, config.drop_path)
+        self.quant_proj = build_projection(config.projection, width, latent, proj_heads)
+        self.quantizer = MultiCodebookQuantizer(
+            config.num_codebooks, config.codebook_size, config.code_dim, beta=config.commitment_beta,
+            entropy_loss=config.entropy_loss, entropy_temperature=config.entropy_temperature)
+        self.post_quant_proj = build_projection(config.projection, latent, width, proj_heads)
+        self.decoder = ViTaminDecoder(
+            width, conv_dims=(spec.conv_dims[1], spec.conv_dims[0]), depth=config.decoder_depth or spec.depth,
+            num_heads=spec.num_heads, conv_depths=config.decoder_conv_depths, num_query=config.num_query,
+            drop_path=config.drop_path)
+        self.text_encoder = build_text_tower(
+            config.text_width, config.text_heads, config.text_layers, config.text_vocab_size,
+            config.text_context_length, config.embed_dim)
+        self.fc_norm = nn.LayerNorm(width, eps=1e-6)
+        self.projection = nn.Linear(width, config.embed_dim)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.set_grad_checkpointing(config.grad_checkpointing)
+
+    # ------------------------------------------------------------------ construction / IO
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> 'UniTok':
+        """A randomly initialised model from a named preset (see :data:`unitok.PRESETS`)."""
+        return cls(UniTokConfig.from_preset(name, **overrides))
+
+    @classmethod
+    def from_pretrained(cls, path_or_hub_id: str, map_location: str | torch.device = 'cpu') -> 'UniTok':
+        """Load ``config.json`` + ``model.safetensors`` from a directory or Hugging Face hub id,
+        or an official release checkpoint (``.pth``, loaded without executing pickled code)."""
+        from .checkpoint import load_pretrained
+        return load_pretrained(path_or_hub_id, map_location=map_location)
+
+    def save_pretrained(self, directory: str) -> None:
+        """Write ``config.json`` and ``model.safetensors`` to ``directory`` (atomically)."""
+        from .checkpoint import save_pretrained
+        save_pretrained(self, directory)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+        self.encoder.set_grad_checkpointing(enable)
+        self.decoder.set_grad_checkpointing(enable)
+        self.text_encoder.set_grad_checkpointing(enable)
+
+    def materialize_non_persistent_buffers(self) -> None:
+        """Recreate the buffers that are not in the state dict (after building on the meta device)."""
+        device = self.logit_scale.device
+        q = self.quantizer
+        q.usage_updates = torch.zeros((), dtype=torch.long, device=device)
+        q._offsets = torch.arange(q.num_codebooks, device=device) * q.codebook_size
+        if getattr(self.text_encoder, 'attn_mask', None) is not None:
+            self.text_encoder.attn_mask = self.text_encoder.build_causal_mask().to(device)
+        left = [name for name, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]
+        if left:
+            raise RuntimeError(f'tensors left on the meta device: {left[:5]}')
+
+    @property
+    def device(self) -> torch.device:
+        return self.logit_scale.device
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Number of parameters per top-level part."""
+        counts = {name: sum(p.numel() for p in module.parameters()) for name, module in self.named_children()}
+        counts['clip_head'] = counts.pop('fc_norm') + counts.pop('projection') + self.logit_scale.numel()
+        counts['total'] = sum(p.numel() for p in self.parameters())
+        return counts
+
+    # ------------------------------------------------------------------ image -> codes
+    def _project(self, fn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        # Projections run in float32 with autocast off, as in the official model.
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                return checkpoint(fn, x, use_reentrant=False)
+            return fn(x)
+
+    def encode_latents(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Continuous latents before quantization: ``(B, Q + h*w, K*d)`` float32, and the grid ``(h, w)``."""
+        check_images(images)
+        grid = (images.shape[-2] // 16, images.shape[-1] // 16)
+        return self._project(self.quant_proj, self.encoder(images)), grid
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, 3, H, W)`` in [-1, 1] -> codes ``(B, K, H/16, W/16)`` int64 (see class docstring for Q > 0)."""
+        latents, (h, w) = self.encode_latents(images)
+        codes = self.quantizer.nearest_codes(latents)               # (B, K, Q + h*w)
+        return codes if self.config.num_query else codes.view(codes.shape[0], codes.shape[1], h, w)
+
+    # ------------------------------------------------------------------ codes -> image
+    def _flatten_codes(self, codes: torch.Tensor, grid: tuple[int, int] | None) -> tuple[torch.Tensor, tuple[int, int]]:
+        if not isinstance(codes, torch.Tensor):
+            raise TypeError(f'codes must be a torch.Tensor, got {type(codes).__name__}')
+        K, Q = self.config.num_codebooks, self.config.num_query
+        if codes.dim() == 4 and Q == 0:
+            B, k, h, w = codes.shape
+            if grid is not None and tuple(grid) != (h, w):
+                raise ValueError(f'grid {tuple(grid)} does not match codes of grid {h}x{w}')
+            flat = codes.reshape(B, k, h * w)
+        elif codes.dim() == 3:
+            B, k, L = codes.shape
+            if grid is None:
+                side = math.isqrt(max(L - Q, 0))
+                if side * side != L - Q or side == 0:
+                    raise ValueError(f'cannot infer a square grid from {L - Q} grid codes; pass grid=(h, w)')
+                grid = (side, side)
+            if L != Q + grid[0] * grid[1]:
+                raise ValueError(f'codes hold {L} tokens but {Q} query + grid {grid[0]}x{grid[1]} '
+                                 f'needs {Q + grid[0] * grid[1]}')
+            flat = codes
+        else:
+            want = f'(B, {K}, h, w)' if Q == 0 else f'(B, {K}, {Q} + h*w)'
+            raise ValueError(f'codes must have shape {want}, got {tuple(codes.shape)}')
+        if flat.shape[1] != K:
+            raise ValueError(f'codes have {flat.shape[1]} sub-codebooks, the model has {K}')
+        if flat.shape[0] == 0 or flat.shape[2] == 0:
+            raise ValueError(f'codes are empty: shape {tuple(codes.shape)}')
+        return flat, (grid if codes.dim() == 3 else (codes.shape[2], codes.shape[3]))
+
+    def decode_latents(self, quantized: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Quantized latents ``(B, Q + h*w, K*d)`` -> images ``(B, 3, 16h, 16w)``, float32, not clamped."""
+        return self.decoder(self._project(self.post_quant_proj, quantized), grid).float()
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """Codes (as returned by :meth:`encode`) -> images ``(B, 3, H, W)`` clamped to [-1, 1]."""
+        flat, grid = self._flatten_codes(codes, grid)
+        return self.decode_latents(self.quantizer.lookup(flat.to(self.device)), grid).clamp_(-1, 1)
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
+        """``decode(encode(images))`` in one pass, clamped to [-1, 1]."""
+        latents, grid = self.encode_latents(images)
+        quantized = self.quantizer.lookup(self.quantizer.nearest_codes(latents))
+        return self.decode_latents(quantized, grid).clamp_(-1, 1)
+
+    # ------------------------------------------------------------------ CLIP embeddings
+    def _image_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
+        # tokens: post_quant_proj output (B, Q + h*w, C); the mean includes the query tokens.
+        return self.projection(self.fc_norm(tokens.mean(dim=1)))
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        """Image embeddings ``(B, E)`` computed from the *quantized* tokens (what an MLLM would see)."""
+        latents, _ = self.encode_latents(images)
+        quantized = self.quantizer.lookup(self.quantizer.nearest_codes(latents))
+        features = self._image_embedding(self._project(self.post_quant_proj, quantized))
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def tokenize(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """BPE token ids ``(N, text_context_length)`` on the model's device."""
+        return tokenize(texts, self.config.text_context_length).to(self.device)
+
+    def _text_ids(self, texts) -> torch.Tensor:
+        if isinstance(texts, torch.Tensor):
+            n_ctx, vocab = self.config.text_context_length, self.config.text_vocab_size
+            if texts.dtype.is_floating_point or texts.dtype == torch.bool:
+                raise TypeError(f'text token ids must be an integer tensor, got {texts.dtype}')
+            if texts.dim() != 2 or texts.shape[1] != n_ctx:
+                raise ValueError(f'text token ids must be (N, {n_ctx}), got {tuple(texts.shape)}')
+            if texts.numel() and (int(texts.min()) < 0 or int(texts.max()) >= vocab):
+                raise ValueError(f'text token ids must lie in [0, {vocab})')
+            return texts.to(self.device)
+        return self.tokenize(texts)
+
+    def encode_text(self, texts, normalize: bool = True) -> torch.Tensor:
+        """Text embeddings ``(N, E)`` from strings or token ids ``(N, text_context_length)``."""
+        features = self.text_encoder(self._text_ids(texts))
+        return F.normalize(features, dim=-1) if normalize else features
+
+    @torch.no_grad()
+    def zero_shot_classifier(self, classnames: Sequence[str],
+                             templates: Sequence[str | Callable[[str], str]] = ('a photo of a {}.',),
+                             batch_size: int = 32, progress: bool = False) -> torch.Tensor:
+        """Class weights ``(E, C)``: the normalised mean text embedding of each class over the templates.
+
+        Templates are format strings with one ``{}`` or callables (like open_clip's ImageNet templates).
+        """
+        from open_clip.zero_shot_classifier import build_zero_shot_classifier
+        if not classnames or not templates:
+            raise ValueError('zero_shot_classifier needs at least one class name and one template')
+        templates = [t if callable(t) else t.format for t in templates]
+        return build_zero_shot_classifier(self, self.tokenize, list(classnames), templates,
+                                          num_classes_per_batch=batch_size, device=self.device, use_tqdm=progress)
+
+    @torch.no_grad()
+    def classify(self, images: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
+        """Zero-shot logits ``(B, C)``: scaled cosine similarity of image embeddings and class weights."""
+        features = self.encode_image(images, normalize=True)
+        return self.logit_scale.exp() * features @ classifier.to(features.dtype)
+
+    # ------------------------------------------------------------------ training forward
+    def forward(self, images: torch.Tensor, texts=None, recon_batch_size: int | None = None) -> UniTokOutput:
+        """Training pass: quantize with the straight-through estimator, reconstruct the first
+        ``recon_batch_size`` images (all by default), and embed images (and texts) for the CLIP loss."""
+        latents, grid = self.encode_latents(images)
+        q: QuantizerOutput = self.quantizer(latents)
+        tokens = self._project(self.post_quant_proj, q.quantized)     # (B, Q + h*w, C) float32
+        b = images.shape[0] if recon_batch_size is None else min(recon_batch_size, images.shape[0])
+        reconstruction = self.decoder(tokens[:b], grid).float() if b > 0 else None
+        image_features = F.normalize(self._image_embedding(tokens), dim=-1)
+        text_features = None if texts is None else self.encode_text(texts, normalize=True)
+        return UniTokOutput(
+            reconstruction=reconstruction, codes=q.codes,
+            quantizer_loss=q.losses['commitment'], entropy_loss=q.losses['entropy'],
+            codebook_usage=q.stats['usage'], image_features=image_features, text_features=text_features,
+            logit_scale=self.logit_scale.exp(),
+        )

@@ -1,0 +1,129 @@
+"""Pixel decoder: ViTamin transformer blocks on the token grid, then four 2x up-sampling conv
+stages back to RGB (the mirror image of the ViTamin conv stem and MbConv stages).
+
+Parameter names follow the official UniTok checkpoint (``blocks``, ``norm``, ``up_conv1..4``).
+Unlike the official decoder, the grid shape ``(h, w)`` is an explicit argument, so non-square
+images decode correctly.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, LayerNorm, LayerNorm2d, LayerNormAct2d, make_divisible
+from timm.models._manipulate import checkpoint_seq
+from timm.models.vision_transformer import Block
+from timm.models.vitamin import GeGluMlp
+from torch.utils.checkpoint import checkpoint
+
+
+class Upsample2d(nn.Module):
+    """Nearest-neighbour 2x up-sampling followed by a 3x3 conv."""
+
+    def __init__(self, dim: int, dim_out: int):
+        super().__init__()
+        self.conv = nn.Conv2d(dim, dim_out, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode='nearest'))
+
+
+class InvMbConvBlock(nn.Module):
+    """Pre-norm inverted bottleneck (1x1 expand, [2x up], 3x3 depthwise, 1x1 project) with a residual.
+
+    With ``upsample`` the block doubles the resolution: the shortcut is an :class:`Upsample2d` and the
+    expanded features are up-sampled before the depthwise conv.
+    """
+
+    def __init__(self, in_chs: int, out_chs: int, upsample: bool = False, expand_ratio: float = 4.0,
+                 drop_path: float = 0.0, norm_eps: float = 1e-6):
+        super().__init__()
+        mid_chs = make_divisible(out_chs * expand_ratio)
+        if upsample:
+            self.shortcut = Upsample2d(in_chs, out_chs)
+        elif in_chs != out_chs:
+            self.shortcut = nn.Conv2d(in_chs, out_chs, 1)
+        else:
+            self.shortcut = nn.Identity()
+        self.pre_norm = LayerNorm2d(in_chs, eps=norm_eps)
+        self.conv1_1x1 = nn.Conv2d(in_chs, mid_chs, 1)
+        self.act1 = nn.GELU()
+        self.up = Upsample2d(mid_chs, mid_chs) if upsample else nn.Identity()
+        self.conv2_kxk = nn.Conv2d(mid_chs, mid_chs, 3, padding=1, groups=mid_chs)
+        self.act2 = nn.GELU()
+        self.conv3_1x1 = nn.Conv2d(mid_chs, out_chs, 1)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = self.shortcut(x)
+        x = self.act1(self.conv1_1x1(self.pre_norm(x)))
+        x = self.act2(self.conv2_kxk(self.up(x)))
+        return self.drop_path(self.conv3_1x1(x)) + shortcut
+
+
+class InvStem(nn.Module):
+    """Last 2x up-sampling to RGB: up-conv, LayerNorm + GELU, 3x3 conv to ``out_chs``."""
+
+    def __init__(self, in_chs: int, out_chs: int = 3, norm_eps: float = 1e-6):
+        super().__init__()
+        self.conv1 = Upsample2d(in_chs, in_chs)
+        self.norm1 = LayerNormAct2d(in_chs, eps=norm_eps, act_layer=nn.GELU)
+        self.conv2 = nn.Conv2d(in_chs, out_chs, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.norm1(self.conv1(x)))
+
+
+class ViTaminDecoder(nn.Module):
+    """Tokens ``(B, Q + h*w, C)`` -> image ``(B, 3, 16h, 16w)`` (unbounded; ~[-1, 1] when trained).
+
+    Args:
+        embed_dim: token width C (the encoder width).
+        conv_dims: channels of the two conv stages, coarse to fine, e.g. (320, 160) for ViTamin-L.
+        depth, num_heads: transformer blocks over the token grid.
+        conv_depths: inverted-MbConv blocks in the two conv stages (the first of each up-samples).
+        num_query: leading query/register tokens, attended to and then dropped.
+        drop_path: max stochastic-depth rate of the transformer blocks (linear in depth).
+    """
+
+    def __init__(self, embed_dim: int, conv_dims: tuple[int, int], depth: int, num_heads: int,
+                 conv_depths: tuple[int, int] = (4, 2), num_query: int = 0, drop_path: float = 0.0,
+                 mlp_ratio: float = 2.0):
+        super().__init__()
+        self.num_query = num_query
+        self.grad_checkpointing = False
+        rates = [drop_path * i / max(depth - 1, 1) for i in range(depth)]
+        self.blocks = nn.Sequential(*[
+            Block(embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=True, drop_path=r,
+                  norm_layer=partial(LayerNorm, eps=1e-6), act_layer='gelu_tanh',
+                  mlp_layer=GeGluMlp)
+            for r in rates])
+        self.norm = LayerNorm(embed_dim, eps=1e-6)
+        c2, c1 = conv_dims
+        self.up_conv1 = Upsample2d(embed_dim, c2)
+        self.up_conv2 = nn.Sequential(*[InvMbConvBlock(c2, c2, upsample=i == 0) for i in range(conv_depths[0])])
+        self.up_conv3 = nn.Sequential(*[InvMbConvBlock(c2 if i == 0 else c1, c1, upsample=i == 0)
+                                        for i in range(conv_depths[1])])
+        self.up_conv4 = InvStem(c1, 3)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def last_layer(self) -> nn.Parameter:
+        """Weight of the final conv, used for the adaptive GAN loss weight."""
+        return self.up_conv4.conv2.weight
+
+    def forward(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        B, N, C = x.shape
+        h, w = grid
+        if N != self.num_query + h * w:
+            raise ValueError(f'decoder got {N} tokens, expected {self.num_query} query + {h}x{w} grid tokens')
+        ckpt = self.grad_checkpointing and torch.is_grad_enabled()
+        x = checkpoint_seq(self.blocks, x) if ckpt else self.blocks(x)
+        x = self.norm(x[:, self.num_query:])                      # (B, h*w, C)
+        x = x.view(B, h, w, C).permute(0, 3, 1, 2)                # (B, C, h, w), channels-last strides
+        for stage in (self.up_conv1, self.up_conv2, self.up_conv3):
+            x = checkpoint(stage, x, use_reentrant=False) if ckpt else stage(x)
+        return self.up_conv4(x)                                   # (B, 3, 16h, 16w)

@@ -1,0 +1,33 @@
+"""Text side: open_clip's causal text transformer and BPE tokenizer (both offline)."""
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Sequence
+
+import torch
+from open_clip.tokenizer import SimpleTokenizer
+from open_clip.transformer import TextTransformer
+
+
+def build_text_tower(width: int, heads: int, layers: int, vocab_size: int, context_length: int,
+                     embed_dim: int) -> TextTransformer:
+    """open_clip ``TextTransformer`` as UniTok configures it: causal mask, EOT (argmax) pooling,
+    exact-GELU MLPs of ratio 4, eps 1e-5 LayerNorms, a bias-free ``text_projection`` to ``embed_dim``."""
+    return TextTransformer(
+        context_length=context_length, vocab_size=vocab_size, width=width, heads=heads, layers=layers,
+        mlp_ratio=4.0, output_dim=embed_dim, pool_type='argmax', proj_type='linear', proj_bias=False,
+    )
+
+
+@lru_cache(maxsize=4)
+def _tokenizer(context_length: int) -> SimpleTokenizer:
+    return SimpleTokenizer(context_length=context_length)
+
+
+def tokenize(texts: str | Sequence[str], context_length: int = 77) -> torch.LongTensor:
+    """CLIP BPE token ids ``(N, context_length)``: SOT, tokens, EOT, zero padding (long texts are cut)."""
+    if isinstance(texts, str):
+        texts = [texts]
+    if not all(isinstance(t, str) for t in texts):
+        raise TypeError('tokenize expects a string or a sequence of strings')
+    return _tokenizer(context_length)(list(texts), context_length=context_length)
