@@ -199,13 +199,22 @@ class UniTokConfig:
             text_vocab_size=int(get('text_vocab_size')),
             text_context_length=int(get('text_context_length')),
             embed_dim=int(get('embed_dim')),
+            decoder_depth=args.get('unitok_decoder_depth'),
+            decoder_conv_depths=tuple(args.get('unitok_decoder_conv_depths', (4, 2))),
         )
 
     def to_official_args(self) -> dict[str, Any]:
-        """The architecture part of the official ``Args`` dict (inverse of :meth:`from_official_args`)."""
-        if self.decoder_depth not in (None, VITAMIN_VARIANTS[self.encoder].depth) or self.decoder_conv_depths != (4, 2):
-            raise ConfigError('the official code has no way to express a custom decoder depth')
-        return dict(
+        """The architecture part of the official ``Args`` dict (inverse of :meth:`from_official_args`).
+
+        Decoder depths the official code cannot express travel as extra ``unitok_*`` keys (the official
+        ``Args`` ignores them, so only our loader rebuilds such a model).
+        """
+        extra = {}
+        if self.decoder_depth not in (None, VITAMIN_VARIANTS[self.encoder].depth):
+            extra['unitok_decoder_depth'] = self.decoder_depth
+        if self.decoder_conv_depths != (4, 2):
+            extra['unitok_decoder_conv_depths'] = list(self.decoder_conv_depths)
+        return extra | dict(
             model=self.encoder, img_size=self.image_size, num_query=self.num_query, drop_path=self.drop_path,
             num_codebooks=self.num_codebooks, vocab_size=self.vocab_size, vocab_width=self.latent_dim,
             vq_beta=self.commitment_beta, le=1.0 if self.entropy_loss else 0.0, e_temp=self.entropy_temperature,

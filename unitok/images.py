@@ -114,7 +114,7 @@ def to_tensor(images: ImageLike | Sequence[ImageLike], size: int | tuple[int, in
             a = np.asarray(resize_center_crop(pil, size, crop_ratio))
         else:
             a = _as_uint8(_to_array(image))
-        t = torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+        t = torch.from_numpy(np.array(a, dtype=np.uint8)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
         if resize == 'pad':
             t = pad_to_multiple(t)
         tensors.append(t)

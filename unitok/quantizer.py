@@ -18,7 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Similarity rows scored per step of the nearest-code search: K * rows * n floats stay in cache.
+# Similarities scored per step of the nearest-code search (K * n * tokens floats, ~8 MB).
 _SEARCH_TILE = 1 << 21
 
 
@@ -27,8 +27,9 @@ class QuantizerOutput:
     """Result of :meth:`MultiCodebookQuantizer.forward`.
 
     Attributes:
-        quantized: (B, L, K*d) the selected codes, one unit vector per chunk. In training this is the
-            straight-through estimate ``z + sg(q - z)`` so gradients reach the encoder.
+        quantized: (B, L, K*d) the selected codes, one unit vector per chunk. When the input requires
+            grad this is the straight-through estimate ``z + sg(q - z)`` so gradients reach the encoder;
+            otherwise exactly ``lookup(codes)``.
         codes: (B, K, L) int64 code ids, chunk k indexes sub-codebook k.
         losses: ``'commitment'``: ``beta * ||sg(q) - z||^2 + ||q - sg(z)||^2`` (mean over elements);
             ``'entropy'``: the codebook entropy loss (zero unless enabled).
@@ -140,7 +141,8 @@ class MultiCodebookQuantizer(nn.Module):
             commitment = F.mse_loss(q.detach(), z) * self.beta + F.mse_loss(q, z.detach())
             entropy = (_entropy_loss(z.view(B * L, K, d).transpose(0, 1), table, self.entropy_temperature)
                        if self.use_entropy_loss else z.new_zeros(()))
-            quantized = (q.detach() - z.detach()) + z               # straight-through estimator
+            # Straight-through estimator; without autograd the codes themselves (so lookup(codes) == quantized).
+            quantized = (q.detach() - z.detach()) + z if z.requires_grad else q
             stats = self._batch_stats(codes, update_usage)
         return QuantizerOutput(
             quantized=quantized.view(B, L, K * d),
@@ -203,28 +205,34 @@ def to_official_layout(state_dict: dict, prefix: str = 'quantizer.') -> dict:
 def _nearest(z: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """argmax_j <z[k, i], table[k, j]> for every k, i: z (K, N, d), table (K, n, d) -> (K, N) int64.
 
-    The (K, N, n) similarity matrix is far larger than the CPU caches for released sizes, and a plain
-    ``argmax`` over it is slow, so rows are scored in tiles that stay in cache and each tile's argmax
-    is taken in two stages: the maximum of every block of codes, then the argmax inside the winning
-    block. Both stages keep the first index among equal maxima, exactly like ``torch.argmax``.
+    Exactly ``torch.argmax`` of the float32 similarities (first index among equal maxima), but fast
+    on CPU, where the (K, N, n) similarity matrix of released sizes is far larger than the caches and
+    ``argmax`` itself is slow. Tokens are scored in tiles that stay in cache, as (K, n, tile) so that
+    every reduction runs over an outer axis and vectorises over the tokens, and the argmax is found
+    with max-reductions only: the best block of codes, then the first position equal to the maximum.
     """
     K, N, d = z.shape
     n = table.shape[1]
-    z = z.contiguous()
-    table_t = table.transpose(1, 2).contiguous()                      # (K, d, n)
-    block = next((b for b in (128, 64, 32, 16) if n % b == 0 and n > b), None)
-    rows = max(1, min(N, _SEARCH_TILE // max(1, K * n)))
+    block = next((b for b in (32, 64, 16, 128) if n % b == 0 and n > b), n)
+    n_blocks = n // block
+    z_t = z.transpose(1, 2).contiguous()                               # (K, d, N)
+    table = table.contiguous()
+    # Among positions equal to the maximum, the first one gets the largest weight.
+    block_weight = torch.arange(n_blocks, 0, -1, dtype=torch.float32, device=z.device).view(1, n_blocks, 1)
+    code_weight = torch.arange(block, 0, -1, dtype=torch.float32, device=z.device).view(1, block, 1)
+    tile = max(1, min(N, _SEARCH_TILE // max(1, K * n)))
     out = torch.empty(K, N, dtype=torch.long, device=z.device)
-    for s in range(0, N, rows):
-        sims = torch.bmm(z[:, s:s + rows], table_t)                   # (K, r, n)
-        r = sims.shape[1]
-        if block is None:
-            out[:, s:s + r] = sims.argmax(-1)
-            continue
-        sims = sims.view(K, r, n // block, block)
-        best_block = sims.amax(-1).argmax(-1, keepdim=True)           # (K, r, 1)
-        in_block = sims.gather(2, best_block[..., None].expand(K, r, 1, block)).squeeze(2)  # (K, r, block)
-        out[:, s:s + r] = best_block.squeeze(-1) * block + in_block.argmax(-1)
+    buffer = torch.empty(K, n, tile, device=z.device)   # reused: fresh large allocations page-fault
+    for s in range(0, N, tile):
+        t = min(tile, N - s)
+        sims = torch.bmm(table, z_t[:, :, s:s + t], out=buffer[:, :, :t]).view(K, n_blocks, block, t)  # (K, nb, blk, t)
+        block_max = sims.amax(2)                                                      # (K, nb, t)
+        best = block_max.amax(1, keepdim=True)                                        # (K, 1, t)
+        b_idx = n_blocks - ((block_max == best) * block_weight).amax(1, keepdim=True).long()
+        b_idx.clamp_(0, n_blocks - 1)                                                 # NaN rows: any code
+        winner = sims.gather(1, b_idx[:, :, None].expand(K, 1, block, t)).squeeze(1)  # (K, blk, t)
+        c_idx = (block - ((winner == best) * code_weight).amax(1).long()).clamp_(0, block - 1)
+        out[:, s:s + t] = b_idx.squeeze(1) * block + c_idx
     return out
 
 

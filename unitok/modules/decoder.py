@@ -19,15 +19,36 @@ from timm.models.vitamin import GeGluMlp
 from torch.utils.checkpoint import checkpoint
 
 
+# For a nearest-2x-upsampled input, the 3x3 window of output phase a (even/odd row) hits the low-res
+# rows (i-1, i) [a=0] or (i, i+1) [a=1]; these matrices sum the kernel rows (and columns) falling on each.
+_PHASE_TAPS = ((1., 0., 0.), (0., 1., 1.)), ((1., 1., 0.), (0., 0., 1.))
+
+
 class Upsample2d(nn.Module):
-    """Nearest-neighbour 2x up-sampling followed by a 3x3 conv."""
+    """Nearest-neighbour 2x up-sampling followed by a 3x3 conv (padding 1).
+
+    Computed without materialising the up-sampled tensor: each of the four output phases is a 2x2
+    conv of the low-res input with summed kernel taps. Same function and parameters, 2.25x fewer
+    multiply-adds (results equal up to float rounding).
+    """
 
     def __init__(self, dim: int, dim_out: int):
         super().__init__()
         self.conv = nn.Conv2d(dim, dim_out, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode='nearest'))
+        B, _, H, W = x.shape
+        w = self.conv.weight
+        taps = torch.tensor(_PHASE_TAPS, dtype=w.dtype, device=w.device)
+        kernels = torch.einsum('apk,oikl,bql->aboipq', taps, w, taps)                   # (2, 2, O, C, 2, 2)
+        out = None
+        for a in range(2):
+            for b in range(2):
+                y = F.conv2d(F.pad(x, (1 - b, b, 1 - a, a)), kernels[a, b], self.conv.bias)  # (B, O, H, W)
+                if out is None:   # (B, H, 2, W, 2, O) storage viewed as channels-last (B, O, 2H, 2W)
+                    out = y.new_empty(B, H, 2, W, 2, y.shape[1])
+                out[:, :, a, :, b] = y.permute(0, 2, 3, 1)
+        return out.view(B, 2 * H, 2 * W, -1).permute(0, 3, 1, 2)
 
 
 class InvMbConvBlock(nn.Module):
