@@ -118,6 +118,26 @@ class UniTok(nn.Module):
         self.decoder.set_grad_checkpointing(enable)
         self.text_encoder.set_grad_checkpointing(enable)
 
+    @torch.no_grad()
+    def init_weights(self, conv_gain: float = 0.5) -> None:
+        """Initialisation for training from scratch, as in the official recipe.
+
+        Projections and decoder: truncated-normal(0.02) linears, Xavier-normal(gain) convs, unit
+        LayerNorms, zero biases; codebooks uniform in +-d^-0.5/36. The encoder keeps timm's ViT init
+        and the text tower open_clip's.
+        """
+        for part in (self.quant_proj, self.post_quant_proj, self.decoder):
+            for m in part.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.trunc_normal_(m.weight, std=0.02)
+                elif isinstance(m, nn.Conv2d):
+                    nn.init.xavier_normal_(m.weight, gain=conv_gain)
+                elif isinstance(m, nn.LayerNorm):
+                    nn.init.ones_(m.weight)
+                if isinstance(m, (nn.Linear, nn.Conv2d, nn.LayerNorm)) and m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        self.quantizer.init_codebooks()
+
     def materialize_non_persistent_buffers(self) -> None:
         """Recreate the buffers that are not in the state dict (after building on the meta device)."""
         device = self.logit_scale.device

@@ -1,0 +1,125 @@
+"""Deterministic, resumable streams of training samples, split over ranks and loader workers.
+
+Every rank r and (logical) loader worker w reads its own endless stream ``s = r * W + w`` of raw
+samples. The stream, the random augmentations of each sample (seeded from the sample's position)
+and hence every batch are a pure function of ``(seed, s, position)``. The trainer records the next
+position of every worker stream; resuming there reproduces the uninterrupted run exactly.
+Unreadable samples are skipped; each batch says how many were skipped, and which.
+"""
+from __future__ import annotations
+
+import hashlib
+import random
+import signal
+from typing import Any, Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from ..images import ImageReadError
+
+MAX_REPORTED_KEYS = 8
+
+
+def mix_seed(*parts: int) -> int:
+    """A well-mixed 63-bit seed from integers (stable across processes and platforms)."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, 'little') & ((1 << 63) - 1)
+
+
+def map_positions(n: int, shard: int, num_shards: int, seed: int, start: int = 0) -> Iterator[tuple[int, int]]:
+    """Endless ``(position, index)`` over epochs of a size-n collection: each epoch is a fresh seeded
+    permutation and this shard takes every ``num_shards``-th element (the remainder is dropped)."""
+    per_epoch = n // num_shards
+    if per_epoch == 0:
+        raise ValueError(f'{n} samples cannot feed {num_shards} rank x worker streams')
+    position, perm_epoch, perm = start, -1, None
+    while True:
+        epoch, j = divmod(position, per_epoch)
+        if epoch != perm_epoch:
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, epoch)))
+            perm_epoch = epoch
+        yield position, int(perm[shard + j * num_shards])
+        position += 1
+
+
+class TrainStream(IterableDataset):
+    """Endless samples ``{'image', 'text', 'label', 'position', 'worker', 'skipped', 'skipped_keys'}``.
+
+    Args:
+        source: a map-style source (``read(i)``) or a :class:`WebDatasetSource` (``iter_raw``).
+        transform: PIL image -> tensor; tokenize: caption -> token ids tensor.
+        seed, rank, world_size: the stream of (rank, worker) is ``rank * num_workers + worker``.
+        num_workers: loader workers (0 = the main process).
+        start_positions: next position per logical worker (from a checkpoint).
+        worker_offset: logical id of physical worker 0, so that the loader's round-robin order
+            continues where the interrupted run stopped.
+    """
+
+    def __init__(self, source, transform: Callable, tokenize: Callable, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, num_workers: int = 0, start_positions: dict[int, int] | None = None,
+                 worker_offset: int = 0):
+        super().__init__()
+        self.source, self.transform, self.tokenize = source, transform, tokenize
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.num_workers = max(1, num_workers)
+        self.start_positions = dict(start_positions or {})
+        self.worker_offset = worker_offset
+
+    def __iter__(self):
+        info = get_worker_info()
+        physical = info.id if info is not None else 0
+        worker = (physical + self.worker_offset) % self.num_workers
+        stream = self.rank * self.num_workers + worker
+        num_streams = self.world_size * self.num_workers
+        start = self.start_positions.get(worker, 0)
+        if hasattr(self.source, 'iter_raw'):
+            raw = self.source.iter_raw(stream, num_streams, self.seed, start)
+            decode, key = self.source.decode, self.source.key
+        else:
+            raw = map_positions(len(self.source), stream, num_streams, self.seed, start)
+            decode, key = self.source.read, self.source.key
+        skipped, keys = 0, []
+        for position, item in raw:
+            # Augmentations draw from the global RNGs of this process: seed them per sample.
+            sample_seed = mix_seed(self.seed, stream, position)
+            torch.manual_seed(sample_seed)
+            random.seed(sample_seed)
+            try:
+                image, caption, label = decode(item)
+                image = self.transform(image)
+            except (ImageReadError, OSError, ValueError) as e:
+                skipped += 1
+                if len(keys) < MAX_REPORTED_KEYS:
+                    keys.append(f'{key(item)}: {e}'[:300])
+                continue
+            yield dict(image=image, text=self.tokenize(caption), label=label, position=position,
+                       worker=worker, skipped=skipped, skipped_keys=keys)
+            skipped, keys = 0, []
+
+
+def collate(samples: list[dict]) -> dict[str, Any]:
+    """Stack a list of stream samples (all from one worker) into a batch."""
+    return dict(
+        image=torch.stack([s['image'] for s in samples]),
+        text=torch.stack([s['text'] for s in samples]),
+        label=torch.tensor([s['label'] for s in samples]),
+        worker=samples[0]['worker'],
+        position=max(s['position'] for s in samples),
+        skipped=sum(s['skipped'] for s in samples),
+        skipped_keys=[k for s in samples for k in s['skipped_keys']],
+    )
+
+
+def _ignore_interrupts(worker_id: int) -> None:
+    # Ctrl-C reaches the whole process group: let the training process decide how to stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def train_loader(stream: TrainStream, batch_size: int, num_workers: int) -> DataLoader:
+    # A private generator: creating worker processes must not draw from the training process's global
+    # RNG (that would shift every later random number after a resume). Samples are seeded per position.
+    return DataLoader(stream, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
+                      persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
+                      worker_init_fn=_ignore_interrupts if num_workers > 0 else None,
+                      generator=torch.Generator().manual_seed(mix_seed(stream.seed, stream.rank)))

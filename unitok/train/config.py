@@ -1,0 +1,212 @@
+"""Training configuration: typed dataclasses with the official UniTok recipe as defaults.
+
+A YAML/JSON file is a serialisation of :class:`TrainConfig` (nested sections as mappings); command
+line overrides are dotted ``key=value`` pairs, e.g. ``optim.lr=1e-3 loss.perceptual=none``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Mapping, get_type_hints
+
+import yaml
+
+from ..config import ConfigError, UniTokConfig
+
+
+@dataclass
+class DataConfig:
+    train: str = 'builtin:emoji'         # data spec (see unitok.data): builtin:NAME, wds shards, folder
+    val: str | None = None               # held-out data; None: the 'val' split of `train` when it has one
+    batch_size: int = 32                 # images per rank and micro-step
+    recon_batch_size: int | None = None  # reconstruction losses on the first k images (official vae_local_bs); None: all
+    num_workers: int = 2                 # loader processes per rank (0: load in the training process)
+    crop_scale: tuple[float, float] = (0.9, 1.0)   # random-resized-crop scale range (official)
+    hflip: bool = False
+    shuffle_buffer: int = 1000           # webdataset in-stream shuffle buffer
+    resampled: bool = True               # webdataset: draw shards with replacement
+
+
+@dataclass
+class LossConfig:
+    l1: float = 0.2
+    l2: float = 1.0
+    perceptual: str = 'auto'             # 'lpips-vgg' | 'effnet-lite0' | 'none' | 'auto' (LPIPS if lpips_path else EffNet)
+    perceptual_weight: float = 1.0
+    perceptual_min_size: int = 48        # only at or above this resolution (official)
+    lpips_path: str | None = None        # VGG16 / official lpips_with_vgg.pth weights
+    discriminator: str = 'auto'          # 'dino' | 'patchgan' | 'none' | 'auto' (DINO if dino_path else PatchGAN)
+    dino_path: str | None = None         # DINOv2 ViT-S/14 weights
+    adversarial_weight: float = 0.4
+    adaptive_weight: bool = True         # scale the GAN loss by the grad-norm ratio at the decoder's last layer
+    adaptive_clamp: tuple[float, float] = (0.015, 1e4)
+    disc_start: float = 0.375            # fraction of the steps before the GAN loss starts
+    disc_warmup: float = 0.03            # fraction of the steps over which it ramps up
+    diffaug_prob: float = 1.0
+    bcr: float = 4.0                     # balanced consistency regularisation weight
+    bcr_cutout: float = 0.2
+    quantizer: float = 1.0
+    entropy: float = 0.0                 # > 0 turns on the quantizer's entropy loss
+    clip: float = 1.0
+    local_loss: bool = True
+    gather_with_grad: bool = True
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.02
+    eps: float = 1e-6
+    warmup: float = 0.01                 # fraction of the steps with linear warm-up
+    start_ratio: float = 0.0             # lr at step 0, relative
+    end_ratio: float = 0.1               # final lr of the cosine schedule, relative
+    disc_lr: float = 2e-5
+    disc_betas: tuple[float, float] = (0.5, 0.9)
+    disc_weight_decay: float = 0.2
+    disc_end_ratio: float = 0.1
+    grad_clip: float = 10.0              # <= 0: off
+    grad_accum: int = 1                  # micro-steps per optimizer step
+    ema: float = 0.9999                  # weight EMA decay (0: off); warmed up as min(decay, (1+t)/(10+t))
+
+
+@dataclass
+class TrainConfig:
+    preset: str = 'unitok-tiny'
+    model: dict = field(default_factory=dict)   # UniTokConfig overrides
+    init: str | None = None              # start from these weights (model dir or official .pth)
+    out: str = 'runs/unitok'
+    steps: int = 1000
+    seed: int = 0
+    precision: str = 'bf16'              # 'bf16' | 'fp32' | 'fp16' (fp16: CUDA with a grad scaler)
+    compile: bool = False                # torch.compile the model
+    grad_checkpointing: bool = False
+    parallel: str = 'auto'               # 'auto' | 'ddp' | 'fsdp' (FSDP2 sharding); auto: fsdp for large presets
+    threads: int | None = None           # CPU threads per process
+    log_every: int = 10
+    eval_every: int = 100                # held-out PSNR / losses / zero-shot
+    eval_batches: int = 4
+    image_every: int = 100               # reconstruction grid PNG
+    ckpt_every: int = 100
+    keep_last: int = 3
+    wandb: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    def model_config(self) -> UniTokConfig:
+        return UniTokConfig.from_preset(self.preset, **self.model)
+
+    def validate(self) -> None:
+        self.model_config()
+        if self.steps < 1:
+            raise ConfigError(f'steps must be >= 1, got {self.steps}')
+        if self.precision not in ('bf16', 'fp32', 'fp16'):
+            raise ConfigError(f"precision must be 'bf16', 'fp32' or 'fp16', got {self.precision!r}")
+        if self.parallel not in ('auto', 'ddp', 'fsdp'):
+            raise ConfigError(f"parallel must be 'auto', 'ddp' or 'fsdp', got {self.parallel!r}")
+        if self.data.batch_size < 1 or self.optim.grad_accum < 1:
+            raise ConfigError('data.batch_size and optim.grad_accum must be >= 1')
+        for name in ('log_every', 'eval_every', 'image_every', 'ckpt_every'):
+            if getattr(self, name) < 0:
+                raise ConfigError(f'{name} must be >= 0 (0 = never)')
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> 'TrainConfig':
+        return _build(cls, d, '')
+
+    @classmethod
+    def load(cls, path: str) -> 'TrainConfig':
+        if not os.path.isfile(path):
+            raise ConfigError(f'no config file at {path!r}')
+        with open(path, encoding='utf-8') as f:
+            try:
+                d = yaml.safe_load(f) if path.endswith(('.yaml', '.yml')) else json.load(f)
+            except (yaml.YAMLError, json.JSONDecodeError) as e:
+                raise ConfigError(f'cannot parse {path}: {e}') from None
+        return cls.from_dict(d or {})
+
+    def save(self, path: str) -> None:
+        with open(path, 'w', encoding='utf-8') as f:
+            if path.endswith(('.yaml', '.yml')):
+                yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+            else:
+                json.dump(self.to_dict(), f, indent=2)
+
+    def override(self, assignments: list[str]) -> 'TrainConfig':
+        """A copy with dotted ``key=value`` overrides (values parsed as YAML scalars/lists)."""
+        d = self.to_dict()
+        for a in assignments:
+            if '=' not in a:
+                raise ConfigError(f'override {a!r} is not key=value')
+            key, value = a.split('=', 1)
+            node, parts = d, key.split('.')
+            for p in parts[:-1]:
+                if not isinstance(node.get(p), dict):
+                    raise ConfigError(f'unknown config section {p!r} in {key!r}')
+                node = node[p]
+            if parts[-1] not in node and not (len(parts) == 2 and parts[0] == 'model'):
+                raise ConfigError(f'unknown config key {key!r}')
+            node[parts[-1]] = yaml.safe_load(value)
+        return TrainConfig.from_dict(d)
+
+
+def _plain(x):
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    return x
+
+
+def _build(cls, d: Mapping[str, Any], where: str):
+    if not isinstance(d, Mapping):
+        raise ConfigError(f'{where or "config"} must be a mapping, got {type(d).__name__}')
+    hints = get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+        raise ConfigError(f'unknown key(s) {unknown} in {where or "config"}; known: {sorted(fields)}')
+    return cls(**{name: _coerce(value, hints[name], f'{where}{name}') for name, value in d.items()})
+
+
+def _coerce(value, hint, name: str):
+    """Bring a parsed YAML/JSON value to the annotated type (e.g. YAML reads ``1e-3`` as a string)."""
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, name + '.')
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        return _coerce(value, args[0], name)
+    try:
+        if typing.get_origin(hint) is tuple:
+            return tuple(_coerce(v, args[0], name) for v in value)
+        if hint is bool:
+            if isinstance(value, str) and value.lower() in ('true', 'false'):
+                return value.lower() == 'true'
+            if not isinstance(value, bool):
+                raise ValueError(value)
+            return value
+        if hint is float:
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        if hint is int:
+            f = float(value)
+            if isinstance(value, bool) or not f.is_integer():
+                raise ValueError(value)
+            return int(f)
+        if hint is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f'{name}: expected {getattr(hint, "__name__", hint)}, got {value!r}') from None
+    return value

@@ -1,0 +1,116 @@
+"""Process-group setup and model wrapping for ``torchrun``: DDP (gloo on CPU, NCCL on GPU) or FSDP2."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device('cpu')
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group that ``torchrun`` describes in the environment (or run alone)."""
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    rank, local = int(os.environ.get('RANK', '0')), int(os.environ.get('LOCAL_RANK', '0'))
+    if torch.cuda.is_available():
+        device = torch.device('cuda', local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device('cpu')
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
+    return DistInfo(rank, world, local, device)
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def wrap_ddp(module: nn.Module, info: DistInfo) -> nn.Module:
+    if not info.enabled or not any(p.requires_grad for p in module.parameters()):
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+    return DistributedDataParallel(module, device_ids=[info.local_rank] if info.device.type == 'cuda' else None,
+                                   broadcast_buffers=False)
+
+
+def shard_fsdp(model: nn.Module) -> list[nn.Parameter]:
+    """FSDP2: shard every transformer block and the encoder, decoder and text tower; returns the small
+    parameters left replicated (projections, quantizer, CLIP head -- FSDP2 cannot shard the scalar
+    ``logit_scale``), whose gradients the caller averages with :func:`all_reduce_grads`.
+
+    Parameters stay float32 and compute precision comes from autocast, exactly as with DDP (the
+    quantizer and the projections must run in float32).
+    """
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+    for block in [*model.encoder.blocks, *model.decoder.blocks, *model.text_encoder.transformer.resblocks]:
+        fully_shard(block)
+    for part in (model.encoder, model.decoder, model.text_encoder):
+        fully_shard(part)
+    return [p for p in model.parameters() if p.requires_grad and not isinstance(p, DTensor)]
+
+
+def all_reduce_grads(params: list[nn.Parameter], world_size: int) -> None:
+    """Average the gradients of replicated parameters over ranks (one flat all-reduce)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads or world_size == 1:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world_size
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    module = getattr(module, '_orig_mod', module)     # torch.compile
+    return getattr(module, 'module', module)          # DDP
+
+
+def all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_object(obj) -> list:
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,80 @@
+"""Training logs: JSONL always, TensorBoard when installed, Weights & Biases on request, and a
+progress bar with ETA. Only rank 0 writes."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+
+class MetricsLogger:
+    def __init__(self, directory: str, enabled: bool, total_steps: int, start_step: int = 0,
+                 tensorboard: bool = True, wandb_config: dict | None = None):
+        self.enabled, self.total = enabled, total_steps
+        self.jsonl = self.tb = self.wandb = self.bar = None
+        if not enabled:
+            return
+        os.makedirs(directory, exist_ok=True)
+        self.jsonl = open(os.path.join(directory, 'metrics.jsonl'), 'a', encoding='utf-8')
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                self.tb = SummaryWriter(os.path.join(directory, 'tensorboard'))
+            except ImportError:
+                self.tb = None
+        if wandb_config is not None:
+            try:
+                import wandb
+                self.wandb = wandb.init(project='unitok', dir=directory, config=wandb_config, resume='allow')
+            except Exception as e:   # not installed, no network, no login
+                print(f'[unitok] W&B disabled: {type(e).__name__}: {e}', file=sys.stderr)
+        from tqdm.auto import tqdm
+        self.bar = tqdm(total=total_steps, initial=start_step, desc='train', dynamic_ncols=True,
+                        disable=not sys.stderr.isatty(), smoothing=0.05)
+        self.t0, self.s0 = time.time(), start_step
+
+    def log(self, step: int, metrics: dict[str, float], kind: str = 'train') -> None:
+        if not self.enabled:
+            return
+        row = {'step': step, 'kind': kind, 'time': round(time.time(), 3),
+               **{k: (float(v) if isinstance(v, (int, float)) and math.isfinite(float(v)) else str(v))
+                  for k, v in metrics.items()}}
+        self.jsonl.write(json.dumps(row) + '\n')
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(float(v)):
+                    self.tb.add_scalar(f'{kind}/{k}', v, step)
+        if self.wandb is not None:
+            self.wandb.log({f'{kind}/{k}': v for k, v in metrics.items()}, step=step)
+
+    def progress(self, step: int, postfix: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None and not self.bar.disable:
+            self.bar.n = step
+            self.bar.set_postfix({k: f'{v:.3g}' for k, v in postfix.items()}, refresh=True)
+        elif step % max(1, self.total // 20) == 0 or step == self.total:
+            rate = (step - self.s0) / max(1e-9, time.time() - self.t0)
+            eta = (self.total - step) / max(rate, 1e-9)
+            terms = ' '.join(f'{k} {v:.3g}' for k, v in postfix.items())
+            print(f'[unitok] step {step}/{self.total}  {rate:.2f} it/s  eta {eta / 60:.1f} min  {terms}', flush=True)
+
+    def image(self, step: int, tag: str, path: str) -> None:
+        if self.enabled and self.tb is not None:
+            import numpy as np
+            from PIL import Image
+            self.tb.add_image(tag, np.asarray(Image.open(path).convert('RGB')), step, dataformats='HWC')
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        self.jsonl.close()
