@@ -230,6 +230,17 @@ class UniTok(nn.Module):
         quantized = self.quantizer.lookup(self.quantizer.nearest_codes(latents))
         return self.decode_latents(quantized, grid).clamp_(-1, 1)
 
+    @torch.no_grad()
+    def analyze(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One pass for evaluation: ``(codes (B, K, Q + h*w), reconstruction clamped to [-1, 1],
+        unit-norm image embedding (B, E))`` -- each equal to what ``encode``, ``reconstruct`` and
+        ``encode_image`` return, without computing the shared parts twice."""
+        latents, grid = self.encode_latents(images)
+        codes = self.quantizer.nearest_codes(latents)
+        tokens = self._project(self.post_quant_proj, self.quantizer.lookup(codes))
+        reconstruction = self.decoder(tokens, grid).float().clamp_(-1, 1)
+        return codes, reconstruction, F.normalize(self._image_embedding(tokens), dim=-1)
+
     # ------------------------------------------------------------------ CLIP embeddings
     def _image_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
         # tokens: post_quant_proj output (B, Q + h*w, C); the mean includes the query tokens.

@@ -1,8 +1,10 @@
 """Image-text sources with random access: a folder with captions, and the built-in dataset.
 
 A source is a sized collection; ``read(i)`` returns ``(PIL image, caption, label)`` or raises
-:class:`~unitok.images.ImageReadError` for an unreadable file. Labels (class indices into
-``classnames``) are optional and used by zero-shot evaluation.
+:class:`~unitok.images.ImageReadError` for an unreadable file. A caption may be a list of
+alternatives (several captions per image, as in COCO): training draws one at random per sample,
+evaluation uses the first. Labels (class indices into ``classnames``) are optional and used by
+zero-shot evaluation.
 """
 from __future__ import annotations
 
@@ -72,6 +74,8 @@ def _read_captions(path: str) -> list[dict]:
     for n, r in enumerate(rows, 1):
         if not r.get('file') or r.get('caption') is None:
             raise ValueError(f'{path}: row {n} needs "file" and "caption" fields, got {sorted(r)}')
+        if isinstance(r['caption'], list) and not r['caption']:
+            raise ValueError(f'{path}: row {n} has an empty caption list')
     return rows
 
 
@@ -95,11 +99,15 @@ class BuiltinSource:
     Args:
         split: ``'train'`` (3432 images) or ``'val'`` (380 images of emoji absent from train).
         label: ``'category'`` (9 classes) or ``'subcategory'`` (~95 classes) for zero-shot evaluation.
+        caption_variants: give each image several captions built from its name, subcategory and
+            category (default: for the train split), so that a small text tower learns the words
+            instead of memorising 1.7k fixed sentences.
     """
 
     templates = ('an emoji of {}.', 'a {} emoji.', '{}')
 
-    def __init__(self, name: str = 'emoji', split: str = 'train', label: str = 'category'):
+    def __init__(self, name: str = 'emoji', split: str = 'train', label: str = 'category',
+                 caption_variants: bool | None = None):
         index = _builtin_index(name)
         if split not in ('train', 'val', 'all'):
             raise ValueError(f"builtin split must be 'train', 'val' or 'all', got {split!r}")
@@ -112,6 +120,7 @@ class BuiltinSource:
         lookup = {c: i for i, c in enumerate(self.classnames)}
         self.labels = [lookup[_label_text(s[label])] for s in self.samples]
         self.captions = [s['caption'] for s in self.samples]
+        self.caption_variants = split == 'train' if caption_variants is None else caption_variants
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -125,7 +134,12 @@ class BuiltinSource:
         sheet = _atlas(os.path.join(self.directory, s['atlas']))
         col, row = s['cell'] % self.grid, s['cell'] // self.grid
         box = (col * self.cell, row * self.cell, (col + 1) * self.cell, (row + 1) * self.cell)
-        return sheet.crop(box), s['caption'], self.labels[i]
+        caption = s['caption']
+        if self.caption_variants:
+            name, sub, cat = s['name'], _label_text(s['subcategory']), s['category'].lower()
+            caption = [caption, f'{name}', f'an emoji of {name}', f'a {cat} emoji', f'{sub}, {cat}',
+                       f'a {sub} emoji: {name}', f'{name}, {cat}']
+        return sheet.crop(box), caption, self.labels[i]
 
 
 def _label_text(x: str) -> str:

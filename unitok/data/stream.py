@@ -27,9 +27,9 @@ def mix_seed(*parts: int) -> int:
     return int.from_bytes(digest, 'little') & ((1 << 63) - 1)
 
 
-def map_positions(n: int, shard: int, num_shards: int, seed: int, start: int = 0) -> Iterator[tuple[int, int]]:
-    """Endless ``(position, index)`` over epochs of a size-n collection: each epoch is a fresh seeded
-    permutation and this shard takes every ``num_shards``-th element (the remainder is dropped)."""
+def map_positions(n: int, shard: int, num_shards: int, seed: int, start: int = 0) -> Iterator[tuple[int, tuple[int, int]]]:
+    """Endless ``(position, (epoch, index))`` over epochs of a size-n collection: each epoch is a fresh
+    seeded permutation and this shard takes every ``num_shards``-th element (the remainder is dropped)."""
     per_epoch = n // num_shards
     if per_epoch == 0:
         raise ValueError(f'{n} samples cannot feed {num_shards} rank x worker streams')
@@ -39,7 +39,7 @@ def map_positions(n: int, shard: int, num_shards: int, seed: int, start: int = 0
         if epoch != perm_epoch:
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, epoch)))
             perm_epoch = epoch
-        yield position, int(perm[shard + j * num_shards])
+        yield position, (epoch, int(perm[shard + j * num_shards]))
         position += 1
 
 
@@ -76,18 +76,23 @@ class TrainStream(IterableDataset):
         if hasattr(self.source, 'iter_raw'):
             raw = self.source.iter_raw(stream, num_streams, self.seed, start)
             decode, key = self.source.decode, self.source.key
+            identity = lambda position, item: (stream, position)    # noqa: E731
         else:
             raw = map_positions(len(self.source), stream, num_streams, self.seed, start)
-            decode, key = self.source.read, self.source.key
+            decode, key = (lambda item: self.source.read(item[1])), (lambda item: self.source.key(item[1]))
+            identity = lambda position, item: item                  # noqa: E731  (epoch, index)
         skipped, keys = 0, []
         for position, item in raw:
-            # Augmentations draw from the global RNGs of this process: seed them per sample.
-            sample_seed = mix_seed(self.seed, stream, position)
+            # Augmentations draw from the global RNGs of this process: seed them per sample. Map-style
+            # samples are seeded by (epoch, index), so the split over ranks and workers does not matter.
+            sample_seed = mix_seed(self.seed, *identity(position, item))
             torch.manual_seed(sample_seed)
             random.seed(sample_seed)
             try:
                 image, caption, label = decode(item)
                 image = self.transform(image)
+                if isinstance(caption, (list, tuple)):          # alternatives: one per sample, seeded
+                    caption = random.choice(caption)
             except (ImageReadError, OSError, ValueError) as e:
                 skipped += 1
                 if len(keys) < MAX_REPORTED_KEYS:

@@ -328,7 +328,7 @@ class Trainer:
             sums[1] += (rec - x).abs().flatten(1).mean(1).sum().double()
             sums[3] += len(items)
             image_features = model.encode_image(x)
-            text_features = model.encode_text([c for _, c, _ in items])
+            text_features = model.encode_text([c if isinstance(c, str) else c[0] for _, c, _ in items])
             logits = model.logit_scale.exp() * image_features @ text_features.T
             target = torch.arange(len(items), device=self.device)
             clip = (torch.nn.functional.cross_entropy(logits, target) +

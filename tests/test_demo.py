@@ -1,0 +1,31 @@
+"""The quick-start demo wiring: train, evaluate, tokenise, report (a few steps only)."""
+import json
+import os
+
+import pytest
+
+from unitok.cli import main
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_in_a_few_steps(tmp_path, capsys):
+    assert main(['demo', '--out', str(tmp_path / 'demo'), '--steps', '2']) == 0
+    out = capsys.readouterr().out
+    assert 'report.html' in out
+    summary = json.loads((tmp_path / 'demo' / 'demo_summary.json').read_text())
+    assert summary['steps'] == 2 and 'psnr' in summary and 'zero_shot_top1' in summary
+    report = json.loads((tmp_path / 'demo' / 'report' / 'report.json').read_text())
+    assert report['samples'] == 380 and report['zero_shot_classes'] == 9
+    samples = os.listdir(tmp_path / 'demo' / 'samples')
+    assert 'codes.npz' in samples and len([s for s in samples if s.endswith('.png')]) == 12
+    # a second run continues the finished training instead of starting over
+    assert main(['demo', '--out', str(tmp_path / 'demo'), '--steps', '2']) == 0
+
+
+def test_builtin_caption_variants_only_for_training():
+    from unitok.data import open_source
+    train, val = open_source('builtin:emoji', 'train'), open_source('builtin:emoji', 'val')
+    _, captions, _ = train.read(0)
+    assert isinstance(captions, list) and captions[0] == train.captions[0] and len(set(captions)) > 3
+    _, caption, label = val.read(0)
+    assert isinstance(caption, str) and 0 <= label < len(val.classnames) == 9
