@@ -6,21 +6,11 @@ Weights are random (speed does not depend on them). Each figure is the best of `
 after one warm-up. The bf16 rows are printed as a ratio against the fp32 rows of the same run.
 """
 import argparse
-import time
 
 import torch
 
 import unitok
-
-
-def best_time(fn, repeat):
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
+from timing import best_time
 
 
 def main(argv=None):

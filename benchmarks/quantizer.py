@@ -7,11 +7,11 @@ normalise its chunk, one matmul against the normalised codes, argmax. Both run i
 inputs; the script checks that the codes are identical and prints the speed-up.
 """
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 
+from timing import best_time
 from unitok import MultiCodebookQuantizer
 
 
@@ -23,16 +23,6 @@ def loop_reference(quantizer: MultiCodebookQuantizer, latents: torch.Tensor) -> 
         table = F.normalize(quantizer.codebook[k], dim=-1)
         codes.append((z @ table.T).argmax(dim=1).view(latents.shape[:2]))
     return torch.stack(codes, dim=1)                                   # (B, K, L)
-
-
-def best_time(fn, repeat):
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def main(argv=None):

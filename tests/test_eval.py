@@ -121,7 +121,7 @@ def test_identical_images_give_zero_distances(trained_tiny):
     model.analyze = perfect
     m = evaluate(model, open_source('builtin:emoji', 'val'), EvalConfig(max_samples=40, metrics=('psnr', 'ssim', 'rfid'))).metrics
     # rank-deficient covariances (40 samples, 1280 dims) leave float64 eigenvalue noise of ~1e-5
-    assert m['psnr'] > 100 and m['ssim'] == pytest.approx(1.0) and abs(m['rfid_effnet-lite0']) < 1e-3
+    assert m['psnr'] > 100 and m['ssim'] == pytest.approx(1.0, abs=1e-4) and abs(m['rfid_effnet-lite0']) < 1e-3
 
 
 def test_unreadable_images_are_skipped_and_listed(tmp_path, trained_tiny):

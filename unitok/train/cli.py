@@ -40,8 +40,10 @@ def run(args) -> int:
     info = D.init_distributed()
     try:
         summary = Trainer(cfg, info).fit(resume=args.resume)
-    finally:
-        D.shutdown()
+    except BaseException:
+        D.abort()            # do not wait in a barrier for ranks that will never arrive
+        raise
+    D.shutdown()
     return 0 if summary['exit'] == 'finished' else 143
 
 

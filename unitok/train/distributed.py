@@ -45,12 +45,17 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def abort() -> None:
+    """Leave the process group without synchronising (after an error on this rank)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def wrap_ddp(module: nn.Module, info: DistInfo) -> nn.Module:
     if not info.enabled or not any(p.requires_grad for p in module.parameters()):
         return module
     from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(module, device_ids=[info.local_rank] if info.device.type == 'cuda' else None,
-                                   broadcast_buffers=False)
+    return DistributedDataParallel(module, device_ids=[info.local_rank] if info.device.type == 'cuda' else None)
 
 
 def shard_fsdp(model: nn.Module) -> list[nn.Parameter]:
@@ -82,6 +87,29 @@ def all_reduce_grads(params: list[nn.Parameter], world_size: int) -> None:
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Global gradient norm (and in-place clipping when ``max_norm > 0``) over a mix of FSDP2-sharded
+    (DTensor) and replicated parameters, which ``torch.nn.utils.clip_grad_norm_`` cannot mix."""
+    from torch.distributed.tensor import DTensor
+    grads = [p.grad for p in params if p.grad is not None]
+    device = grads[0].device if grads else torch.device('cpu')
+    sharded = torch.zeros((), device=device)
+    replicated = torch.zeros((), device=device)
+    for g in grads:
+        if isinstance(g, DTensor):
+            sharded += g.to_local().float().square().sum()
+        else:
+            replicated += g.float().square().sum()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(sharded)                 # shards add up; replicated grads are already global
+    norm = (sharded + replicated).sqrt()
+    if max_norm > 0:
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(coef)
+    return norm
 
 
 def unwrap(module: nn.Module) -> nn.Module:

@@ -26,7 +26,15 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         d = min(self.decay, (1 + self.updates) / (10 + self.updates))
         params = dict(model.named_parameters())
-        torch._foreach_lerp_(self.shadow, [params[n].detach().float() for n in self.names], 1 - d)
+        # One fused update per tensor type: FSDP2 mixes sharded DTensors and plain tensors.
+        groups: dict[type, tuple[list, list]] = {}
+        for s, n in zip(self.shadow, self.names):
+            p = params[n].detach()
+            shadows, values = groups.setdefault(type(p), ([], []))
+            shadows.append(s)
+            values.append(p.float())
+        for shadows, values in groups.values():
+            torch._foreach_lerp_(shadows, values, 1 - d)
         self.updates += 1
 
     @contextmanager

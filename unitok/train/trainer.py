@@ -74,7 +74,6 @@ class Trainer:
             model = UniTok(model_cfg)
             model.init_weights()
         self.model = model.to(self.device).train()
-        self.ema = EMA(self.model, cfg.optim.ema) if cfg.optim.ema > 0 else None
         self.parallel = cfg.parallel if cfg.parallel != 'auto' else \
             ('fsdp' if self.info.enabled and model_cfg.encoder in LARGE_ENCODERS else 'ddp')
         self.replicated: list[nn.Parameter] = []
@@ -85,6 +84,8 @@ class Trainer:
             self.wrapped = D.wrap_ddp(self.model, self.info)
         if cfg.compile:
             self.wrapped = torch.compile(self.wrapped)
+        # After sharding, so that under FSDP2 the averages are sharded like the parameters.
+        self.ema = EMA(self.model, cfg.optim.ema) if cfg.optim.ema > 0 else None
 
         # --- losses ----------------------------------------------------------------------
         lc = cfg.loss
@@ -248,7 +249,10 @@ class Trainer:
             self.scaler.unscale_(optimizer)
         params = [p for p in module.parameters() if p.grad is not None]
         clip = self.cfg.optim.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float('inf'))
+        if module is self.model and self.replicated:      # FSDP2: sharded and replicated parameters
+            norm = D.clip_grad_norm(params, clip)
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float('inf'))
         if self._sync_flag(not torch.isfinite(norm).item()):
             raise NonFiniteLoss(f'non-finite gradient norm at step {self.step}')
         if self.scaler:
@@ -405,9 +409,9 @@ class Trainer:
         if not self._fsdp():
             return self.ema.state_dict()
         with self.ema.applied(self.model):
-            full = self._full_state(self.model)
+            full = self._full_state(self.model)      # complete on rank 0 only (cpu_offload)
         return {'decay': self.ema.decay, 'updates': self.ema.updates,
-                'shadow': {n: full[n] for n in self.ema.names}}
+                'shadow': {n: full[n] for n in self.ema.names} if self.info.is_main else None}
 
     def save_checkpoint(self) -> str | None:
         if not self._all_finite():
