@@ -152,6 +152,7 @@ def _write_shards(root, per_shard=20, shards=2):
         with tarfile.open(root / f'shard-{s:03d}.tar', 'w') as tar:
             for k in range(per_shard):
                 image, caption, _ = source.read(i)
+                caption = caption[0] if isinstance(caption, list) else caption  # train split: alternatives
                 i += 1
                 buf = io.BytesIO()
                 image.save(buf, 'PNG')
