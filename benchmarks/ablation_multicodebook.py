@@ -1,6 +1,6 @@
 """The paper's central claim in miniature: multi-codebook quantization and joint training.
 
-    python benchmarks/ablation_multicodebook.py --out runs/ablation --steps 600 --seeds 0 1
+    python benchmarks/ablation_multicodebook.py --out runs/ablation --steps 500 --seeds 0 1
 
 For each configuration it trains ``unitok-tiny`` on the built-in emoji data with the same CPU budget
 (steps, batch, recipe), evaluates it on the held-out split with ``unitok.eval`` and writes
@@ -42,7 +42,7 @@ def run(cmd):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--out', default='runs/ablation')
-    p.add_argument('--steps', type=int, default=600)
+    p.add_argument('--steps', type=int, default=500)
     p.add_argument('--seeds', type=int, nargs='+', default=[0])
     p.add_argument('--only', nargs='*', help='subset of configuration names')
     args = p.parse_args(argv)
