@@ -161,28 +161,53 @@ def test_two_processes_equal_one(tmp_path, trained_tiny):
 INCEPTION = os.environ.get('UNITOK_INCEPTION_WEIGHTS')
 
 
-@pytest.mark.skipif(not INCEPTION or not os.path.isfile(INCEPTION or ''),
-                    reason='FID Inception weights are not available offline; set UNITOK_INCEPTION_WEIGHTS to '
-                           'weights-inception-2015-12-05-6726825d.pth to run this comparison')
-def test_inception_fid_matches_torch_fidelity(tmp_path):
+def _fid_ours_and_torch_fidelity(tmp_path, weights, n=50):
+    """FID of two folders of ``n`` held-out emoji each, through our extractor and through torch-fidelity."""
     import torch_fidelity
     from unitok.eval.features import build_extractor
     source = open_source('builtin:emoji', 'val')
     for d, offset in (('a', 0), ('b', 60)):
         (tmp_path / d).mkdir()
-        for i in range(50):
+        for i in range(n):
             source.read(i + offset)[0].save(tmp_path / d / f'{i}.png')
-    extractor = build_extractor('inception', INCEPTION)
+    extractor = build_extractor('inception', weights)
     stats = []
     for d in ('a', 'b'):
         s = FeatureStats(2048)
-        x = unitok.images.to_tensor([str(tmp_path / d / f'{i}.png') for i in range(50)], resize='none')
+        x = unitok.images.to_tensor([str(tmp_path / d / f'{i}.png') for i in range(n)], resize='none')
         s.update(extractor(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))[0])
         stats.append(s)
     ours = frechet_distance(*stats[0].mean_cov(), *stats[1].mean_cov())
     ref = torch_fidelity.calculate_metrics(input1=str(tmp_path / 'a'), input2=str(tmp_path / 'b'), fid=True,
-                                           feature_extractor_weights_path=INCEPTION, verbose=False)
-    assert ours == pytest.approx(ref['frechet_inception_distance'], rel=1e-4)
+                                           feature_extractor_weights_path=weights, cache=False, cuda=False,
+                                           save_cpu_ram=True, verbose=False)
+    return ours, ref['frechet_inception_distance']
+
+
+def test_inception_pipeline_matches_torch_fidelity_with_stand_in_weights(tmp_path):
+    """Offline: the same comparison with randomly initialised weights in the release layout. It checks
+    our side of the pipeline (PNG -> uint8 -> extractor -> float64 statistics -> distance), not the
+    network, which is torch-fidelity's own class in both."""
+    from unittest import mock
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+    empty = tmp_path / 'empty.pth'
+    torch.save({}, empty)
+    torch.manual_seed(0)
+    with mock.patch.object(FeatureExtractorInceptionV3, 'load_state_dict', lambda self, *a, **k: None):
+        net = FeatureExtractorInceptionV3('inception-v3-compat', ['2048'], feature_extractor_weights_path=str(empty))
+    weights = tmp_path / 'stand_in_inception.pth'
+    torch.save(net.state_dict(), weights)
+    ours, ref = _fid_ours_and_torch_fidelity(tmp_path, str(weights), n=30)
+    assert ref > 0
+    assert ours == pytest.approx(ref, rel=1e-4)
+
+
+@pytest.mark.skipif(not INCEPTION or not os.path.isfile(INCEPTION or ''),
+                    reason='FID Inception weights are not available offline; set UNITOK_INCEPTION_WEIGHTS to '
+                           'weights-inception-2015-12-05-6726825d.pth to run this comparison')
+def test_inception_fid_matches_torch_fidelity(tmp_path):
+    ours, ref = _fid_ours_and_torch_fidelity(tmp_path, INCEPTION)
+    assert ours == pytest.approx(ref, rel=1e-4)
 
 
 def _chromium():
