@@ -17,10 +17,10 @@ def run_evaluation(model_path: str, data: str, out_dir: str, cfg: EvalConfig | N
     import platform
 
     import torch
-    import torch.distributed as dist
 
     from ..data import open_source
     from ..model import UniTok
+    from ..train import distributed as D
     cfg = cfg or EvalConfig()
     device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0))) if torch.cuda.is_available() else 'cpu'
     model = UniTok.from_pretrained(model_path).to(device)
@@ -33,11 +33,10 @@ def run_evaluation(model_path: str, data: str, out_dir: str, cfg: EvalConfig | N
                      'interpolation': 'bicubic, antialias', 'extractors': list(cfg.extractors),
                      'reconstruction': 'clamped to [-1, 1]; features from uint8 images',
                      'metrics': list(cfg.metrics)},
-        'processes': dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1,
+        'processes': D.rank_and_world()[1],
         'versions': {'torch': torch.__version__, 'python': platform.python_version()},
     }
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-    if rank == 0:
+    if D.rank_and_world()[0] == 0:
         return write_report(out_dir, result, meta)
     return {**result.metrics, 'meta': meta}
 

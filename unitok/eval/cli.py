@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 
 from .evaluator import ALL_METRICS, DEFAULT_METRICS, EvalConfig
+from .features import EXTRACTORS
 
 
 def run(args) -> int:
@@ -50,7 +51,7 @@ def register(sub) -> None:
     p.add_argument('--split', default='val', help="split of the data spec (default 'val')")
     p.add_argument('--out', required=True, help='output directory')
     p.add_argument('--metrics', nargs='+', default=list(DEFAULT_METRICS), choices=ALL_METRICS)
-    p.add_argument('--extractor', nargs='+', default=['effnet-lite0'], choices=['inception', 'effnet-lite0', 'dinov2'])
+    p.add_argument('--extractor', nargs='+', default=['effnet-lite0'], choices=EXTRACTORS)
     p.add_argument('--inception-weights')
     p.add_argument('--dinov2-weights')
     p.add_argument('--lpips-weights', help='VGG16 weights for the lpips metric')

@@ -17,14 +17,15 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from ..data import eval_transform
 from ..images import ImageReadError
+from ..losses.perceptual import LPIPSPerceptual
+from ..train import distributed as D
 from .codebook import CodebookStats
 from .features import build_extractor
 from .fid import FeatureStats, frechet_distance, inception_score, kernel_inception_distance
-from .reconstruction import LPIPSMetric, psnr, ssim
+from .reconstruction import psnr, ssim
 from .zero_shot import retrieval_recall, topk_correct
 
 ALL_METRICS = ('rfid', 'psnr', 'ssim', 'lpips', 'zero_shot', 'retrieval', 'codebook', 'is', 'kid')
@@ -74,12 +75,6 @@ def _native_crop(image, multiple=16):
 
 def _to_u8(x: torch.Tensor) -> torch.Tensor:
     return ((x.float() + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
-
-
-def _rank_world():
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _samples(source, rank: int, world: int, limit: int | None):
@@ -134,7 +129,7 @@ def evaluate(model, source, cfg: EvalConfig | None = None, progress: bool = Fals
     """Evaluate ``model`` (a :class:`~unitok.UniTok`) on a data source (see :func:`unitok.data.open_source`)."""
     cfg = cfg or EvalConfig()
     cfg.validate()
-    rank, world = _rank_world()
+    rank, world = D.rank_and_world()
     device = model.device
     model.eval()
     metrics = set(cfg.metrics)
@@ -153,10 +148,12 @@ def evaluate(model, source, cfg: EvalConfig | None = None, progress: bool = Fals
         for name in names:
             weights = {'inception': cfg.inception_weights, 'dinov2': cfg.dinov2_weights}.get(name)
             extractors[name] = build_extractor(name, weights).to(device)
-    stats = {name: (FeatureStats(e.dim, device), FeatureStats(e.dim, device)) for name, e in extractors.items()}
+    # Features of the originals feed rFID and KID only; the Inception Score reads reconstructions.
+    stats = {name: (FeatureStats(e.dim, device), FeatureStats(e.dim, device))
+             for name, e in extractors.items()} if 'rfid' in metrics else {}
     kept_features = {name: ([], []) for name in extractors} if 'kid' in metrics else {}
     logits_is = []
-    lpips = LPIPSMetric(cfg.lpips_weights).to(device) if 'lpips' in metrics else None
+    lpips = LPIPSPerceptual(cfg.lpips_weights).to(device) if 'lpips' in metrics else None   # LPIPS-VGG
 
     classifier, classnames = None, getattr(source, 'classnames', None)
     if 'zero_shot' in metrics and classnames:
@@ -164,8 +161,7 @@ def evaluate(model, source, cfg: EvalConfig | None = None, progress: bool = Fals
         classifier = model.zero_shot_classifier(classnames, templates)
     codebook = CodebookStats(model.config.num_codebooks, model.config.codebook_size) if 'codebook' in metrics else None
 
-    sums = torch.zeros(6, dtype=torch.float64)     # n, psnr, ssim, lpips, top1, top5
-    labelled = torch.zeros(1, dtype=torch.float64)
+    sums = torch.zeros(7, dtype=torch.float64)     # n, psnr, ssim, lpips, top1, top5, labelled
     image_feats, captions, sample_keys, skipped, grid = [], [], [], [], [[], []]
     start = time.time()
     iterator = _batches(_samples(source, rank, world, cfg.max_samples), cfg.batch_size, transform)
@@ -187,14 +183,16 @@ def evaluate(model, source, cfg: EvalConfig | None = None, progress: bool = Fals
         if 'ssim' in metrics:
             sums[2] += ssim(rec, x).sum().cpu()
         if lpips is not None:
-            sums[3] += lpips(rec, x).double().sum().cpu()
+            sums[3] += lpips.per_image(x, rec).double().sum().cpu()
         if extractors:
             u8_real, u8_rec = _to_u8(x), _to_u8(rec)
             for name, extractor in extractors.items():
-                f_real, _ = extractor(u8_real)
                 f_rec, logits = extractor(u8_rec)
-                stats[name][0].update(f_real)
-                stats[name][1].update(f_rec)
+                if name in stats or name in kept_features:
+                    f_real, _ = extractor(u8_real)
+                if name in stats:
+                    stats[name][0].update(f_real)
+                    stats[name][1].update(f_rec)
                 if name in kept_features:
                     kept_features[name][0].append(f_real.cpu())
                     kept_features[name][1].append(f_rec.cpu())
@@ -205,7 +203,7 @@ def evaluate(model, source, cfg: EvalConfig | None = None, progress: bool = Fals
             counts = topk_correct(img_feat @ classifier, lab)
             sums[4] += counts[1]
             sums[5] += counts[5]
-            labelled += int((lab >= 0).sum())
+            sums[6] += int((lab >= 0).sum())
         if 'retrieval' in metrics:
             image_feats.append(img_feat.cpu())
             captions += list(caps)
@@ -217,12 +215,8 @@ def evaluate(model, source, cfg: EvalConfig | None = None, progress: bool = Fals
             grid[1] += list(rec[:take].cpu())
 
     # ---------------------------------------------------------------- reduce over ranks
-    sums = torch.cat([sums, labelled])
-    if world > 1:
-        dist.all_reduce(sums)
-        gathered = [None] * world
-        dist.all_gather_object(gathered, skipped)
-        skipped = [s for part in gathered for s in part]
+    D.all_reduce(sums)
+    skipped = _gather_list(skipped)
     # Sample-order-dependent metrics (KID subsets, IS splits) use one canonical order: sorted keys.
     all_keys = _gather_list(sample_keys)
     order = torch.tensor(sorted(range(len(all_keys)), key=all_keys.__getitem__), dtype=torch.long)
@@ -239,8 +233,7 @@ def evaluate(model, source, cfg: EvalConfig | None = None, progress: bool = Fals
     for name, (real, fake) in stats.items():
         real.all_reduce()
         fake.all_reduce()
-        if 'rfid' in metrics:
-            out[f'rfid_{name}'] = frechet_distance(*real.mean_cov(), *fake.mean_cov())
+        out[f'rfid_{name}'] = frechet_distance(*real.mean_cov(), *fake.mean_cov())
     for name, (real, fake) in kept_features.items():
         real_all, fake_all = _gather_cat(real)[order], _gather_cat(fake)[order]
         out[f'kid_{name}'], out[f'kid_{name}_std'] = kernel_inception_distance(real_all, fake_all)
@@ -254,9 +247,11 @@ def evaluate(model, source, cfg: EvalConfig | None = None, progress: bool = Fals
     if 'retrieval' in metrics:
         feats = _gather_cat(image_feats)
         caps_all = _gather_list(captions)
-        text_feats = torch.cat([model.encode_text(caps_all[s:s + 256]).cpu()
-                                for s in range(0, len(caps_all), 256)])
-        out.update(retrieval_recall(feats, text_feats, caps_all))
+        # Each distinct caption is encoded once (class-folder data repeats one caption per class).
+        unique = sorted(set(caps_all))
+        unique_feats = torch.cat([model.encode_text(unique[s:s + 256]).cpu() for s in range(0, len(unique), 256)])
+        row = {c: i for i, c in enumerate(unique)}
+        out.update(retrieval_recall(feats, unique_feats[[row[c] for c in caps_all]], caps_all))
     counts = None
     if codebook is not None:
         codebook.all_reduce()
@@ -268,19 +263,10 @@ def evaluate(model, source, cfg: EvalConfig | None = None, progress: bool = Fals
 
 
 def _gather_cat(parts: list[torch.Tensor]) -> torch.Tensor:
-    local = torch.cat(parts) if parts else torch.zeros(0)
-    rank, world = _rank_world()
-    if world == 1:
-        return local
-    gathered = [None] * world
-    dist.all_gather_object(gathered, local)
-    return torch.cat([g for g in gathered if g.numel()])
+    """This rank's tensors, concatenated with every other rank's (in rank order)."""
+    gathered = D.all_gather_object(torch.cat(parts) if parts else torch.zeros(0))
+    return torch.cat([g for g in gathered if g.numel()] or [torch.zeros(0)])
 
 
 def _gather_list(items: list) -> list:
-    rank, world = _rank_world()
-    if world == 1:
-        return items
-    gathered = [None] * world
-    dist.all_gather_object(gathered, items)
-    return [x for part in gathered for x in part]
+    return [x for part in D.all_gather_object(items) for x in part]

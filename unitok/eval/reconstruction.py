@@ -1,5 +1,6 @@
 """Per-image reconstruction metrics on images in [-1, 1], summed so that averages do not depend on
-batching: PSNR and SSIM (torchmetrics, data range 1 on the [0, 1] scale), LPIPS when weights exist."""
+batching: PSNR and SSIM (torchmetrics, data range 1 on the [0, 1] scale). LPIPS is the training
+loss's network, :meth:`unitok.losses.LPIPSPerceptual.per_image`."""
 from __future__ import annotations
 
 import torch
@@ -17,16 +18,3 @@ def ssim(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     from torchmetrics.functional.image import structural_similarity_index_measure
     x, y = (reconstruction.float() + 1) / 2, (target.float() + 1) / 2
     return structural_similarity_index_measure(x, y, data_range=1.0, reduction='none').double()
-
-
-class LPIPSMetric(torch.nn.Module):
-    """Per-image LPIPS-VGG distance (needs VGG16 weights, as the training loss)."""
-
-    def __init__(self, weights_path: str):
-        super().__init__()
-        from ..losses.perceptual import LPIPSPerceptual
-        self.loss = LPIPSPerceptual(weights_path)
-
-    @torch.no_grad()
-    def forward(self, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return self.loss.net(reconstruction.float(), target.float()).flatten()

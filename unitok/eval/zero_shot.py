@@ -24,7 +24,9 @@ def retrieval_recall(image_features: torch.Tensor, text_features: torch.Tensor, 
     unique = sorted(set(captions))
     index = {c: i for i, c in enumerate(unique)}
     owner = torch.tensor([index[c] for c in captions])                      # image i -> text id
-    first = {c: captions.index(c) for c in unique}
+    first: dict[str, int] = {}
+    for i, c in enumerate(captions):
+        first.setdefault(c, i)
     texts = text_features[[first[c] for c in unique]]                       # (T, E)
     images, texts = image_features.double(), texts.double()
     k_max = max(ks)

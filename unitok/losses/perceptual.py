@@ -44,8 +44,12 @@ class LPIPSPerceptual(nn.Module):
     def train(self, mode: bool = True):
         return super().train(False)    # always frozen
 
+    def per_image(self, target: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
+        """LPIPS distance of each pair, (B,) (the evaluation metric)."""
+        return self.net(reconstruction.float(), target.float()).flatten()
+
     def forward(self, target: torch.Tensor, reconstruction: torch.Tensor) -> torch.Tensor:
-        return self.net(reconstruction.float(), target.float()).mean()
+        return self.per_image(target, reconstruction).mean()
 
 
 def _to_lpips_keys(state: dict, net: nn.Module) -> dict:

@@ -117,6 +117,13 @@ def unwrap(module: nn.Module) -> nn.Module:
     return getattr(module, 'module', module)          # DDP
 
 
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the current process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
