@@ -112,11 +112,6 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
     return norm
 
 
-def unwrap(module: nn.Module) -> nn.Module:
-    module = getattr(module, '_orig_mod', module)     # torch.compile
-    return getattr(module, 'module', module)          # DDP
-
-
 def rank_and_world() -> tuple[int, int]:
     """(rank, world size) of the current process group; (0, 1) without one."""
     if dist.is_available() and dist.is_initialized():

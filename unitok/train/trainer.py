@@ -16,7 +16,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 
-from ..checkpoint import CheckpointError, load_pretrained
+from ..checkpoint import CheckpointError, _build, load_pretrained
 from ..data import TrainStream, eval_transform, open_source, train_loader, train_transform
 from ..images import make_grid
 from ..losses import (ContrastiveLoss, DiffAug, adaptive_generator_weight, build_discriminator, build_perceptual,
@@ -171,8 +171,10 @@ class Trainer:
 
     def _sync_flag(self, flag: bool) -> bool:
         """True on every rank if it is True on any rank."""
+        if not self.info.enabled:
+            return flag
         t = torch.tensor([float(flag)], device=self.device)
-        D.all_reduce(t, op=torch.distributed.ReduceOp.MAX if self.info.enabled else None)
+        D.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return bool(t.item() > 0)
 
     # ------------------------------------------------------------------ one iteration
@@ -265,23 +267,24 @@ class Trainer:
         lr = self._set_lr()
         gan_ramp, blur = gan_schedule(self.step, self.disc_start, self.disc_warmup) if self.disc else (0.0, 0.0)
         sums: dict[str, float] = {}
+        d_grad_norm = None
         try:
-            fakes = []
+            reals, fakes = [], []
             for i, batch in enumerate(micro_batches):
                 last = i == len(micro_batches) - 1
-                m, fake = self.generator_step(batch['image'].to(self.device), batch['text'].to(self.device), last,
-                                              gan_ramp, blur)
+                images = batch['image'].to(self.device)
+                m, fake = self.generator_step(images, batch['text'].to(self.device), last, gan_ramp, blur)
+                reals.append(images[:self.recon_batch])
                 fakes.append(fake)
                 for k, v in m.items():
                     sums[k] = sums.get(k, 0.0) + v
             grad_norm = self._optimizer_step(self.optimizer, self.model)
             if self.disc is not None and gan_ramp > 0:
-                for i, (batch, fake) in enumerate(zip(micro_batches, fakes)):
-                    real = batch['image'][:self.recon_batch].to(self.device)
+                for i, (real, fake) in enumerate(zip(reals, fakes)):
                     m = self.discriminator_step(real, fake, blur, i == len(micro_batches) - 1)
                     for k, v in m.items():
                         sums[k] = sums.get(k, 0.0) + v
-                sums['d_grad_norm'] = self._optimizer_step(self.disc_optimizer, self.disc) * len(micro_batches)
+                d_grad_norm = self._optimizer_step(self.disc_optimizer, self.disc)
         except NonFiniteLoss as e:
             self.nonfinite_steps += 1
             self._zero_grad()
@@ -298,6 +301,8 @@ class Trainer:
             self.ema.update(self.model)
         metrics = {k: v / len(micro_batches) for k, v in sums.items()}
         metrics.update(lr=lr, grad_norm=grad_norm, gan_ramp=gan_ramp)
+        if d_grad_norm is not None:
+            metrics['d_grad_norm'] = d_grad_norm
         return metrics
 
     def _zero_grad(self):
@@ -326,12 +331,11 @@ class Trainer:
         for s in range(0, len(mine), bs):
             items = [source.read(i) for i in mine[s:s + bs]]
             x = torch.stack([transform(im) for im, _, _ in items]).to(self.device)
-            rec = model.reconstruct(x)
+            _, rec, image_features = model.analyze(x)     # one encoder pass for both
             mse = ((rec - x) / 2).square().flatten(1).mean(1).clamp_min(1e-10)
             sums[0] += (-10 * torch.log10(mse)).sum().double()
             sums[1] += (rec - x).abs().flatten(1).mean(1).sum().double()
             sums[3] += len(items)
-            image_features = model.encode_image(x)
             text_features = model.encode_text([c if isinstance(c, str) else c[0] for _, c, _ in items])
             logits = model.logit_scale.exp() * image_features @ text_features.T
             target = torch.arange(len(items), device=self.device)
@@ -472,11 +476,7 @@ class Trainer:
         with context:
             state = self._full_state(self.model)
         if self.info.is_main:
-            with torch.device('meta'):
-                clean = UniTok(self.model.config.replace(grad_checkpointing=False))
-            clean.load_state_dict(state, assign=True)
-            clean.materialize_non_persistent_buffers()
-            clean.save_pretrained(directory)
+            _build(self.model.config.replace(grad_checkpointing=False), state).save_pretrained(directory)
         D.barrier()
 
     # ------------------------------------------------------------------ the loop
