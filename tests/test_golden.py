@@ -91,7 +91,7 @@ def test_codes_equal_official(case):
 
 def test_decode_half_from_official_codes(case):
     _, model, fx, _ = case
-    inter, out = fx['intermediates'], fx['outputs']
+    inter = fx['intermediates']
     codes = tensor(inter['idx'])
     with torch.no_grad():
         q = model.quantizer.lookup(codes)

@@ -42,6 +42,19 @@ def test_corrupt_file_is_named(tmp_path):
         images.to_tensor(str(tmp_path / 'nothere.png'))
 
 
+def test_file_objects_and_decompression_bombs_are_read_errors(tmp_path, monkeypatch):
+    import io
+    buf = io.BytesIO()
+    Image.new('RGB', (64, 64), 'red').save(buf, 'PNG')
+    assert images.load_image(io.BytesIO(buf.getvalue())).size == (64, 64)
+    with pytest.raises(ImageReadError, match='sample 7'):
+        images.load_image(io.BytesIO(b'not an image'), name='sample 7')
+    # PIL refuses images over twice MAX_IMAGE_PIXELS with DecompressionBombError (not an OSError).
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 1000)
+    with pytest.raises(ImageReadError, match='decompression bomb'):
+        images.load_image(io.BytesIO(buf.getvalue()))
+
+
 @pytest.mark.parametrize('arr,error,match', [
     (np.full((16, 16, 3), 2.0), ValueError, r'\[0, 1\]'),
     (np.full((16, 16, 3), np.nan), ValueError, 'NaN'),

@@ -6,10 +6,8 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import unitok
 from train_helpers import load_params, max_param_diff, tiny_config

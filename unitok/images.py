@@ -5,11 +5,11 @@ Model tensors are float ``(B, 3, H, W)`` in ``[-1, 1]`` with H and W multiples o
 from __future__ import annotations
 
 import os
-from typing import Iterable, Sequence, Union
+from typing import IO, Iterable, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.gif', '.tif', '.tiff')
@@ -20,14 +20,16 @@ class ImageReadError(OSError):
     """An image file could not be read or decoded."""
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image file as RGB (alpha composited on white), or raise :class:`ImageReadError` naming it."""
+def load_image(path: str | os.PathLike | IO[bytes], name: str | None = None) -> Image.Image:
+    """Open an image (a path or a binary file object) as RGB, alpha composited on white, or raise
+    :class:`ImageReadError` naming it (``name``, default the path)."""
     try:
         with Image.open(path) as im:
             im.load()
             return to_rgb(im)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise ImageReadError(f'cannot read image {os.fspath(path)!r}: {e}') from None
+    except Exception as e:   # PIL's plugins raise many types on corrupt data (and DecompressionBombError)
+        name = name or (repr(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else 'from a file object')
+        raise ImageReadError(f'cannot read image {name}: {e}') from None
 
 
 def to_rgb(im: Image.Image) -> Image.Image:

@@ -9,14 +9,13 @@ zero-shot evaluation.
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 from functools import lru_cache
 
 from PIL import Image
 
-from ..images import IMAGE_EXTENSIONS, ImageReadError, load_image, to_rgb
+from ..images import IMAGE_EXTENSIONS, load_image
 
 BUILTIN_DIR = os.path.join(os.path.dirname(__file__), 'builtin')
 CAPTION_FILES = ('captions.jsonl', 'captions.csv', 'captions.tsv')
@@ -158,10 +157,4 @@ def _builtin_index(name: str) -> dict:
 
 @lru_cache(maxsize=32)
 def _atlas(path: str) -> Image.Image:
-    try:
-        with open(path, 'rb') as f:
-            im = Image.open(io.BytesIO(f.read()))
-            im.load()
-        return to_rgb(im)
-    except OSError as e:
-        raise ImageReadError(f'cannot read built-in atlas {path!r}: {e}') from None
+    return load_image(path)

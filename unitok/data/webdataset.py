@@ -10,9 +10,8 @@ import os
 import random
 from typing import Any, Iterator
 
-from PIL import Image
 
-from ..images import ImageReadError, to_rgb
+from ..images import ImageReadError, load_image
 
 IMAGE_KEYS = ('jpg', 'jpeg', 'png', 'webp')
 TEXT_KEYS = ('txt', 'text', 'caption')
@@ -39,7 +38,8 @@ class WebDatasetSource:
         self.bad_shards: list[str] = []
 
     def _on_error(self, exn: Exception) -> bool:
-        self.bad_shards.append(f'{type(exn).__name__}: {exn}'[:300])
+        if len(self.bad_shards) < 3:      # examples for the error message; a resampled stream never ends
+            self.bad_shards.append(f'{type(exn).__name__}: {exn}'[:300])
         return True   # skip and continue
 
     def _urls(self, shard: int, num_shards: int, seed: int) -> Iterator[dict]:
@@ -90,11 +90,6 @@ class WebDatasetSource:
         text_key = next((k for k in TEXT_KEYS if k in raw), None)
         if image_key is None or text_key is None:
             raise ImageReadError(f'sample {self.key(raw)} lacks an image or a caption (has {sorted(raw)})')
-        try:
-            im = Image.open(io.BytesIO(raw[image_key]))
-            im.load()
-            image = to_rgb(im)
-        except Exception as e:   # PIL raises many types on corrupt data
-            raise ImageReadError(f'cannot decode image of sample {self.key(raw)}: {e}') from None
+        image = load_image(io.BytesIO(raw[image_key]), name=f'of sample {self.key(raw)}')
         text = raw[text_key]
         return image, (text.decode('utf-8', 'replace') if isinstance(text, bytes) else str(text)).strip(), -1
