@@ -176,6 +176,12 @@ class UniTok(nn.Module):
         grid = (images.shape[-2] // 16, images.shape[-1] // 16)
         return self._project(self.quant_proj, self.encoder(images)), grid
 
+    def _quantize(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+        """Images -> ``(codes (B, K, Q + h*w), unit code vectors (B, Q + h*w, K*d), grid (h, w))``."""
+        latents, grid = self.encode_latents(images)
+        codes = self.quantizer.nearest_codes(latents)
+        return codes, self.quantizer.lookup(codes), grid
+
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images ``(B, 3, H, W)`` in [-1, 1] -> codes ``(B, K, H/16, W/16)`` int64 (see class docstring for Q > 0)."""
@@ -215,7 +221,11 @@ class UniTok(nn.Module):
 
     def decode_latents(self, quantized: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Quantized latents ``(B, Q + h*w, K*d)`` -> images ``(B, 3, 16h, 16w)``, float32, not clamped."""
-        return self.decoder(self._project(self.post_quant_proj, quantized), grid).float()
+        return self._decode_tokens(self._project(self.post_quant_proj, quantized), grid)
+
+    def _decode_tokens(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        # tokens: post_quant_proj output (B, Q + h*w, C)
+        return self.decoder(tokens, grid).float()
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
@@ -226,8 +236,7 @@ class UniTok(nn.Module):
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor) -> torch.Tensor:
         """``decode(encode(images))`` in one pass, clamped to [-1, 1]."""
-        latents, grid = self.encode_latents(images)
-        quantized = self.quantizer.lookup(self.quantizer.nearest_codes(latents))
+        _, quantized, grid = self._quantize(images)
         return self.decode_latents(quantized, grid).clamp_(-1, 1)
 
     @torch.no_grad()
@@ -235,10 +244,9 @@ class UniTok(nn.Module):
         """One pass for evaluation: ``(codes (B, K, Q + h*w), reconstruction clamped to [-1, 1],
         unit-norm image embedding (B, E))`` -- each equal to what ``encode``, ``reconstruct`` and
         ``encode_image`` return, without computing the shared parts twice."""
-        latents, grid = self.encode_latents(images)
-        codes = self.quantizer.nearest_codes(latents)
-        tokens = self._project(self.post_quant_proj, self.quantizer.lookup(codes))
-        reconstruction = self.decoder(tokens, grid).float().clamp_(-1, 1)
+        codes, quantized, grid = self._quantize(images)
+        tokens = self._project(self.post_quant_proj, quantized)
+        reconstruction = self._decode_tokens(tokens, grid).clamp_(-1, 1)
         return codes, reconstruction, F.normalize(self._image_embedding(tokens), dim=-1)
 
     # ------------------------------------------------------------------ CLIP embeddings
@@ -248,8 +256,7 @@ class UniTok(nn.Module):
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """Image embeddings ``(B, E)`` computed from the *quantized* tokens (what an MLLM would see)."""
-        latents, _ = self.encode_latents(images)
-        quantized = self.quantizer.lookup(self.quantizer.nearest_codes(latents))
+        _, quantized, _ = self._quantize(images)
         features = self._image_embedding(self._project(self.post_quant_proj, quantized))
         return F.normalize(features, dim=-1) if normalize else features
 
