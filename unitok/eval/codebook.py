@@ -35,6 +35,8 @@ class CodebookStats:
     def _distinct(self) -> torch.Tensor:
         if not self.tuples:
             return torch.zeros(0, 1, dtype=torch.long)
+        if len(self.tuples) == 1:        # every entry is already unique
+            return self.tuples[0]
         return torch.unique(torch.cat(self.tuples), dim=0)
 
     def all_reduce(self) -> 'CodebookStats':

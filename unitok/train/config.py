@@ -135,11 +135,12 @@ class TrainConfig:
         return cls.from_dict(d or {})
 
     def save(self, path: str) -> None:
-        with open(path, 'w', encoding='utf-8') as f:
-            if path.endswith(('.yaml', '.yml')):
-                yaml.safe_dump(self.to_dict(), f, sort_keys=False)
-            else:
-                json.dump(self.to_dict(), f, indent=2)
+        """Write YAML (``.yaml``/``.yml``) or JSON, atomically (ASCII either way)."""
+        from ..checkpoint import atomic_write
+        if path.endswith(('.yaml', '.yml')):
+            atomic_write(path, lambda f: yaml.safe_dump(self.to_dict(), f, sort_keys=False), mode='w')
+        else:
+            atomic_write(path, lambda f: json.dump(self.to_dict(), f, indent=2), mode='w')
 
     def override(self, assignments: list[str]) -> 'TrainConfig':
         """A copy with dotted ``key=value`` overrides (values parsed as YAML scalars/lists)."""

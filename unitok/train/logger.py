@@ -11,19 +11,18 @@ import time
 
 class MetricsLogger:
     def __init__(self, directory: str, enabled: bool, total_steps: int, start_step: int = 0,
-                 tensorboard: bool = True, wandb_config: dict | None = None):
+                 wandb_config: dict | None = None):
         self.enabled, self.total = enabled, total_steps
         self.jsonl = self.tb = self.wandb = self.bar = None
         if not enabled:
             return
         os.makedirs(directory, exist_ok=True)
         self.jsonl = open(os.path.join(directory, 'metrics.jsonl'), 'a', encoding='utf-8')
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(os.path.join(directory, 'tensorboard'))
-            except ImportError:
-                self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(os.path.join(directory, 'tensorboard'))
+        except ImportError:
+            pass
         if wandb_config is not None:
             try:
                 import wandb

@@ -16,7 +16,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn as nn
 
-from ..checkpoint import CheckpointError, _build, load_pretrained
+from ..checkpoint import CheckpointError, _build, atomic_write, load_pretrained
 from ..data import TrainStream, eval_transform, open_source, train_loader, train_transform
 from ..images import make_grid
 from ..losses import (ContrastiveLoss, DiffAug, adaptive_generator_weight, build_discriminator, build_perceptual,
@@ -559,8 +559,7 @@ class Trainer:
                    'model': os.path.join(self.out, 'model') if exit_reason == 'finished' else None}
         logger.close()
         if self.info.is_main:
-            with open(os.path.join(self.out, 'summary.json'), 'w') as f:
-                json.dump(summary, f, indent=2)
+            atomic_write(os.path.join(self.out, 'summary.json'), lambda f: json.dump(summary, f, indent=2), mode='w')
             print('[unitok] ' + ', '.join(f'{k} {v}' for k, v in summary.items() if k != 'val'), flush=True)
             if last_val:
                 print('[unitok] held-out: ' + ', '.join(f'{k} {v:.4g}' for k, v in last_val.items()), flush=True)
