@@ -30,10 +30,17 @@ CELL, GRID = 64, 16
 OUT = os.path.join(os.path.dirname(__file__), '..', 'unitok', 'data', 'builtin', 'emoji')
 
 
+def tgz_name(spec):
+    return spec.replace('@', '-') + '.tgz'        # what `npm pack NAME@VERSION` writes
+
+
+def atlas_name(style, split, index):
+    return f'{style}-{split}-{index:02d}.webp'
+
+
 def fetch(packages_dir):
-    for style, spec in PACKAGES.items():
-        name = spec.replace('@', '-') + '.tgz'
-        if not os.path.exists(os.path.join(packages_dir, name)):
+    for spec in PACKAGES.values():
+        if not os.path.exists(os.path.join(packages_dir, tgz_name(spec))):
             subprocess.run(['npm', 'pack', spec], cwd=packages_dir, check=True, stdout=subprocess.DEVNULL)
 
 
@@ -47,13 +54,19 @@ def main():
     p.add_argument('--packages', help='directory with the npm .tgz files (fetched with npm pack if missing)')
     p.add_argument('--out', default=OUT)
     args = p.parse_args()
-    work = tempfile.mkdtemp(prefix='unitok-emoji-')
-    packages = args.packages or work
+    if args.packages:
+        build(args.packages, args.out)
+    else:
+        with tempfile.TemporaryDirectory(prefix='unitok-emoji-') as packages:
+            build(packages, args.out)
+
+
+def build(packages, out):
     fetch(packages)
-    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(out, exist_ok=True)
     samples, atlases = [], {}
     for style, spec in PACKAGES.items():
-        with tarfile.open(os.path.join(packages, spec.replace('@', '-') + '.tgz')) as tar:
+        with tarfile.open(os.path.join(packages, tgz_name(spec))) as tar:
             meta = json.load(tar.extractfile('package/emoji.json'))
             meta = [e for e in meta if e[f'has_img_{style}'] and e['category'] != 'Component']
             meta.sort(key=lambda e: e['sort_order'])
@@ -69,7 +82,7 @@ def main():
                 cells.append(image)
                 n = len(cells) - 1
                 samples.append(dict(
-                    style=STYLE_NAMES[style], split=split, atlas=f'{style}-{split}-{n // (GRID * GRID):02d}.webp',
+                    style=STYLE_NAMES[style], split=split, atlas=atlas_name(style, split, n // (GRID * GRID)),
                     cell=n % (GRID * GRID), name=e['name'].lower(), unified=e['unified'],
                     category=e['category'], subcategory=e['subcategory'], caption=caption(e)))
     for (style, split), cells in atlases.items():
@@ -77,13 +90,13 @@ def main():
             sheet = Image.new('RGB', (GRID * CELL, GRID * CELL), (255, 255, 255))
             for i, im in enumerate(cells[a:a + GRID * GRID]):
                 sheet.paste(im, ((i % GRID) * CELL, (i // GRID) * CELL))
-            sheet.save(os.path.join(args.out, f'{style}-{split}-{a // (GRID * GRID):02d}.webp'),
+            sheet.save(os.path.join(out, atlas_name(style, split, a // (GRID * GRID))),
                        lossless=True, quality=100, method=6)
     index = dict(name='emoji', cell=CELL, grid=GRID, sources=list(PACKAGES.values()), samples=samples)
-    with open(os.path.join(args.out, 'index.json'), 'w') as f:
+    with open(os.path.join(out, 'index.json'), 'w') as f:
         json.dump(index, f, indent=0, ensure_ascii=False)
     counts = {s: sum(x['split'] == s for x in samples) for s in ('train', 'val')}
-    print(f'{len(samples)} samples ({counts}) -> {args.out}')
+    print(f'{len(samples)} samples ({counts}) -> {out}')
 
 
 if __name__ == '__main__':
