@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import tempfile
 from typing import Any, Mapping
 
 import torch
@@ -20,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from .config import ConfigError, UniTokConfig
 from .model import UniTok
 from .quantizer import to_official_layout
+from .utils.io import atomic_write
 
 CONFIG_NAME = 'config.json'
 WEIGHTS_NAME = 'model.safetensors'
@@ -27,29 +27,6 @@ WEIGHTS_NAME = 'model.safetensors'
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unsafe, malformed or does not match the model."""
-
-
-# ---------------------------------------------------------------------- atomic writes
-def atomic_write(path: str, write_fn, mode: str = 'wb') -> None:
-    """Write ``path`` via a temporary file in the same directory and ``os.replace``: readers see
-    either the old file or the complete new one, never a partial file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
-    try:
-        if mode == 'path':           # write_fn writes to a path itself
-            os.close(fd)
-            write_fn(tmp)
-        else:
-            with os.fdopen(fd, mode) as f:
-                write_fn(f)
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 # ---------------------------------------------------------------------- our format

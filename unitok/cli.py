@@ -68,7 +68,7 @@ def _read_batch(files, image_size, skip_bad):
 
 
 def _save_png(image, path: str) -> None:
-    from .checkpoint import atomic_write
+    from .utils.io import atomic_write
     buf = io.BytesIO()
     image.save(buf, format='PNG')
     atomic_write(path, lambda f: f.write(buf.getvalue()))
@@ -95,7 +95,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_encode(args) -> int:
-    from .checkpoint import atomic_write
+    from .utils.io import atomic_write
     model = _load_model(args.model, args.device)
     files = collect_images(args.images)
     size = args.size or model.config.image_size

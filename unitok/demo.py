@@ -32,7 +32,7 @@ def native_bf16() -> bool:
 
 
 def run(args) -> int:
-    from .checkpoint import atomic_write
+    from .utils.io import atomic_write
     from .data import eval_transform, open_source
     from .eval import EvalConfig, run_evaluation
     from .images import side_by_side

@@ -20,7 +20,7 @@ def run_evaluation(model_path: str, data: str, out_dir: str, cfg: EvalConfig | N
 
     from ..data import open_source
     from ..model import UniTok
-    from ..train import distributed as D
+    from ..utils import distributed as D
     cfg = cfg or EvalConfig()
     device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0))) if torch.cuda.is_available() else 'cpu'
     model = UniTok.from_pretrained(model_path).to(device)

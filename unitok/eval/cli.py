@@ -22,7 +22,7 @@ def run(args) -> int:
         return 0
     if not args.model or not args.data:
         raise ValueError('unitok eval needs --model and --data (or --compare DIR DIR)')
-    from ..train import distributed as D
+    from ..utils import distributed as D
     info = D.init_distributed()
     cfg = EvalConfig(metrics=tuple(args.metrics), extractors=tuple(args.extractor),
                      inception_weights=args.inception_weights, dinov2_weights=args.dinov2_weights,

@@ -21,7 +21,7 @@ import torch
 from ..data import eval_transform
 from ..images import ImageReadError
 from ..losses.perceptual import LPIPSPerceptual
-from ..train import distributed as D
+from ..utils import distributed as D
 from .codebook import CodebookStats
 from .features import build_extractor
 from .fid import FeatureStats, frechet_distance, inception_score, kernel_inception_distance

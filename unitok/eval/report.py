@@ -9,7 +9,7 @@ import json
 import os
 import string
 
-from ..checkpoint import atomic_write
+from ..utils.io import atomic_write
 from ..images import make_grid
 
 TEMPLATE = os.path.join(os.path.dirname(__file__), 'report.html')

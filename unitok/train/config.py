@@ -136,7 +136,7 @@ class TrainConfig:
 
     def save(self, path: str) -> None:
         """Write YAML (``.yaml``/``.yml``) or JSON, atomically (ASCII either way)."""
-        from ..checkpoint import atomic_write
+        from ..utils.io import atomic_write
         if path.endswith(('.yaml', '.yml')):
             atomic_write(path, lambda f: yaml.safe_dump(self.to_dict(), f, sort_keys=False), mode='w')
         else:

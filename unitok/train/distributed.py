@@ -1,54 +1,12 @@
 """Process-group setup and model wrapping for ``torchrun``: DDP (gloo on CPU, NCCL on GPU) or FSDP2."""
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
-
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device('cpu')
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-
-def init_distributed() -> DistInfo:
-    """Join the process group that ``torchrun`` describes in the environment (or run alone)."""
-    world = int(os.environ.get('WORLD_SIZE', '1'))
-    rank, local = int(os.environ.get('RANK', '0')), int(os.environ.get('LOCAL_RANK', '0'))
-    if torch.cuda.is_available():
-        device = torch.device('cuda', local)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device('cpu')
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend='nccl' if device.type == 'cuda' else 'gloo')
-    return DistInfo(rank, world, local, device)
-
-
-def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def abort() -> None:
-    """Leave the process group without synchronising (after an error on this rank)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+from ..utils.distributed import (DistInfo, abort, all_gather_object, all_reduce, any_true, barrier,  # noqa: F401
+                                 broadcast_object, init_distributed, rank_and_world, shutdown)
 
 
 def wrap_ddp(module: nn.Module, info: DistInfo) -> nn.Module:
@@ -110,37 +68,3 @@ def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
         for g in grads:
             g.mul_(coef)
     return norm
-
-
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of the current process group; (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
-    return tensor
-
-
-def all_gather_object(obj) -> list:
-    if not (dist.is_available() and dist.is_initialized()):
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def broadcast_object(obj, src: int = 0):
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()

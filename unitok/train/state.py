@@ -13,7 +13,8 @@ import re
 import numpy as np
 import torch
 
-from ..checkpoint import CheckpointError, atomic_write
+from ..checkpoint import CheckpointError
+from ..utils.io import atomic_write
 
 PATTERN = re.compile(r'step_(\d+)\.pt$')
 

@@ -1,0 +1,98 @@
+"""Atomic writes and one clear error for every failed write.
+
+Readers of a file written with :func:`atomic_write` see either the old file or the complete new one.
+A failed write (disk full, read-only location, permission, a directory in the way) raises
+:class:`OutputError` naming the path and the cause, and leaves no temporary file behind.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+
+
+class OutputError(OSError):
+    """A file or directory could not be written; the message says what, where and why."""
+
+
+def describe_os_error(e: OSError) -> str:
+    if e.errno == errno.ENOSPC:
+        return 'the disk is full (no space left on device)'
+    if e.errno == errno.EDQUOT:
+        return 'the disk quota is exceeded'
+    if e.errno == errno.EROFS:
+        return 'the file system is read-only'
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return 'permission denied'
+    if e.errno == errno.EISDIR:
+        return 'a directory is in the way'
+    if e.errno == errno.ENOTDIR:
+        return 'a file is in the way of a directory on the path'
+    return e.strerror or type(e).__name__
+
+
+def output_error(what: str, path: str, e: OSError) -> OutputError:
+    return OutputError(e.errno, f'cannot write {what} {path!r}: {describe_os_error(e)}')
+
+
+def atomic_write(path: str, write_fn, mode: str = 'wb', what: str = 'file') -> None:
+    """Write ``path`` via a temporary file in the same directory and ``os.replace``.
+
+    ``mode='path'`` hands ``write_fn`` the temporary path (for writers that open files themselves);
+    otherwise ``write_fn`` receives an open file object in ``mode``.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise OutputError(errno.EISDIR, f'cannot write {what} {path!r}: it is an existing directory')
+    tmp = None
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+        if mode == 'path':
+            os.close(fd)
+            write_fn(tmp)
+        else:
+            with os.fdopen(fd, mode) as f:
+                write_fn(f)
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OutputError:
+        raise
+    except OSError as e:
+        raise output_error(what, path, e) from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def check_writable_dir(directory: str, what: str = 'output directory') -> None:
+    """Fail before any work when ``directory`` could not be written. Creates nothing: a directory that
+    does not exist yet is judged by its nearest existing parent (a probe file is written and removed)."""
+    target = os.path.abspath(directory)
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise OutputError(errno.ENOTDIR, f'cannot write {what} {directory!r}: it is an existing file')
+    probe_dir = target
+    while not os.path.exists(probe_dir):
+        probe_dir = os.path.dirname(probe_dir)
+    if not os.path.isdir(probe_dir):
+        raise OutputError(errno.ENOTDIR, f'cannot write {what} {directory!r}: {probe_dir!r} is a file')
+    try:
+        fd, probe = tempfile.mkstemp(dir=probe_dir, prefix='.unitok-write-probe.')
+        try:
+            os.write(fd, b'\0' * 4096)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as e:
+        raise output_error(what, directory, e) from None
+
+
+def check_writable_file(path: str, what: str = 'output file') -> None:
+    """Fail before any work when ``path`` cannot be written: a directory in the way, or its parent
+    directory not writable."""
+    if os.path.isdir(path):
+        raise OutputError(errno.EISDIR, f'cannot write {what} {path!r}: it is an existing directory')
+    check_writable_dir(os.path.dirname(os.path.abspath(path)) or '.', what=f'directory of {what}')
