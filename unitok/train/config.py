@@ -57,7 +57,8 @@ class LossConfig:
 
 
 @dataclass
-class OptimConfig:
+class BaseOptimConfig:
+    """The optimisation settings every task has; the loop reads ``grad_clip``, ``grad_accum`` and ``ema``."""
     lr: float = 5e-4
     betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.02
@@ -65,35 +66,65 @@ class OptimConfig:
     warmup: float = 0.01                 # fraction of the steps with linear warm-up
     start_ratio: float = 0.0             # lr at step 0, relative
     end_ratio: float = 0.1               # final lr of the cosine schedule, relative
-    disc_lr: float = 2e-5
-    disc_betas: tuple[float, float] = (0.5, 0.9)
-    disc_weight_decay: float = 0.2
-    disc_end_ratio: float = 0.1
     grad_clip: float = 10.0              # <= 0: off
     grad_accum: int = 1                  # micro-steps per optimizer step
     ema: float = 0.9999                  # weight EMA decay (0: off); warmed up as min(decay, (1+t)/(10+t))
 
 
 @dataclass
-class TrainConfig:
-    preset: str = 'unitok-tiny'
-    model: dict = field(default_factory=dict)   # UniTokConfig overrides
-    init: str | None = None              # start from these weights (model dir or official .pth)
+class OptimConfig(BaseOptimConfig):
+    disc_lr: float = 2e-5
+    disc_betas: tuple[float, float] = (0.5, 0.9)
+    disc_weight_decay: float = 0.2
+    disc_end_ratio: float = 0.1
+
+
+@dataclass
+class RunConfig:
+    """What the one training loop (:mod:`unitok.train.loop`) reads, shared by every task's config.
+
+    A task config subclasses it and adds ``data`` (with ``batch_size`` and ``num_workers``), ``optim``
+    (a :class:`BaseOptimConfig`) and its own sections.
+    """
     out: str = 'runs/unitok'
     steps: int = 1000
     seed: int = 0
     precision: str = 'bf16'              # 'bf16' | 'fp32' | 'fp16' (fp16: CUDA with a grad scaler)
     compile: bool = False                # torch.compile the model
-    grad_checkpointing: bool = False
-    parallel: str = 'auto'               # 'auto' | 'ddp' | 'fsdp' (FSDP2 sharding); auto: fsdp for large presets
+    parallel: str = 'auto'               # 'auto' | 'ddp' | 'fsdp' (FSDP2 sharding); auto: the task's choice
     threads: int | None = None           # CPU threads per process
     log_every: int = 10
-    eval_every: int = 100                # held-out PSNR / losses / zero-shot
+    eval_every: int = 100                # held-out validation
     eval_batches: int = 4
-    image_every: int = 100               # reconstruction grid PNG
+    image_every: int = 100               # sample / reconstruction grid PNG
     ckpt_every: int = 100
     keep_last: int = 3
     wandb: bool = False
+
+    def validate(self) -> None:
+        if self.steps < 1:
+            raise ConfigError(f'steps must be >= 1, got {self.steps}')
+        if self.precision not in ('bf16', 'fp32', 'fp16'):
+            raise ConfigError(f"precision must be 'bf16', 'fp32' or 'fp16', got {self.precision!r}")
+        if self.parallel not in ('auto', 'ddp', 'fsdp'):
+            raise ConfigError(f"parallel must be 'auto', 'ddp' or 'fsdp', got {self.parallel!r}")
+        for name in ('log_every', 'eval_every', 'image_every', 'ckpt_every', 'eval_batches'):
+            if getattr(self, name) < 0:
+                raise ConfigError(f'{name} must be >= 0 (0 = never)')
+        data, optim = getattr(self, 'data', None), getattr(self, 'optim', None)
+        if data is not None and (data.batch_size < 1 or data.num_workers < 0):
+            raise ConfigError('data.batch_size must be >= 1 and data.num_workers >= 0')
+        if optim is not None and optim.grad_accum < 1:
+            raise ConfigError('optim.grad_accum must be >= 1')
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """Training a UniTok tokenizer (the :class:`~unitok.train.tasks.tokenizer.TokenizerTask`)."""
+    preset: str = 'unitok-tiny'
+    model: dict = field(default_factory=dict)   # UniTokConfig overrides
+    init: str | None = None              # start from these weights (model dir or official .pth)
+    grad_checkpointing: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -103,17 +134,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         self.model_config()
-        if self.steps < 1:
-            raise ConfigError(f'steps must be >= 1, got {self.steps}')
-        if self.precision not in ('bf16', 'fp32', 'fp16'):
-            raise ConfigError(f"precision must be 'bf16', 'fp32' or 'fp16', got {self.precision!r}")
-        if self.parallel not in ('auto', 'ddp', 'fsdp'):
-            raise ConfigError(f"parallel must be 'auto', 'ddp' or 'fsdp', got {self.parallel!r}")
-        if self.data.batch_size < 1 or self.optim.grad_accum < 1:
-            raise ConfigError('data.batch_size and optim.grad_accum must be >= 1')
-        for name in ('log_every', 'eval_every', 'image_every', 'ckpt_every'):
-            if getattr(self, name) < 0:
-                raise ConfigError(f'{name} must be >= 0 (0 = never)')
+        super().validate()
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
