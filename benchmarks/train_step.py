@@ -24,7 +24,7 @@ def images_per_second(precision, args, out):
         f'data.batch_size={args.batch}', 'data.num_workers=0', f'loss.perceptual={args.perceptual}',
         f'loss.discriminator={"none" if args.no_gan else "patchgan"}', 'loss.disc_start=0'])
     trainer = Trainer(cfg)
-    batch = next(iter(trainer._loader()))
+    batch = trainer.task.to_device(next(trainer.data), trainer.strategy.device)
     for _ in range(args.warmup):
         trainer.train_step([batch])
         trainer.step += 1

@@ -85,7 +85,7 @@ def test_sigterm_leaves_a_valid_checkpoint(tmp_path):
 
 
 def test_non_finite_loss_is_skipped_and_never_saved(tmp_path, monkeypatch):
-    import unitok.train.trainer as trainer_module
+    import unitok.train.tasks.tokenizer as trainer_module
     real = trainer_module.reconstruction_losses
     calls = {'n': 0}
 

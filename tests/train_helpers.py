@@ -19,8 +19,8 @@ def load_params(path: str) -> dict[str, torch.Tensor]:
     out = {f'model.{k}': v for k, v in state['model'].items()}
     if state.get('ema'):
         out.update({f'ema.{k}': v for k, v in state['ema']['shadow'].items()})
-    if state.get('disc'):
-        out.update({f'disc.{k}': v for k, v in state['disc'].items()})
+    for name, aux in state.get('aux', {}).items():
+        out.update({f'{name}.{k}': v for k, v in aux['module'].items()})
     return out
 
 

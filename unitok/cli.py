@@ -10,10 +10,14 @@
 from __future__ import annotations
 
 import argparse
-import io
+import errno
+import hashlib
 import json
 import os
 import sys
+import zipfile
+import zlib
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -47,6 +51,44 @@ def _load_model(path: str, device: str):
     return UniTok.from_pretrained(path).to(device).eval()
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a positive integer, got {text!r}') from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'must be >= 1, got {value}')
+    return value
+
+
+def image_side(text: str) -> int:
+    """argparse type: an image side in pixels, a positive multiple of 16 (the encoder's patch size)."""
+    value = positive_int(text)
+    if value % 16:
+        raise argparse.ArgumentTypeError(f'must be a multiple of 16 (the encoder downsamples 16x), got {value}')
+    return value
+
+
+def device_arg(text: str) -> str:
+    """argparse type: a torch device that exists on this machine (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a torch device ({e})') from None
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f'{text!r}: no CUDA GPU is available on this machine '
+                                             '(torch.cuda.is_available() is False); use --device cpu')
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f'{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)')
+    elif device.type == 'mps' and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f'{text!r}: MPS is not available on this machine; use --device cpu')
+    elif device.type not in ('cpu', 'cuda', 'mps'):
+        raise argparse.ArgumentTypeError(f'unsupported device {text!r}; use cpu, cuda[:N] or mps')
+    return text
+
+
 def _batches(files: list[str], size: int):
     for i in range(0, len(files), size):
         yield files[i:i + size]
@@ -67,11 +109,13 @@ def _read_batch(files, image_size, skip_bad):
     return (to_tensor(images, size=image_size) if images else None), kept, skipped
 
 
-def _save_png(image, path: str) -> None:
-    from .utils.io import atomic_write
-    buf = io.BytesIO()
-    image.save(buf, format='PNG')
-    atomic_write(path, lambda f: f.write(buf.getvalue()))
+def _save_png(image, staged_path: str, final_path: str) -> None:
+    """Write a PNG into a staging directory; a failure names the path the user asked for."""
+    from .utils.io import output_error
+    try:
+        image.save(staged_path, format='PNG')
+    except OSError as e:
+        raise output_error('image', final_path, e) from None
 
 
 def _unique_names(files: list[str]) -> list[str]:
@@ -86,6 +130,15 @@ def _unique_names(files: list[str]) -> list[str]:
 # ---------------------------------------------------------------------- commands
 def cmd_convert(args) -> int:
     from .checkpoint import load_official_checkpoint
+    from .utils.io import OutputError, check_writable_dir
+    out = args.out_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise OutputError(errno.EEXIST, f'cannot write the model directory {out!r}: it is an existing file')
+    held = [n for n in ('config.json', 'model.safetensors') if os.path.exists(os.path.join(out, n))]
+    if held and not args.force:
+        raise OutputError(errno.EEXIST, f'{out!r} already holds a model ({", ".join(held)}); '
+                          'pass --force to overwrite it')
+    check_writable_dir(out, what='model directory')
     model = load_official_checkpoint(args.checkpoint)
     model.save_pretrained(args.out_dir)
     counts = model.parameter_counts()
@@ -95,9 +148,10 @@ def cmd_convert(args) -> int:
 
 
 def cmd_encode(args) -> int:
-    from .utils.io import atomic_write
-    model = _load_model(args.model, args.device)
+    from .utils.io import atomic_write, check_writable_file
     files = collect_images(args.images)
+    check_writable_file(args.out, what='codes file')          # before any work
+    model = _load_model(args.model, args.device)
     size = args.size or model.config.image_size
     all_codes, kept, skipped = [], [], []
     for chunk in _progress(list(_batches(files, args.batch_size)), desc='encode'):
@@ -111,70 +165,153 @@ def cmd_encode(args) -> int:
     codes = torch.cat(all_codes)
     dtype = np.int16 if model.config.codebook_size <= np.iinfo(np.int16).max + 1 else np.int32
     payload = dict(codes=codes.numpy().astype(dtype), files=np.array(kept), image_size=np.array(size),
-                   config=np.array(model.config.to_json()),
+                   config=np.array(model.config.to_json()), codebook_digest=np.array(codebook_digest(model)),
                    skipped=np.array([f for f, _ in skipped], dtype=str))
 
     def write(f):
         np.savez_compressed(f, **payload)
-    atomic_write(args.out, write)
+    atomic_write(args.out, write, what='codes file')
     print(f'encoded {len(kept)} image(s) -> {args.out}: codes {tuple(codes.shape)} {np.dtype(dtype).name}'
           + (f'; skipped {len(skipped)} unreadable: ' + ', '.join(f for f, _ in skipped) if skipped else ''))
     return 0
 
 
-def read_codes_file(path: str) -> tuple[torch.Tensor, list[str]]:
-    """Codes and source names from an ``unitok encode`` file (or any .npz/.npy holding a ``codes`` array)."""
+# Fields of UniTokConfig that decide what a code id means; the decoder may differ (codebook digest decides).
+CODE_FIELDS = ('num_codebooks', 'codebook_size', 'code_dim', 'num_query')
+
+
+@dataclass
+class CodesFile:
+    """What :func:`read_codes_file` returns."""
+    codes: torch.Tensor          # (N, K, h, w) or (N, K, L) int64
+    files: list[str]             # source name of each entry
+    config: dict | None          # UniTokConfig dict of the model that wrote the file (None: not stored)
+    codebook_digest: str | None  # :func:`codebook_digest` of that model (None: not stored)
+
+
+def codebook_digest(model) -> str:
+    """Short fingerprint of a model's code vectors: equal digests mean code ids mean the same vectors."""
+    table = model.quantizer.codebook.detach().float().cpu().contiguous().numpy()
+    return hashlib.sha256(table.tobytes()).hexdigest()[:16]
+
+
+def read_codes_file(path: str) -> CodesFile:
+    """Codes, source names and the writer's config from an ``unitok encode`` file (or any .npz/.npy
+    holding a ``codes`` array). Every unreadable, corrupt or malformed file raises one ``ValueError``
+    naming it; pickled arrays are refused, never loaded."""
+    if os.path.isdir(path):
+        raise ValueError(f'{path!r} is a directory, not a codes file (.npz from unitok encode, or .npy)')
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'no codes file at {path!r}')
+    with open(path, 'rb') as f:
+        head = f.read(8)
+    is_npy, is_zip = head.startswith(b'\x93NUMPY'), head[:4] in (b'PK\x03\x04', b'PK\x05\x06')
+    if not (is_npy or is_zip):
+        raise ValueError(f'{path!r} is not a codes file: neither a .npz (zip) archive nor a .npy array '
+                         f'(it starts with {head!r})')
+    config = digest = None
     try:
-        if path.endswith('.npy'):
+        if is_npy:
             codes, files = np.load(path, allow_pickle=False), None
         else:
             with np.load(path, allow_pickle=False) as z:
                 if 'codes' not in z.files:
-                    raise ValueError(f'{path!r} has no "codes" array (arrays: {z.files})')
+                    raise ValueError(f'no "codes" array (arrays: {z.files})')
                 codes = z['codes']
-                files = [str(f) for f in z['files']] if 'files' in z.files else None
-    except (OSError, ValueError) as e:
-        raise ValueError(f'cannot read codes from {path!r}: {e}') from None
+                files = [str(f) for f in np.atleast_1d(z['files'])] if 'files' in z.files else None
+                config = str(z['config']) if 'config' in z.files else None
+                digest = str(z['codebook_digest']) if 'codebook_digest' in z.files else None
+    except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+        why = 'it holds pickled (object) arrays, which are never loaded' if 'pickle' in str(e) else \
+            f'the file is truncated or corrupt ({type(e).__name__}: {e})' if not isinstance(e, ValueError) or \
+            isinstance(e, zipfile.BadZipFile) else str(e)
+        raise ValueError(f'cannot read codes from {path!r}: {why}') from None
     if not np.issubdtype(codes.dtype, np.integer):
         raise TypeError(f'codes in {path!r} must be integers, got {codes.dtype}')
+    if codes.ndim not in (3, 4) or codes.shape[0] == 0:
+        raise ValueError(f'codes in {path!r} must be an array (N, K, h, w) or (N, K, L) with N >= 1, '
+                         f'got shape {codes.shape}')
     files = files or [f'{i:06d}' for i in range(codes.shape[0])]
-    return torch.from_numpy(codes.astype(np.int64)), files
+    if len(files) != codes.shape[0]:
+        raise ValueError(f'{path!r} names {len(files)} file(s) for {codes.shape[0]} code entries')
+    if config is not None:
+        try:
+            config = json.loads(config)
+        except json.JSONDecodeError as e:
+            raise ValueError(f'{path!r}: the stored model config is not valid JSON ({e})') from None
+        if not isinstance(config, dict):
+            raise ValueError(f'{path!r}: the stored model config is not a JSON object')
+    return CodesFile(torch.from_numpy(codes.astype(np.int64)), files, config, digest)
+
+
+def check_codes_match(path: str, data: CodesFile, model) -> None:
+    """Refuse codes written by a model whose code space differs from ``model``'s (another
+    configuration, or the same configuration with other codebooks)."""
+    cfg = model.config.to_dict()
+    if data.config is not None:
+        diffs = [f'{k} {data.config[k]!r} in the file, {cfg[k]!r} in the model'
+                 for k in CODE_FIELDS if k in data.config and data.config[k] != cfg[k]]
+        if diffs:
+            raise ValueError(f'{path!r} was encoded by a model with another configuration ({"; ".join(diffs)}); '
+                             'decode it with that model, or pass --ignore-mismatch')
+    if data.codebook_digest is not None and data.codebook_digest != codebook_digest(model):
+        raise ValueError(f'{path!r} was encoded by a model with other codebooks (digest {data.codebook_digest}, '
+                         f'this model {codebook_digest(model)}): the code ids would mean other vectors; decode '
+                         'it with that model, or pass --ignore-mismatch')
+    n = model.config.codebook_size
+    bad = ((data.codes < 0) | (data.codes >= n)).flatten(1).any(1).nonzero().flatten()
+    if len(bad):
+        i = int(bad[0])
+        raise ValueError(f'codes must lie in [0, {n}) for this model; entry {i} ({data.files[i]}) of {path!r} '
+                         f'has values in [{int(data.codes[i].min())}, {int(data.codes[i].max())}] '
+                         f'({len(bad)} bad entr{"y" if len(bad) == 1 else "ies"})')
 
 
 def cmd_decode(args) -> int:
     from .images import to_pil
+    from .utils.io import check_writable_dir, staged_directory
+    check_writable_dir(args.out_dir)                              # before any work
+    data = read_codes_file(args.codes)
     model = _load_model(args.model, args.device)
-    codes, files = read_codes_file(args.codes)
-    grid = tuple(args.grid) if args.grid else None
-    names = _unique_names(files)
-    os.makedirs(args.out_dir, exist_ok=True)
-    for i in _progress(range(0, codes.shape[0], args.batch_size), desc='decode'):
-        images = model.decode(codes[i:i + args.batch_size].to(args.device), grid=grid)
-        for name, im in zip(names[i:i + args.batch_size], to_pil(images)):
-            _save_png(im, os.path.join(args.out_dir, name + '.png'))
+    if args.ignore_mismatch:
+        n = model.config.codebook_size
+        if int(data.codes.min()) < 0 or int(data.codes.max()) >= n:
+            raise ValueError(f'codes in {args.codes!r} must lie in [0, {n}) for this model')
+    else:
+        check_codes_match(args.codes, data, model)
+    codes, grid = data.codes, (tuple(args.grid) if args.grid else None)
+    model.decode(codes[:1].to(args.device), grid=grid)            # shape / grid errors before any output
+    names = _unique_names(data.files)
+    with staged_directory(args.out_dir) as staging:
+        for i in _progress(range(0, codes.shape[0], args.batch_size), desc='decode'):
+            images = model.decode(codes[i:i + args.batch_size].to(args.device), grid=grid)
+            for name, im in zip(names[i:i + args.batch_size], to_pil(images)):
+                _save_png(im, os.path.join(staging, name + '.png'), os.path.join(args.out_dir, name + '.png'))
     print(f'decoded {codes.shape[0]} image(s) -> {args.out_dir}')
     return 0
 
 
 def cmd_reconstruct(args) -> int:
     from .images import side_by_side
-    model = _load_model(args.model, args.device)
+    from .utils.io import check_writable_dir, staged_directory
     files = collect_images(args.images)
+    check_writable_dir(args.out_dir)                              # before any work
+    model = _load_model(args.model, args.device)
     size = args.size or model.config.image_size
-    os.makedirs(args.out_dir, exist_ok=True)
     psnrs, skipped, name_of = [], [], dict(zip(files, _unique_names(files)))
-    for chunk in _progress(list(_batches(files, args.batch_size)), desc='reconstruct'):
-        x, ok, bad = _read_batch(chunk, size, args.skip_bad)
-        skipped += bad
-        if x is None:
-            continue
-        rec = model.reconstruct(x.to(args.device)).cpu()
-        mse = ((rec - x) / 2).square().flatten(1).mean(1).clamp_min(1e-10)
-        psnrs += (-10 * torch.log10(mse)).tolist()
-        for f, im in zip(ok, side_by_side(x, rec)):
-            _save_png(im, os.path.join(args.out_dir, name_of[f] + '.png'))
-    if not psnrs:
-        raise ValueError('no image could be read')
+    with staged_directory(args.out_dir) as staging:      # an error leaves no PNG of earlier batches behind
+        for chunk in _progress(list(_batches(files, args.batch_size)), desc='reconstruct'):
+            x, ok, bad = _read_batch(chunk, size, args.skip_bad)
+            skipped += bad
+            if x is None:
+                continue
+            rec = model.reconstruct(x.to(args.device)).cpu()
+            mse = ((rec - x) / 2).square().flatten(1).mean(1).clamp_min(1e-10)
+            psnrs += (-10 * torch.log10(mse)).tolist()
+            for f, im in zip(ok, side_by_side(x, rec)):
+                _save_png(im, os.path.join(staging, name_of[f] + '.png'), os.path.join(args.out_dir, name_of[f] + '.png'))
+        if not psnrs:
+            raise ValueError('no image could be read')
     print(f'reconstructed {len(psnrs)} image(s) -> {args.out_dir} (left: input, right: reconstruction); '
           f'PSNR mean {np.mean(psnrs):.2f} dB' + (f'; skipped {len(skipped)}' if skipped else ''))
     return 0
@@ -200,18 +337,19 @@ def build_parser() -> argparse.ArgumentParser:
     def model_args(s, need_model=True):
         if need_model:
             s.add_argument('--model', required=True, help='model directory, hub id or official .pth')
-        s.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-        s.add_argument('--batch-size', type=int, default=8)
+        s.add_argument('--device', type=device_arg, default='cuda' if torch.cuda.is_available() else 'cpu')
+        s.add_argument('--batch-size', type=positive_int, default=8)
 
     s = sub.add_parser('convert', help='official release checkpoint -> safetensors model directory')
     s.add_argument('checkpoint')
     s.add_argument('out_dir')
+    s.add_argument('--force', action='store_true', help='overwrite a model already in OUT_DIR')
     s.set_defaults(fn=cmd_convert)
 
     s = sub.add_parser('encode', help='images -> codes (.npz)')
     s.add_argument('images', nargs='+', help='image files or directories')
     s.add_argument('--out', required=True, help='output .npz')
-    s.add_argument('--size', type=int, default=None, help='resize + centre crop side (default: model size)')
+    s.add_argument('--size', type=image_side, default=None, help='resize + centre crop side (default: model size)')
     s.add_argument('--skip-bad', action='store_true', help='skip unreadable images instead of stopping')
     model_args(s)
     s.set_defaults(fn=cmd_encode)
@@ -219,14 +357,16 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser('decode', help='codes (.npz) -> PNG images')
     s.add_argument('codes')
     s.add_argument('--out-dir', required=True)
-    s.add_argument('--grid', type=int, nargs=2, metavar=('H', 'W'), help='token grid for flat codes')
+    s.add_argument('--grid', type=positive_int, nargs=2, metavar=('H', 'W'), help='token grid for flat codes')
+    s.add_argument('--ignore-mismatch', action='store_true',
+                   help='decode codes written by a model with another configuration or other codebooks')
     model_args(s)
     s.set_defaults(fn=cmd_decode)
 
     s = sub.add_parser('reconstruct', help='images -> side-by-side input | reconstruction PNGs')
     s.add_argument('images', nargs='+')
     s.add_argument('--out-dir', required=True)
-    s.add_argument('--size', type=int, default=None)
+    s.add_argument('--size', type=image_side, default=None)
     s.add_argument('--skip-bad', action='store_true')
     model_args(s)
     s.set_defaults(fn=cmd_reconstruct)
@@ -254,18 +394,46 @@ def _extra_commands():
     return commands
 
 
+def _setup_logging() -> None:
+    """The library logs through ``logging``; the command shows INFO and above as ``[unitok] ...`` lines."""
+    import logging
+    root = logging.getLogger('unitok')
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter('[unitok] %(message)s'))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        root.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .images import ImageReadError
+    from .data import DataError
+    from .train.run import RunDirectoryError
     args = build_parser().parse_args(argv)
+    _setup_logging()
+    from .utils.io import OutputError, describe_os_error
     try:
         return args.fn(args)
-    except (CheckpointError, ConfigError, ImageReadError, FileNotFoundError, ValueError, TypeError) as e:
+    except OutputError as e:               # the environment, not the input: disk full, read-only, ...
+        if os.environ.get('UNITOK_DEBUG'):
+            raise
+        print(f'unitok {args.command}: error: {e}', file=sys.stderr)
+        return 1
+    except (CheckpointError, ConfigError, ImageReadError, FileNotFoundError, ValueError, TypeError, DataError,
+            RunDirectoryError) as e:
         if os.environ.get('UNITOK_DEBUG'):
             raise
         print(f'unitok {args.command}: error: {e}', file=sys.stderr)
         return 2
+    except OSError as e:                   # any other failed read or write: one line, what and where
+        if os.environ.get('UNITOK_DEBUG'):
+            raise
+        where = f' {e.filename!r}' if e.filename else ''
+        print(f'unitok {args.command}: error:{where} {describe_os_error(e)}', file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f'unitok {args.command}: interrupted', file=sys.stderr)
         return 130

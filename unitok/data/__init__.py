@@ -13,9 +13,25 @@ from __future__ import annotations
 import os
 
 from .sources import BuiltinSource, FolderSource
-from .stream import TrainStream, collate, mix_seed, train_loader
+from .stream import DataError, ResumableBatches, TrainStream, collate, image_text_sample, mix_seed, train_loader
 from .transforms import eval_transform, train_transform
 from .webdataset import WebDatasetSource
+
+
+def _is_shards(spec: str) -> bool:
+    return spec.startswith('wds:') or spec.rstrip('}').endswith('.tar') or '.tar::' in spec
+
+
+def has_split(spec: str, split: str) -> bool:
+    """Whether ``spec`` names a distinct ``split``: the built-in datasets have 'train' and 'val'; a
+    folder has one when ``DIR/split`` exists (otherwise every split is the folder itself); shards
+    never do (name held-out shards explicitly)."""
+    if spec.startswith('builtin:'):
+        return split in ('train', 'val')
+    if _is_shards(spec):
+        return False
+    root = spec[7:] if spec.startswith('folder:') else spec
+    return os.path.isdir(os.path.join(root, split))
 
 
 def open_source(spec: str, split: str = 'train', resampled: bool = True, shuffle_buffer: int = 1000):
@@ -23,7 +39,7 @@ def open_source(spec: str, split: str = 'train', resampled: bool = True, shuffle
     if spec.startswith('builtin:'):
         parts = spec.split(':')
         return BuiltinSource(parts[1], split=split, label=parts[2] if len(parts) > 2 else 'category')
-    if spec.startswith('wds:') or spec.rstrip('}').endswith('.tar') or '.tar::' in spec:
+    if _is_shards(spec):
         return WebDatasetSource(spec[4:] if spec.startswith('wds:') else spec, resampled=resampled,
                                 shuffle_buffer=shuffle_buffer)
     root = spec[7:] if spec.startswith('folder:') else spec
@@ -34,5 +50,5 @@ def open_source(spec: str, split: str = 'train', resampled: bool = True, shuffle
     return FolderSource(root)
 
 
-__all__ = ['open_source', 'BuiltinSource', 'FolderSource', 'WebDatasetSource', 'TrainStream', 'train_loader',
-           'collate', 'mix_seed', 'train_transform', 'eval_transform']
+__all__ = ['open_source', 'has_split', 'BuiltinSource', 'FolderSource', 'WebDatasetSource', 'TrainStream', 'ResumableBatches',
+           'DataError', 'image_text_sample', 'train_loader', 'collate', 'mix_seed', 'train_transform', 'eval_transform']

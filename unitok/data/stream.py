@@ -14,7 +14,7 @@ import signal
 from typing import Any, Callable, Iterator
 
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from ..images import ImageReadError
 
@@ -43,28 +43,56 @@ def map_positions(n: int, shard: int, num_shards: int, seed: int, start: int = 0
         position += 1
 
 
+MAX_CONSECUTIVE_FAILURES = 1000
+
+
+class DataError(RuntimeError):
+    """The training data cannot feed the loop (e.g. every sample is unreadable)."""
+
+
+def image_text_sample(transform: Callable, tokenize: Callable) -> Callable:
+    """``prepare`` for image-caption sources: ``(image, caption(s), label)`` -> tensors. With several
+    caption alternatives one is drawn per sample (from the per-sample seeded RNG)."""
+    def prepare(raw) -> dict[str, Any]:
+        image, caption, label = raw
+        image = transform(image)
+        if isinstance(caption, (list, tuple)):
+            caption = random.choice(caption)
+        return dict(image=image, text=tokenize(caption), label=label)
+    return prepare
+
+
 class TrainStream(IterableDataset):
-    """Endless samples ``{'image', 'text', 'label', 'position', 'worker', 'skipped', 'skipped_keys'}``.
+    """Endless prepared samples plus ``'position', 'worker', 'skipped', 'skipped_keys'``.
 
     Args:
-        source: a map-style source (``read(i)``) or a :class:`WebDatasetSource` (``iter_raw``).
-        transform: PIL image -> tensor; tokenize: caption -> token ids tensor.
+        source: a map-style source (``read(i)``, ``key(i)``) or a :class:`WebDatasetSource` (``iter_raw``).
+        transform, tokenize: for image-caption sources (PIL image -> tensor, caption -> token ids);
+            or ``prepare``: raw item of the source -> dict of tensors (any task's samples).
         seed, rank, world_size: the stream of (rank, worker) is ``rank * num_workers + worker``.
         num_workers: loader workers (0 = the main process).
         start_positions: next position per logical worker (from a checkpoint).
         worker_offset: logical id of physical worker 0, so that the loader's round-robin order
             continues where the interrupted run stopped.
+        max_failures: after this many unreadable samples in a row the stream reports a
+            :class:`DataError` instead of searching forever.
     """
 
-    def __init__(self, source, transform: Callable, tokenize: Callable, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, num_workers: int = 0, start_positions: dict[int, int] | None = None,
-                 worker_offset: int = 0):
+    def __init__(self, source, transform: Callable | None = None, tokenize: Callable | None = None, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                 start_positions: dict[int, int] | None = None, worker_offset: int = 0,
+                 prepare: Callable | None = None, max_failures: int = MAX_CONSECUTIVE_FAILURES):
         super().__init__()
-        self.source, self.transform, self.tokenize = source, transform, tokenize
+        if prepare is None:
+            if transform is None or tokenize is None:
+                raise TypeError('TrainStream needs prepare=, or transform= and tokenize=')
+            prepare = image_text_sample(transform, tokenize)
+        self.source, self.prepare = source, prepare
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.num_workers = max(1, num_workers)
         self.start_positions = dict(start_positions or {})
         self.worker_offset = worker_offset
+        self.max_failures = max_failures
 
     def __iter__(self):
         info = get_worker_info()
@@ -89,36 +117,39 @@ class TrainStream(IterableDataset):
             torch.manual_seed(sample_seed)
             random.seed(sample_seed)
             try:
-                image, caption, label = decode(item)
-                image = self.transform(image)
-                if isinstance(caption, (list, tuple)):          # alternatives: one per sample, seeded
-                    caption = random.choice(caption)
+                sample = self.prepare(decode(item))
             except (ImageReadError, OSError, ValueError) as e:
                 skipped += 1
                 if len(keys) < MAX_REPORTED_KEYS:
                     keys.append(f'{key(item)}: {e}'[:300])
+                if skipped >= self.max_failures:
+                    # Reported through the batch, not raised: a worker's exception would reach the
+                    # training process wrapped in a traceback of the worker.
+                    yield dict(error=f'{skipped} unreadable samples in a row (last: {keys[-1] if keys else "?"}); '
+                                     'the data source seems unusable', worker=worker, position=position)
+                    return
                 continue
-            yield dict(image=image, text=self.tokenize(caption), label=label, position=position,
-                       worker=worker, skipped=skipped, skipped_keys=keys)
+            yield dict(sample=sample, position=position, worker=worker, skipped=skipped, skipped_keys=keys)
             skipped, keys = 0, []
 
 
 def collate(samples: list[dict]) -> dict[str, Any]:
-    """Stack a list of stream samples (all from one worker) into a batch."""
-    return dict(
-        image=torch.stack([s['image'] for s in samples]),
-        text=torch.stack([s['text'] for s in samples]),
-        label=torch.tensor([s['label'] for s in samples]),
-        worker=samples[0]['worker'],
-        position=max(s['position'] for s in samples),
-        skipped=sum(s['skipped'] for s in samples),
-        skipped_keys=[k for s in samples for k in s['skipped_keys']],
-    )
+    """Stack a list of stream samples (all from one worker) into a batch (``error`` passes through)."""
+    failed = [s for s in samples if 'error' in s]
+    if failed:
+        return dict(error=failed[0]['error'])
+    batch = default_collate([s['sample'] for s in samples])
+    batch.update(worker=samples[0]['worker'], position=max(s['position'] for s in samples),
+                 skipped=sum(s['skipped'] for s in samples),
+                 skipped_keys=[k for s in samples for k in s['skipped_keys']])
+    return batch
 
 
-def _ignore_interrupts(worker_id: int) -> None:
-    # Ctrl-C reaches the whole process group: let the training process decide how to stop.
+def _worker_init(worker_id: int) -> None:
+    # Ctrl-C and SIGTERM reach the whole process group (timeout, SLURM, Kubernetes, cgroup kills):
+    # the training process decides how to stop (checkpoint, then exit) and shuts its workers down.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def train_loader(stream: TrainStream, batch_size: int, num_workers: int) -> DataLoader:
@@ -126,5 +157,48 @@ def train_loader(stream: TrainStream, batch_size: int, num_workers: int) -> Data
     # RNG (that would shift every later random number after a resume). Samples are seeded per position.
     return DataLoader(stream, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
                       persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
-                      worker_init_fn=_ignore_interrupts if num_workers > 0 else None,
+                      worker_init_fn=_worker_init if num_workers > 0 else None,
                       generator=torch.Generator().manual_seed(mix_seed(stream.seed, stream.rank)))
+
+
+class ResumableBatches:
+    """Micro-batches of a :class:`TrainStream` with the bookkeeping that makes resume exact: the next
+    position of every worker stream, the number of batches consumed, skipped-sample counts.
+
+    ``state_dict()`` is per rank; a loader restarted from it continues the same batch sequence.
+    """
+
+    def __init__(self, make_stream: Callable[[dict[int, int], int], TrainStream], batch_size: int, num_workers: int):
+        self.make_stream, self.batch_size, self.num_workers = make_stream, batch_size, num_workers
+        self.positions: dict[int, int] = {}
+        self.consumed = 0
+        self.skipped = 0
+        self.skipped_examples: list[str] = []
+        self._iter = None
+
+    def __next__(self) -> dict:
+        if self._iter is None:
+            stream = self.make_stream(self.positions, self.consumed % max(1, self.num_workers))
+            self._iter = iter(train_loader(stream, self.batch_size, self.num_workers))
+        batch = next(self._iter)
+        if 'error' in batch:
+            raise DataError(batch['error'])
+        self.consumed += 1
+        self.positions[batch['worker']] = batch['position'] + 1
+        self.skipped += batch['skipped']
+        self.skipped_examples += batch['skipped_keys'][:max(0, 100 - len(self.skipped_examples))]
+        return batch
+
+    def __iter__(self):
+        return self
+
+    def close(self) -> None:
+        self._iter = None
+
+    def state_dict(self) -> dict:
+        return {'positions': dict(self.positions), 'consumed': self.consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.positions = {int(k): int(v) for k, v in state['positions'].items()}
+        self.consumed = int(state['consumed'])
+        self._iter = None

@@ -1,5 +1,9 @@
-"""Training UniTok: config, trainer, checkpoints, distributed helpers."""
-from .config import DataConfig, LossConfig, OptimConfig, TrainConfig
-from .trainer import Trainer
+"""Training: one loop (:mod:`.loop`) for every model, a parallelism strategy (:mod:`.strategy`),
+and one task per model (:mod:`.tasks`); configs, run directories, checkpoints, EMA and logs."""
+from .config import BaseOptimConfig, DataConfig, LossConfig, OptimConfig, RunConfig, TrainConfig
+from .loop import Trainer
+from .task import Phase, Task
+from .tasks import TokenizerTask
 
-__all__ = ['TrainConfig', 'DataConfig', 'LossConfig', 'OptimConfig', 'Trainer']
+__all__ = ['Trainer', 'Task', 'Phase', 'TokenizerTask', 'RunConfig', 'TrainConfig', 'DataConfig', 'LossConfig',
+           'OptimConfig', 'BaseOptimConfig']

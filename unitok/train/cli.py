@@ -1,15 +1,22 @@
 """``unitok train``: single process, or one process per device under ``torchrun``.
 
     unitok train --preset unitok-tiny --data builtin:emoji --out runs/tiny --steps 300
-    unitok train --config my.yaml --out runs/x --resume latest optim.lr=1e-3 loss.perceptual=none
+    unitok train --out runs/tiny --resume latest                  # continues with the run's own config
+    unitok train --out runs/tiny --resume latest --steps 600      # ... changing what is given (reported)
     torchrun --nproc_per_node 8 -m unitok.train.cli --preset unitok-large --data 'shards/{00000..09999}.tar' ...
+
+A fresh run refuses a directory that holds another run; --resume takes the saved configuration.
 """
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import sys
 
 from .config import TrainConfig
+
+log = logging.getLogger('unitok.train')
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -20,31 +27,57 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--out', help='run directory (checkpoints, logs, images, final model)')
     p.add_argument('--steps', type=int)
     p.add_argument('--batch-size', type=int, help='images per process and micro-step')
-    p.add_argument('--resume', help="'latest' or a checkpoint path")
+    p.add_argument('--resume', help="'latest' or a checkpoint path: continue that run with its saved config")
     p.add_argument('--init', help='start from these weights (model directory or official .pth)')
     p.add_argument('overrides', nargs='*', help='dotted key=value config overrides, e.g. optim.lr=1e-3')
 
 
-def config_from_args(args) -> TrainConfig:
-    cfg = TrainConfig.load(args.config) if args.config else TrainConfig()
+def explicit_assignments(args) -> list[str]:
+    """The settings given on the command line, as dotted assignments."""
     direct = {'preset': args.preset, 'data.train': args.data, 'data.val': args.val_data, 'out': args.out,
               'steps': args.steps, 'data.batch_size': args.batch_size, 'init': args.init}
-    assignments = [f'{k}={v}' for k, v in direct.items() if v is not None] + list(args.overrides)
-    return cfg.override(assignments)
+    return [f'{k}={v}' for k, v in direct.items() if v is not None] + list(args.overrides)
+
+
+def resolve_config(args, cfg_class=TrainConfig):
+    """Fresh run: defaults (or --config) + the command line. Resume: the run's saved config + the
+    command line, with every change logged."""
+    from .run import config_changes, saved_config
+    if not args.resume:
+        cfg = cfg_class.load(args.config) if args.config else cfg_class()
+        return cfg.override(explicit_assignments(args))
+    checkpoint = args.resume if args.resume != 'latest' else None
+    out = args.out or (os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))) if checkpoint else None)
+    if out is None:
+        raise SystemExit('unitok: error: --resume latest needs --out RUN_DIR')
+    saved = saved_config(cfg_class, out, checkpoint)
+    base = cfg_class.load(args.config) if args.config else saved
+    cfg = base.override(explicit_assignments(args) + ([] if args.out else [f'out={out}']))
+    changes = config_changes(saved, cfg)
+    if changes:
+        log.info('resuming with changed settings: ' + ', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in changes.items()))
+    return cfg
 
 
 def run(args) -> int:
-    from . import distributed as D
-    from .trainer import Trainer
-    cfg = config_from_args(args)
+    from ..utils import distributed as D
+    from .loop import Trainer
+    cfg = resolve_config(args)
     info = D.init_distributed()
     try:
-        summary = Trainer(cfg, info).fit(resume=args.resume)
+        summary = Trainer(cfg, info=info).fit(resume=args.resume)
     except BaseException:
         D.abort()            # do not wait in a barrier for ranks that will never arrive
         raise
     D.shutdown()
-    return 0 if summary['exit'] == 'finished' else 143
+    return exit_code(summary)
+
+
+def exit_code(summary: dict) -> int:
+    """0 when finished; 128 + the signal number when stopped by a signal (143 for SIGTERM)."""
+    if summary['exit'] == 'finished':
+        return 0
+    return 130 if summary['exit'] == 'signal SIGINT' else 143
 
 
 def register(sub) -> None:
@@ -55,10 +88,8 @@ def register(sub) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog='unitok-train', description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    from ..cli import main as cli_main
+    return cli_main(['train', *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == '__main__':

@@ -3,10 +3,13 @@ progress bar with ETA. Only rank 0 writes."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import sys
 import time
+
+log = logging.getLogger('unitok.train')
 
 
 class MetricsLogger:
@@ -28,7 +31,7 @@ class MetricsLogger:
                 import wandb
                 self.wandb = wandb.init(project='unitok', dir=directory, config=wandb_config, resume='allow')
             except Exception as e:   # not installed, no network, no login
-                print(f'[unitok] W&B disabled: {type(e).__name__}: {e}', file=sys.stderr)
+                log.warning('W&B disabled: %s: %s', type(e).__name__, e)
         from tqdm.auto import tqdm
         self.bar = tqdm(total=total_steps, initial=start_step, desc='train', dynamic_ncols=True,
                         disable=not sys.stderr.isatty(), smoothing=0.05)
@@ -59,7 +62,7 @@ class MetricsLogger:
             rate = (step - self.s0) / max(1e-9, time.time() - self.t0)
             eta = (self.total - step) / max(rate, 1e-9)
             terms = ' '.join(f'{k} {v:.3g}' for k, v in postfix.items())
-            print(f'[unitok] step {step}/{self.total}  {rate:.2f} it/s  eta {eta / 60:.1f} min  {terms}', flush=True)
+            log.info('step %d/%d  %.2f it/s  eta %.1f min  %s', step, self.total, rate, eta / 60, terms)
 
     def image(self, step: int, tag: str, path: str) -> None:
         if self.enabled and self.tb is not None:

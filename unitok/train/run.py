@@ -1,0 +1,102 @@
+"""The run directory: one run per directory, one process at a time, and a resume that continues the
+run's own configuration.
+
+* A fresh start into a directory that holds another run (its ``config.yaml``, checkpoints, summary
+  or final model) is refused: two runs' checkpoints never mix.
+* A lock file (``flock``) keeps a second concurrent process off the directory; the kernel releases
+  it when the holder dies, kill -9 included.
+* ``--resume`` takes the configuration saved in the run; explicit settings on the command line are
+  applied on top and reported; architecture changes are refused by the task before any weight loads.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import glob
+import logging
+import os
+
+from ..config import ConfigError
+from ..utils.io import OutputError, check_writable_dir
+
+log = logging.getLogger('unitok.train')
+CONFIG_FILE = 'config.yaml'
+LOCK_FILE = '.lock'
+
+
+class RunDirectoryError(RuntimeError):
+    """The run directory is held by another run or process, or cannot be used."""
+
+
+def holds_run(directory: str) -> bool:
+    """Whether ``directory`` already holds (the start of) a training run."""
+    markers = [CONFIG_FILE, 'summary.json', os.path.join('model', 'config.json')]
+    return any(os.path.exists(os.path.join(directory, m)) for m in markers) or \
+        bool(glob.glob(os.path.join(directory, 'checkpoints', 'step_*.pt')))
+
+
+class RunDirectory:
+    """Owns ``directory`` for the lifetime of a training process (rank 0 takes the lock)."""
+
+    def __init__(self, directory: str, is_main: bool = True):
+        self.directory, self.is_main = directory, is_main
+        self._lock = None
+
+    def acquire(self, resuming: bool) -> None:
+        if not self.is_main:
+            return
+        check_writable_dir(self.directory, what='run directory')
+        if not resuming and holds_run(self.directory):
+            raise RunDirectoryError(
+                f'{self.directory!r} already holds a training run; continue it with --resume latest, '
+                'or start the new run in another --out directory (or delete the old one)')
+        os.makedirs(self.directory, exist_ok=True)
+        path = os.path.join(self.directory, LOCK_FILE)
+        try:
+            self._lock = open(path, 'a+')
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            self._lock = None
+            raise RunDirectoryError(f'{self.directory!r} is in use by another training process '
+                                    f'(lock {path!r} is held)') from None
+        except OSError as e:
+            raise OutputError(e.errno or errno.EIO, f'cannot lock run directory {self.directory!r}: {e}') from None
+        self._lock.seek(0)
+        self._lock.truncate()
+        self._lock.write(f'{os.getpid()}\n')
+        self._lock.flush()
+
+    def release(self) -> None:
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
+
+
+def saved_config(cfg_class, directory: str | None, checkpoint: str | None = None):
+    """The configuration a run was started with: ``DIR/config.yaml``, else the one inside the
+    checkpoint. Raises ConfigError when neither exists."""
+    if directory and os.path.isfile(os.path.join(directory, CONFIG_FILE)):
+        return cfg_class.load(os.path.join(directory, CONFIG_FILE))
+    if checkpoint and os.path.isfile(checkpoint):
+        from .state import Checkpointer
+        state = Checkpointer.load(checkpoint)
+        if isinstance(state, dict) and isinstance(state.get('config'), dict):
+            return cfg_class.from_dict(state['config'])
+    raise ConfigError(f'cannot resume: no {CONFIG_FILE} in {directory!r}'
+                      + (f' and no config in {checkpoint!r}' if checkpoint else ''))
+
+
+def config_changes(old, new) -> dict[str, tuple]:
+    """Flat ``{dotted key: (old, new)}`` of the settings that differ."""
+    def flat(d, prefix=''):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and k != 'model':
+                out.update(flat(v, f'{prefix}{k}.'))
+            else:
+                out[prefix + k] = v
+        return out
+    a, b = flat(old.to_dict()), flat(new.to_dict())
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
