@@ -5,17 +5,14 @@ line overrides are dotted ``key=value`` pairs, e.g. ``optim.lr=1e-3 loss.percept
 """
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
-import types
-import typing
 from dataclasses import dataclass, field
-from typing import Any, Mapping, get_type_hints
+from typing import Any, Mapping
 
 import yaml
 
 from ..config import ConfigError, UniTokConfig
+from ..utils import dataclass_io
 
 
 @dataclass
@@ -29,6 +26,9 @@ class DataConfig:
     hflip: bool = False
     shuffle_buffer: int = 1000           # webdataset in-stream shuffle buffer
     resampled: bool = True               # webdataset: draw shards with replacement
+
+    def __post_init__(self):
+        dataclass_io.coerce_fields(self)
 
 
 @dataclass
@@ -55,6 +55,9 @@ class LossConfig:
     local_loss: bool = True
     gather_with_grad: bool = True
 
+    def __post_init__(self):
+        dataclass_io.coerce_fields(self)
+
 
 @dataclass
 class BaseOptimConfig:
@@ -69,6 +72,9 @@ class BaseOptimConfig:
     grad_clip: float = 10.0              # <= 0: off
     grad_accum: int = 1                  # micro-steps per optimizer step
     ema: float = 0.9999                  # weight EMA decay (0: off); warmed up as min(decay, (1+t)/(10+t))
+
+    def __post_init__(self):
+        dataclass_io.coerce_fields(self)
 
 
 @dataclass
@@ -117,43 +123,23 @@ class RunConfig:
         if optim is not None and optim.grad_accum < 1:
             raise ConfigError('optim.grad_accum must be >= 1')
 
-
-@dataclass
-class TrainConfig(RunConfig):
-    """Training a UniTok tokenizer (the :class:`~unitok.train.tasks.tokenizer.TokenizerTask`)."""
-    preset: str = 'unitok-tiny'
-    model: dict = field(default_factory=dict)   # UniTokConfig overrides
-    init: str | None = None              # start from these weights (model dir or official .pth)
-    grad_checkpointing: bool = False
-    data: DataConfig = field(default_factory=DataConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-
-    def model_config(self) -> UniTokConfig:
-        return UniTokConfig.from_preset(self.preset, **self.model)
-
-    def validate(self) -> None:
-        self.model_config()
-        super().validate()
-
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        return dataclass_io.to_dict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> 'TrainConfig':
-        return _build(cls, d, '')
+    def from_dict(cls, d: Mapping[str, Any]) -> 'RunConfig':
+        """Build from a plain mapping; every value is type-checked (see :mod:`unitok.utils.dataclass_io`)."""
+        return dataclass_io.from_dict(cls, d)
 
     @classmethod
-    def load(cls, path: str) -> 'TrainConfig':
-        if not os.path.isfile(path):
-            raise ConfigError(f'no config file at {path!r}')
-        with open(path, encoding='utf-8') as f:
-            try:
-                d = yaml.safe_load(f) if path.endswith(('.yaml', '.yml')) else json.load(f)
-            except (yaml.YAMLError, json.JSONDecodeError) as e:
-                raise ConfigError(f'cannot parse {path}: {e}') from None
-        return cls.from_dict(d or {})
+    def load(cls, path: str) -> 'RunConfig':
+        """Read a YAML (``.yaml``/``.yml``) or JSON file; errors name the file and the field."""
+        data = dataclass_io.read_mapping(path, what='training config')
+        try:
+            return cls.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f'{path}: {e}') from None
 
     def save(self, path: str) -> None:
         """Write YAML (``.yaml``/``.yml``) or JSON, atomically (ASCII either way)."""
@@ -163,7 +149,7 @@ class TrainConfig(RunConfig):
         else:
             atomic_write(path, lambda f: json.dump(self.to_dict(), f, indent=2), mode='w')
 
-    def override(self, assignments: list[str]) -> 'TrainConfig':
+    def override(self, assignments: list[str]) -> 'RunConfig':
         """A copy with dotted ``key=value`` overrides (values parsed as YAML scalars/lists)."""
         d = self.to_dict()
         for a in assignments:
@@ -178,57 +164,32 @@ class TrainConfig(RunConfig):
             if parts[-1] not in node and not (len(parts) == 2 and parts[0] == 'model'):
                 raise ConfigError(f'unknown config key {key!r}')
             node[parts[-1]] = yaml.safe_load(value)
-        return TrainConfig.from_dict(d)
+        return type(self).from_dict(d)
 
 
-def _plain(x):
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
+@dataclass
+class TrainConfig(RunConfig):
+    """Training a UniTok tokenizer (the :class:`~unitok.train.tasks.tokenizer.TokenizerTask`)."""
+    preset: str = 'unitok-tiny'
+    model: dict = field(default_factory=dict)   # UniTokConfig overrides
+    init: str | None = None              # start from these weights (model dir or official .pth)
+    grad_checkpointing: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
 
+    def __post_init__(self):
+        dataclass_io.coerce_fields(self)   # named type errors; value rules in validate()
 
-def _build(cls, d: Mapping[str, Any], where: str):
-    if not isinstance(d, Mapping):
-        raise ConfigError(f'{where or "config"} must be a mapping, got {type(d).__name__}')
-    hints = get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - fields)
-    if unknown:
-        raise ConfigError(f'unknown key(s) {unknown} in {where or "config"}; known: {sorted(fields)}')
-    return cls(**{name: _coerce(value, hints[name], f'{where}{name}') for name, value in d.items()})
+    def model_config(self) -> UniTokConfig:
+        """The model architecture: the preset with the ``model`` overrides (errors name ``model.FIELD``)."""
+        base = UniTokConfig.from_preset(self.preset)
+        return UniTokConfig.from_dict({**base.to_dict(), **self.model}, where='model.')
 
-
-def _coerce(value, hint, name: str):
-    """Bring a parsed YAML/JSON value to the annotated type (e.g. YAML reads ``1e-3`` as a string)."""
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, name + '.')
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        if value is None:
-            return None
-        return _coerce(value, args[0], name)
-    try:
-        if typing.get_origin(hint) is tuple:
-            return tuple(_coerce(v, args[0], name) for v in value)
-        if hint is bool:
-            if isinstance(value, str) and value.lower() in ('true', 'false'):
-                return value.lower() == 'true'
-            if not isinstance(value, bool):
-                raise ValueError(value)
-            return value
-        if hint is float:
-            if isinstance(value, bool):
-                raise ValueError(value)
-            return float(value)
-        if hint is int:
-            f = float(value)
-            if isinstance(value, bool) or not f.is_integer():
-                raise ValueError(value)
-            return int(f)
-        if hint is str:
-            return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f'{name}: expected {getattr(hint, "__name__", hint)}, got {value!r}') from None
-    return value
+    def validate(self) -> None:
+        self.model_config()
+        super().validate()
+        # One meaning everywhere (as in UniTok.forward): None = all images; training needs >= 1.
+        if self.data.recon_batch_size is not None and self.data.recon_batch_size < 1:
+            raise ConfigError(f'data.recon_batch_size must be null (all images) or >= 1, got '
+                              f'{self.data.recon_batch_size} (training needs reconstructions)')
