@@ -6,18 +6,16 @@ live in :mod:`unitok.train.config`.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from .modules.encoder import VITAMIN_VARIANTS
+from .utils import dataclass_io
+from .utils.dataclass_io import ConfigError
 
 PROJECTIONS = ('attn', 'linear')
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid or inconsistent."""
+__all__ = ['ConfigError', 'PRESETS', 'PROJECTIONS', 'UniTokConfig']
 
 
 @dataclass
@@ -55,7 +53,7 @@ class UniTokConfig:
     grad_checkpointing: bool = False     # recompute encoder/decoder/text activations in backward
 
     def __post_init__(self):
-        self.decoder_conv_depths = tuple(int(d) for d in self.decoder_conv_depths)
+        dataclass_io.coerce_fields(self)      # types first (named errors), then the value rules
         self.validate()
 
     # ------------------------------------------------------------------ derived sizes
@@ -116,43 +114,39 @@ class UniTokConfig:
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d['decoder_conv_depths'] = list(self.decoder_conv_depths)
-        return d
+        return dataclass_io.to_dict(self)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> 'UniTokConfig':
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f'unknown UniTokConfig field(s) {unknown}; known fields: {sorted(known)}')
-        return cls(**d)
+    def from_dict(cls, d: Mapping[str, Any], where: str = '') -> 'UniTokConfig':
+        """Build from a plain mapping; every value is type-checked (see :mod:`unitok.utils.dataclass_io`)."""
+        return dataclass_io.from_dict(cls, d, where)
 
     def to_json(self, path: str | None = None) -> str:
+        """The config as JSON text; with ``path`` also written there (atomically)."""
         s = json.dumps(self.to_dict(), indent=2, sort_keys=True)
         if path is not None:
-            with open(path, 'w', encoding='utf-8') as f:
-                f.write(s + '\n')
+            from .utils.io import atomic_write
+            atomic_write(path, lambda f: f.write(s + '\n'), mode='w', what='model config')
         return s
 
     @classmethod
     def from_json(cls, path_or_text: str) -> 'UniTokConfig':
-        text = path_or_text
-        if not path_or_text.lstrip().startswith('{'):
-            with open(path_or_text, encoding='utf-8') as f:
-                text = f.read()
+        """From JSON text (starting with ``{``) or a JSON file; errors name the file and the field."""
+        if path_or_text.lstrip().startswith('{'):
+            try:
+                data = json.loads(path_or_text)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f'invalid config JSON: {e}') from None
+            return cls.from_dict(data)
+        data = dataclass_io.read_mapping(path_or_text, what='model config')
         try:
-            return cls.from_dict(json.loads(text))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f'invalid config JSON: {e}') from None
+            return cls.from_dict(data)
+        except ConfigError as e:
+            raise ConfigError(f'{path_or_text}: {e}') from None
 
     def replace(self, **overrides) -> 'UniTokConfig':
         """A copy with some fields changed (validated)."""
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ConfigError(f'unknown UniTokConfig field(s) {unknown}')
-        return dataclasses.replace(self, **overrides)
+        return self.from_dict({**self.to_dict(), **overrides})
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> 'UniTokConfig':

@@ -1,18 +1,26 @@
 """Atomic writes and one clear error for every failed write.
 
-Readers of a file written with :func:`atomic_write` see either the old file or the complete new one.
+Readers of a file written with :func:`atomic_write` see either the old file or the complete new one;
+a directory of outputs written through :func:`staged_directory` appears complete or not at all.
 A failed write (disk full, read-only location, permission, a directory in the way) raises
 :class:`OutputError` naming the path and the cause, and leaves no temporary file behind.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
+import secrets
+import shutil
 import tempfile
+from typing import Iterator
 
 
 class OutputError(OSError):
     """A file or directory could not be written; the message says what, where and why."""
+
+    def __str__(self) -> str:          # the message alone, without OSError's "[Errno N]" prefix
+        return self.strerror or super().__str__()
 
 
 def describe_os_error(e: OSError) -> str:
@@ -70,14 +78,26 @@ def atomic_write(path: str, write_fn, mode: str = 'wb', what: str = 'file') -> N
 def check_writable_dir(directory: str, what: str = 'output directory') -> None:
     """Fail before any work when ``directory`` could not be written. Creates nothing: a directory that
     does not exist yet is judged by its nearest existing parent (a probe file is written and removed)."""
+    _check_writable(directory, directory, what)
+
+
+def check_writable_file(path: str, what: str = 'output file') -> None:
+    """Fail before any work when ``path`` cannot be written: a directory in the way, or its
+    directory not writable. The error names ``path``."""
+    if os.path.isdir(path):
+        raise OutputError(errno.EISDIR, f'cannot write {what} {path!r}: it is an existing directory')
+    _check_writable(os.path.dirname(os.path.abspath(path)), path, what)
+
+
+def _check_writable(directory: str, shown: str, what: str) -> None:
     target = os.path.abspath(directory)
     if os.path.exists(target) and not os.path.isdir(target):
-        raise OutputError(errno.ENOTDIR, f'cannot write {what} {directory!r}: it is an existing file')
+        raise OutputError(errno.ENOTDIR, f'cannot write {what} {shown!r}: {directory!r} is an existing file')
     probe_dir = target
     while not os.path.exists(probe_dir):
         probe_dir = os.path.dirname(probe_dir)
     if not os.path.isdir(probe_dir):
-        raise OutputError(errno.ENOTDIR, f'cannot write {what} {directory!r}: {probe_dir!r} is a file')
+        raise OutputError(errno.ENOTDIR, f'cannot write {what} {shown!r}: {probe_dir!r} is a file')
     try:
         fd, probe = tempfile.mkstemp(dir=probe_dir, prefix='.unitok-write-probe.')
         try:
@@ -87,12 +107,53 @@ def check_writable_dir(directory: str, what: str = 'output directory') -> None:
             os.close(fd)
             os.unlink(probe)
     except OSError as e:
-        raise output_error(what, directory, e) from None
+        raise output_error(what, shown, e) from None
 
 
-def check_writable_file(path: str, what: str = 'output file') -> None:
-    """Fail before any work when ``path`` cannot be written: a directory in the way, or its parent
-    directory not writable."""
-    if os.path.isdir(path):
-        raise OutputError(errno.EISDIR, f'cannot write {what} {path!r}: it is an existing directory')
-    check_writable_dir(os.path.dirname(os.path.abspath(path)) or '.', what=f'directory of {what}')
+@contextlib.contextmanager
+def staged_directory(directory: str, what: str = 'output directory') -> Iterator[str]:
+    """Write many files into ``directory`` all-or-nothing.
+
+    Yields a fresh hidden sibling directory to write into. When the block ends without error its
+    files move into ``directory`` (which is created, or merged into if it exists: same-named files
+    are replaced); on any error the staging directory is deleted, so neither half of the outputs
+    nor an empty ``directory`` is left behind. Write failures become :class:`OutputError`.
+    """
+    target = os.path.abspath(directory)
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise OutputError(errno.ENOTDIR, f'cannot write {what} {directory!r}: it is an existing file')
+    parent, created = os.path.dirname(target), []
+    probe = parent
+    while not os.path.exists(probe):
+        created.append(probe)
+        probe = os.path.dirname(probe)
+    staging = None
+    try:
+        try:
+            os.makedirs(parent, exist_ok=True)
+            while staging is None:
+                candidate = os.path.join(parent, f'.{os.path.basename(target)}.{secrets.token_hex(4)}.tmp')
+                try:
+                    os.mkdir(candidate)          # the umask's permissions, unlike tempfile.mkdtemp's 0700
+                    staging = candidate
+                except FileExistsError:
+                    continue
+        except OSError as e:
+            raise output_error(what, directory, e) from None
+        yield staging                            # errors of the caller's block pass through unchanged
+        try:
+            if not os.path.exists(target):
+                os.replace(staging, target)
+                staging = None
+            else:
+                for name in sorted(os.listdir(staging)):
+                    os.replace(os.path.join(staging, name), os.path.join(target, name))
+        except OSError as e:
+            raise output_error(what, directory, e) from None
+    finally:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+            if not os.path.exists(target):
+                for d in created:                    # parents this call made, deepest first
+                    with contextlib.suppress(OSError):
+                        os.rmdir(d)
