@@ -59,7 +59,7 @@ def test_file_objects_and_decompression_bombs_are_read_errors(tmp_path, monkeypa
     (np.full((16, 16, 3), 2.0), ValueError, r'\[0, 1\]'),
     (np.full((16, 16, 3), np.nan), ValueError, 'NaN'),
     (np.zeros((16, 16, 5), np.uint8), ValueError, r'\(H, W, 3\)'),
-    (np.zeros((16, 16, 3), np.int32), TypeError, 'uint8 or float'),
+    (np.zeros((16, 16, 3), np.int32), TypeError, 'uint8, uint16 or float'),
 ])
 def test_bad_arrays(arr, error, match):
     with pytest.raises(error, match=match):

@@ -9,7 +9,7 @@ from typing import IO, Iterable, Sequence, Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray]
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.webp', '.bmp', '.gif', '.tif', '.tiff')
@@ -21,24 +21,54 @@ class ImageReadError(OSError):
 
 
 def load_image(path: str | os.PathLike | IO[bytes], name: str | None = None) -> Image.Image:
-    """Open an image (a path or a binary file object) as RGB, alpha composited on white, or raise
-    :class:`ImageReadError` naming it (``name``, default the path)."""
+    """Open an image (a path or a binary file object) as RGB (see :func:`to_rgb`), turned upright by
+    its EXIF orientation (as cameras and viewers show it), or raise :class:`ImageReadError` naming
+    it (``name``, default the path)."""
     try:
         with Image.open(path) as im:
             im.load()
-            return to_rgb(im)
+            return to_rgb(ImageOps.exif_transpose(im))
     except Exception as e:   # PIL's plugins raise many types on corrupt data (and DecompressionBombError)
         name = name or (repr(os.fspath(path)) if isinstance(path, (str, os.PathLike)) else 'from a file object')
         raise ImageReadError(f'cannot read image {name}: {e}') from None
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
-    """RGB copy of a PIL image; transparent pixels become white (emoji, clip art, logos)."""
-    if im.mode in ('RGBA', 'LA') or (im.mode == 'P' and 'transparency' in im.info):
+    """8-bit RGB copy of a PIL image in any mode; transparent pixels become white (emoji, clip art).
+
+    ``1``, ``L``, ``P``, ``RGB``, ``CMYK``, ``YCbCr``, ``LAB``, ``HSV`` convert with PIL. Modes with
+    alpha or a transparency key (``RGBA``, ``LA``, ``PA``, premultiplied ``RGBa``/``La``, ``P``/``L``/
+    ``RGB`` with ``tRNS``) are composited on white. 16-bit integer modes (``I;16*``, and ``I``, which
+    PIL uses for 16-bit PNG/TIFF data) scale 0..65535 to 0..255; ``F`` (float) must lie in [0, 1].
+    Values outside those ranges raise ``ValueError`` instead of being clipped.
+    """
+    mode = im.mode
+    if mode.startswith('I;16') or mode == 'I':
+        a = np.asarray(im).astype(np.int64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise ValueError(f'{mode} image values in [{a.min()}, {a.max()}] are outside the 16-bit range '
+                             '[0, 65535]; convert the image to 8 bits first')
+        return Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), 'L').convert('RGB')
+    if mode == 'F':
+        a = np.asarray(im, dtype=np.float64)
+        if a.size and not (np.isfinite(a).all() and a.min() >= 0 and a.max() <= 1):
+            lo, hi = (float(np.nanmin(a)), float(np.nanmax(a))) if a.size else (0, 0)
+            raise ValueError(f'float (F) image values must be finite and in [0, 1], got [{lo:.4g}, {hi:.4g}]; '
+                             'convert the image to 8 bits first')
+        return Image.fromarray(np.round(a * 255).astype(np.uint8), 'L').convert('RGB')
+    if mode == 'La':                        # premultiplied L + alpha: PIL has no direct conversion
+        la = np.asarray(im).astype(np.float64)
+        alpha = la[..., 1]
+        grey = np.where(alpha > 0, la[..., 0] * 255 / np.maximum(alpha, 1), 0)
+        im = Image.fromarray(np.stack([np.round(grey).clip(0, 255), alpha], -1).astype(np.uint8), 'LA')
+    if im.has_transparency_data:
         rgba = im.convert('RGBA')
         background = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert('RGB')
-    return im.convert('RGB')
+    try:
+        return im.convert('RGB')
+    except ValueError as e:
+        raise ValueError(f'images of mode {mode!r} are not supported ({e})') from None
 
 
 def resize_center_crop(im: Image.Image, size: int | tuple[int, int], crop_ratio: float = 1.0) -> Image.Image:
@@ -82,13 +112,15 @@ def _to_array(image: ImageLike) -> np.ndarray:
 def _as_uint8(a: np.ndarray) -> np.ndarray:
     if a.dtype == np.uint8:
         return a
+    if a.dtype == np.uint16:                # 16-bit data (e.g. cv2.IMREAD_UNCHANGED): 0..65535 -> 0..255
+        return ((a.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)
     if np.issubdtype(a.dtype, np.floating):
         if not np.isfinite(a).all():
             raise ValueError('image array contains NaN or inf')
         if a.min() < 0 or a.max() > 1:
             raise ValueError(f'float image arrays must be in [0, 1], got [{a.min():.3g}, {a.max():.3g}]')
         return np.round(a * 255).astype(np.uint8)
-    raise TypeError(f'image arrays must be uint8 or float in [0, 1], got {a.dtype}')
+    raise TypeError(f'image arrays must be uint8, uint16 or float in [0, 1], got {a.dtype}')
 
 
 def to_tensor(images: ImageLike | Sequence[ImageLike], size: int | tuple[int, int] | None = 256,
@@ -96,7 +128,8 @@ def to_tensor(images: ImageLike | Sequence[ImageLike], size: int | tuple[int, in
     """Convert images to a model batch ``(B, 3, H, W)`` in [-1, 1].
 
     Args:
-        images: one or a list of paths, PIL images or numpy arrays (HxW[x3|x4], uint8 or float [0, 1]).
+        images: one or a list of paths, PIL images (any mode, see :func:`to_rgb`) or numpy arrays
+            (HxW[x3|x4], uint8, uint16 or float in [0, 1]).
         size: target side (or (H, W)) for ``resize='crop'``.
         resize: ``'crop'``: shorter side to ``size * crop_ratio``, centre crop to ``size``;
             ``'pad'``: keep the native size and pad bottom/right with white to a multiple of 16;
@@ -105,13 +138,23 @@ def to_tensor(images: ImageLike | Sequence[ImageLike], size: int | tuple[int, in
     """
     if isinstance(images, (str, os.PathLike, Image.Image, np.ndarray)):
         images = [images]
+    if isinstance(images, torch.Tensor):
+        raise TypeError('to_tensor takes paths, PIL images or numpy arrays; a tensor is already a batch '
+                        '(check it with unitok.images.check_images)')
+    images = list(images)
+    if not images:
+        raise ValueError('to_tensor needs at least one image, got an empty list')
     if resize not in ('crop', 'pad', 'none'):
         raise ValueError(f"resize must be 'crop', 'pad' or 'none', got {resize!r}")
+    if resize == 'crop':
+        sides = (size, size) if isinstance(size, int) else tuple(size) if isinstance(size, (tuple, list)) else ()
+        if len(sides) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sides):
+            raise ValueError(f"resize='crop' needs size = a positive int or (H, W) of positive ints, got {size!r}")
+        if not (isinstance(crop_ratio, (int, float)) and crop_ratio >= 1):
+            raise ValueError(f'crop_ratio must be a number >= 1, got {crop_ratio!r}')
     tensors = []
     for image in images:
         if resize == 'crop':
-            if size is None:
-                raise ValueError("resize='crop' needs a size")
             pil = Image.fromarray(_as_uint8(_to_array(image)))
             a = np.asarray(resize_center_crop(pil, size, crop_ratio))
         else:
@@ -128,12 +171,18 @@ def to_tensor(images: ImageLike | Sequence[ImageLike], size: int | tuple[int, in
     return batch
 
 
+def to_uint8_tensor(images: torch.Tensor) -> torch.Tensor:
+    """``(..., H, W)`` in [-1, 1] -> uint8 tensor of the same shape and device: the pixels a PNG of the
+    images holds (``round((x + 1) * 127.5)``, clamped; NaN -> mid grey). The one [-1, 1] -> uint8 rule."""
+    x = images.detach().float().add(1).mul_(127.5).nan_to_num_(127.5).round_().clamp_(0, 255)
+    return x.to(torch.uint8)
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """``(B, 3, H, W)`` in [-1, 1] -> uint8 array ``(B, H, W, 3)`` (NaN -> mid grey)."""
+    """``(B, 3, H, W)`` in [-1, 1] -> uint8 array ``(B, H, W, 3)`` (see :func:`to_uint8_tensor`)."""
     if images.dim() == 3:
         images = images[None]
-    x = images.detach().float().cpu().add(1).mul_(127.5).nan_to_num_(127.5).round_().clamp_(0, 255)
-    return x.to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return to_uint8_tensor(images).cpu().permute(0, 2, 3, 1).numpy()
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
