@@ -34,6 +34,8 @@ class WebDatasetSource:
         missing = [u for u in local if not os.path.isfile(u)]
         if missing:
             raise FileNotFoundError(f'{len(missing)} shard file(s) missing, e.g. {missing[0]!r}')
+        if not isinstance(shuffle_buffer, int) or isinstance(shuffle_buffer, bool) or shuffle_buffer < 0:
+            raise ValueError(f'shuffle_buffer must be an integer >= 0 (0 or 1: no shuffling), got {shuffle_buffer!r}')
         self.resampled, self.shuffle_buffer = resampled, shuffle_buffer
         self.bad_shards: list[str] = []
 
@@ -56,22 +58,31 @@ class WebDatasetSource:
             epoch += 1
 
     def iter_raw(self, shard: int, num_shards: int, seed: int, start: int = 0) -> Iterator[tuple[int, Any]]:
-        """Endless stream of ``(position, raw sample dict)``; the first ``start`` are skipped undecoded."""
-        from webdataset.filters import _shuffle
+        """Endless stream of ``(position, raw sample dict)``; the first ``start`` are skipped undecoded.
+
+        Samples pass webdataset's shuffle buffer (``shuffle_buffer`` samples, yielding once 100 are
+        in). The stream stops with an error only when many shards in a row give no sample at all;
+        small shards (fewer samples than the buffer) are fine.
+        """
+        from webdataset.filters import shuffle
         from webdataset.tariterators import tarfile_samples
-        urls, opened = self._urls(shard, num_shards, seed), [0]
+        urls, opened_since_sample = self._urls(shard, num_shards, seed), [0]
 
         def counted():
             for u in urls:
-                opened[0] += 1
-                if opened[0] > 2 * len(self.urls) + num_shards:   # many shards, not one sample
+                opened_since_sample[0] += 1
+                if opened_since_sample[0] > 2 * len(self.urls) + num_shards:   # many shards, not one sample
                     raise RuntimeError(f'no readable samples in {len(self.urls)} shard(s); errors: {self.bad_shards[:3]}')
                 yield u
 
-        samples = tarfile_samples(counted(), handler=self._on_error)
-        for position, sample in enumerate(_shuffle(samples, self.shuffle_buffer, min(100, self.shuffle_buffer),
-                                                   rng=random.Random(seed * 7919 + shard))):
-            opened[0] = 0
+        def read():
+            for sample in tarfile_samples(counted(), handler=self._on_error):
+                opened_since_sample[0] = 0      # counted per tar sample, before the buffer holds it back
+                yield sample
+
+        shuffled = shuffle(self.shuffle_buffer, min(100, self.shuffle_buffer),
+                           rng=random.Random(seed * 7919 + shard))(read())
+        for position, sample in enumerate(shuffled):
             if position >= start:
                 yield position, sample
 
