@@ -16,6 +16,8 @@ from .features import EXTRACTORS
 
 def run(args) -> int:
     from . import compare, run_evaluation
+    from ..utils.io import check_writable_dir
+    check_writable_dir(args.out)          # fail before the evaluation, not after it
     if args.compare:
         path = compare(args.compare, args.out)
         print(f'comparison written to {path}')
