@@ -34,6 +34,23 @@ from .modules.projection import build_projection
 from .modules.text import build_text_tower, tokenize
 from .quantizer import MultiCodebookQuantizer, QuantizerOutput
 
+def check_templates(templates: Sequence[str | Callable[[str], str]]) -> None:
+    """Zero-shot prompt templates are callables or strings with exactly one ``{}`` for the class name
+    (a template without it would give every class the same prompt)."""
+    for t in templates:
+        if callable(t):
+            continue
+        if not isinstance(t, str):
+            raise TypeError(f'zero-shot templates must be strings with one {{}} or callables, got {type(t).__name__}')
+        try:
+            ok = t.count('{}') == 1 and t.format('x') is not None
+        except (IndexError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f'zero-shot template {t!r} must contain exactly one {{}} (where the class name goes) '
+                             'and no other braces')
+
+
 @dataclass
 class UniTokOutput:
     """What :meth:`UniTok.forward` returns (the inputs of the training losses).
@@ -172,9 +189,19 @@ class UniTok(nn.Module):
 
     def encode_latents(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Continuous latents before quantization: ``(B, Q + h*w, K*d)`` float32, and the grid ``(h, w)``."""
-        check_images(images)
+        images = self._as_model_dtype(images)
         grid = (images.shape[-2] // 16, images.shape[-1] // 16)
         return self._project(self.quant_proj, self.encoder(images)), grid
+
+    def _as_model_dtype(self, images: torch.Tensor) -> torch.Tensor:
+        """Checked images in the parameters' dtype (float16/bfloat16/float64 inputs are cast); under
+        autocast only float64 is cast, autocast handles the rest."""
+        check_images(images)
+        want = self.logit_scale.dtype
+        if images.dtype != want and (images.dtype == torch.float64
+                                     or not torch.is_autocast_enabled(images.device.type)):
+            images = images.to(want)
+        return images
 
     def _quantize(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         """Images -> ``(codes (B, K, Q + h*w), unit code vectors (B, Q + h*w, K*d), grid (h, w))``."""
@@ -191,9 +218,20 @@ class UniTok(nn.Module):
 
     # ------------------------------------------------------------------ codes -> image
     def _flatten_codes(self, codes: torch.Tensor, grid: tuple[int, int] | None) -> tuple[torch.Tensor, tuple[int, int]]:
-        if not isinstance(codes, torch.Tensor):
-            raise TypeError(f'codes must be a torch.Tensor, got {type(codes).__name__}')
         K, Q = self.config.num_codebooks, self.config.num_query
+        want = f'(B, {K}, h, w)' if Q == 0 else f'(B, {K}, {Q} + h*w)'
+        if not isinstance(codes, torch.Tensor):
+            raise TypeError(f'codes must be a torch.Tensor {want}, got {type(codes).__name__}'
+                            + (' (use torch.from_numpy)' if hasattr(codes, '__array__') else ''))
+        if grid is not None:
+            g = tuple(grid) if isinstance(grid, (tuple, list)) else ()
+            if len(g) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in g):
+                raise ValueError(f'grid must be (h, w), two positive integers, got {grid!r}')
+            grid = g
+        if codes.dim() >= 2 and codes.shape[1] != K and codes.shape[0] == K and codes.dim() in (2, 3):
+            raise ValueError(f'codes must have shape {want}, got {tuple(codes.shape)}: {codes.shape[1]} '
+                             f'sub-codebooks in axis 1 where the model has {K}; the batch axis seems to be '
+                             'missing (use codes[None])')
         if codes.dim() == 4 and Q == 0:
             B, k, h, w = codes.shape
             if grid is not None and tuple(grid) != (h, w):
@@ -214,7 +252,8 @@ class UniTok(nn.Module):
             want = f'(B, {K}, h, w)' if Q == 0 else f'(B, {K}, {Q} + h*w)'
             raise ValueError(f'codes must have shape {want}, got {tuple(codes.shape)}')
         if flat.shape[1] != K:
-            raise ValueError(f'codes have {flat.shape[1]} sub-codebooks, the model has {K}')
+            raise ValueError(f'codes must have shape {want}, got {tuple(codes.shape)}: {flat.shape[1]} '
+                             f'sub-codebooks in axis 1, the model has {K}')
         if flat.shape[0] == 0 or flat.shape[2] == 0:
             raise ValueError(f'codes are empty: shape {tuple(codes.shape)}')
         return flat, (grid if codes.dim() == 3 else (codes.shape[2], codes.shape[3]))
@@ -265,6 +304,8 @@ class UniTok(nn.Module):
         return tokenize(texts, self.config.text_context_length).to(self.device)
 
     def _text_ids(self, texts) -> torch.Tensor:
+        if isinstance(texts, str):
+            return self.tokenize(texts)
         if isinstance(texts, torch.Tensor):
             n_ctx, vocab = self.config.text_context_length, self.config.text_vocab_size
             if texts.dtype.is_floating_point or texts.dtype == torch.bool:
@@ -274,7 +315,15 @@ class UniTok(nn.Module):
             if texts.numel() and (int(texts.min()) < 0 or int(texts.max()) >= vocab):
                 raise ValueError(f'text token ids must lie in [0, {vocab})')
             return texts.to(self.device)
-        return self.tokenize(texts)
+        if not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
+            bad = type(texts).__name__ if not isinstance(texts, Sequence) else \
+                f'a sequence holding {type(next(t for t in texts if not isinstance(t, str))).__name__}'
+            raise TypeError(f'texts must be a string, a list of strings or token ids (N, '
+                            f'{self.config.text_context_length}); got {bad}')
+        if not texts:
+            raise ValueError('texts is empty: pass at least one string')
+        return self.tokenize(list(texts))
+
 
     def encode_text(self, texts, normalize: bool = True) -> torch.Tensor:
         """Text embeddings ``(N, E)`` from strings or token ids ``(N, text_context_length)``."""
@@ -292,6 +341,9 @@ class UniTok(nn.Module):
         from open_clip.zero_shot_classifier import build_zero_shot_classifier
         if not classnames or not templates:
             raise ValueError('zero_shot_classifier needs at least one class name and one template')
+        if isinstance(classnames, str) or not all(isinstance(c, str) for c in classnames):
+            raise TypeError('classnames must be a list of strings')
+        check_templates(templates)
         templates = [t if callable(t) else t.format for t in templates]
         return build_zero_shot_classifier(self, self.tokenize, list(classnames), templates,
                                           num_classes_per_batch=batch_size, device=self.device, use_tqdm=progress)
@@ -299,13 +351,21 @@ class UniTok(nn.Module):
     @torch.no_grad()
     def classify(self, images: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
         """Zero-shot logits ``(B, C)``: scaled cosine similarity of image embeddings and class weights."""
+        E = self.config.embed_dim
+        if not isinstance(classifier, torch.Tensor) or classifier.dim() != 2 or classifier.shape[0] != E:
+            got = tuple(classifier.shape) if isinstance(classifier, torch.Tensor) else type(classifier).__name__
+            raise ValueError(f'classifier must be a ({E}, C) tensor from zero_shot_classifier, got {got}')
         features = self.encode_image(images, normalize=True)
         return self.logit_scale.exp() * features @ classifier.to(features.dtype)
 
     # ------------------------------------------------------------------ training forward
     def forward(self, images: torch.Tensor, texts=None, recon_batch_size: int | None = None) -> UniTokOutput:
         """Training pass: quantize with the straight-through estimator, reconstruct the first
-        ``recon_batch_size`` images (all by default), and embed images (and texts) for the CLIP loss."""
+        ``recon_batch_size`` images (None: all, the default; 0: none), and embed images (and texts)
+        for the CLIP loss."""
+        if recon_batch_size is not None and (not isinstance(recon_batch_size, int) or recon_batch_size < 0):
+            raise ValueError(f'recon_batch_size must be None (all images) or an int >= 0 (0: none), '
+                             f'got {recon_batch_size!r}')
         latents, grid = self.encode_latents(images)
         q: QuantizerOutput = self.quantizer(latents)
         tokens = self._project(self.post_quant_proj, q.quantized)     # (B, Q + h*w, C) float32
