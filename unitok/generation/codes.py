@@ -284,9 +284,14 @@ class _MapItems(torch.utils.data.Dataset):
             image, caption, label = self.source.read(i)
             x = self.views(image)
         except (ImageReadError, OSError, ValueError) as e:
-            return ('error', i, key, str(e)[:300])
+            return ('error', i, key, _reason(e))
         labels = [label if per_item is None else per_item[i] for _, _, per_item in self.label_sets]
         return ('ok', i, key, x, _caption_list(caption), labels)
+
+
+def _reason(e: Exception) -> str:
+    """The error message without object addresses (``<_io.BytesIO object at 0x...>``): reruns record the same."""
+    return re.sub(r' at 0x[0-9a-fA-F]+', '', str(e))[:300]
 
 
 def _caption_list(caption) -> list[str]:
@@ -327,7 +332,7 @@ def _stream_batches(source, cfg: ExportConfig, views, label_sets, tars: list[int
                     image, caption, label = source.decode(pending)
                     batch.append(('ok', position, key, views(image), _caption_list(caption), []))
                 except (ImageReadError, OSError, ValueError) as e:
-                    batch.append(('error', position, key, str(e)[:300]))
+                    batch.append(('error', position, key, _reason(e)))
                 position, in_chunk, pending = position + 1, in_chunk + 1, next(raw, None)
                 if len(batch) == cfg.batch_size and in_chunk < cfg.shard_size:
                     yield (t, chunk), batch, False, False
