@@ -383,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _extra_commands():
     """Sub-commands that live with their subsystems (training, evaluation, demo)."""
     commands = []
-    for module in ('unitok.train.cli', 'unitok.eval.cli', 'unitok.demo', 'unitok.generation.export_cli'):
+    for module in ('unitok.train.cli', 'unitok.eval.cli', 'unitok.demo', 'unitok.generation.export_cli',
+                   'unitok.generation.cli'):
         try:
             mod = __import__(module, fromlist=['register'])
         except ModuleNotFoundError as e:

@@ -39,20 +39,22 @@ def explicit_assignments(args) -> list[str]:
     return [f'{k}={v}' for k, v in direct.items() if v is not None] + list(args.overrides)
 
 
-def resolve_config(args, cfg_class=TrainConfig):
+def resolve_config(args, cfg_class=TrainConfig, assignments: list[str] | None = None):
     """Fresh run: defaults (or --config) + the command line. Resume: the run's saved config + the
-    command line, with every change logged."""
+    command line, with every change logged. ``assignments``: the command line's settings (default:
+    those of ``unitok train``)."""
     from .run import config_changes, saved_config
+    given = explicit_assignments(args) if assignments is None else assignments
     if not args.resume:
         cfg = cfg_class.load(args.config) if args.config else cfg_class()
-        return cfg.override(explicit_assignments(args))
+        return cfg.override(given)
     checkpoint = args.resume if args.resume != 'latest' else None
     out = args.out or (os.path.dirname(os.path.dirname(os.path.abspath(checkpoint))) if checkpoint else None)
     if out is None:
         raise SystemExit('unitok: error: --resume latest needs --out RUN_DIR')
     saved = saved_config(cfg_class, out, checkpoint)
     base = cfg_class.load(args.config) if args.config else saved
-    cfg = base.override(explicit_assignments(args) + ([] if args.out else [f'out={out}']))
+    cfg = base.override(given + ([] if args.out else [f'out={out}']))
     changes = config_changes(saved, cfg)
     if changes:
         log.info('resuming with changed settings: ' + ', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in changes.items()))

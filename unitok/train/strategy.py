@@ -64,8 +64,13 @@ class Strategy:
         D.barrier()
 
     # -- modules
-    def wrap(self, module: nn.Module, shard_units: list[nn.Module] | None = None) -> nn.Module:
-        """The module to call in training (``module`` itself stays the one to save and to average)."""
+    def wrap(self, module: nn.Module, shard_units: list[nn.Module] | None = None,
+             owner: nn.Module | None = None) -> nn.Module:
+        """The module to call in training (``module`` itself stays the one to save and to average).
+
+        ``shard_units``: submodules FSDP2 shards (blocks first); ``owner``: the module the phase names
+        when ``module`` is a thin wrapper around it (e.g. one whose forward computes the loss).
+        """
         return module
 
     def no_sync(self, module: nn.Module, sync: bool):
@@ -102,13 +107,13 @@ class DDP(Strategy):
         super().__init__(info)
         self._wrapped: dict[int, nn.Module] = {}
 
-    def wrap(self, module, shard_units=None):
+    def wrap(self, module, shard_units=None, owner=None):
         if not any(p.requires_grad for p in module.parameters()):
             return module
         from torch.nn.parallel import DistributedDataParallel
         ids = [self.info.local_rank] if self.device.type == 'cuda' else None
         wrapped = DistributedDataParallel(module, device_ids=ids)
-        self._wrapped[id(module)] = wrapped
+        self._wrapped[id(owner if owner is not None else module)] = wrapped
         return wrapped
 
     def no_sync(self, module, sync):
@@ -130,16 +135,16 @@ class FSDP2(Strategy):
         self._replicated: dict[int, list[nn.Parameter]] = {}
         self._ddp = DDP(info)
 
-    def wrap(self, module, shard_units=None):
+    def wrap(self, module, shard_units=None, owner=None):
         if not shard_units:                       # e.g. a small discriminator: replicate it
-            return self._ddp.wrap(module)
+            return self._ddp.wrap(module, owner=owner)
         from torch.distributed.fsdp import fully_shard
         from torch.distributed.tensor import DTensor
         for unit in shard_units:
             fully_shard(unit)
-        self._units[id(module)] = list(shard_units)
-        self._replicated[id(module)] = [p for p in module.parameters()
-                                        if p.requires_grad and not isinstance(p, DTensor)]
+        key = id(owner if owner is not None else module)
+        self._units[key] = list(shard_units)
+        self._replicated[key] = [p for p in module.parameters() if p.requires_grad and not isinstance(p, DTensor)]
         return module
 
     def _sharded(self, module) -> bool:

@@ -1,6 +1,7 @@
 """One task per model trained by the loop (:mod:`unitok.train.loop`)."""
 from __future__ import annotations
 
+from .generator import GeneratorTask, GenTrainConfig
 from .tokenizer import TokenizerTask
 
 
@@ -15,4 +16,4 @@ def task_for(cfg):
     return make()
 
 
-__all__ = ['TokenizerTask', 'task_for']
+__all__ = ['TokenizerTask', 'GeneratorTask', 'GenTrainConfig', 'task_for']
