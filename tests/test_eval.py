@@ -12,8 +12,7 @@ import torch
 
 import unitok
 from unitok.data import open_source
-from unitok.eval import EvalConfig, FeatureStats, evaluate, frechet_distance, write_report
-from unitok.eval.codebook import CodebookStats
+from unitok.eval import CodebookStats, EvalConfig, FrechetDistance, evaluate, write_report
 from unitok.eval.zero_shot import retrieval_recall, topk_correct
 
 
@@ -34,11 +33,13 @@ def test_frechet_distance_matches_scipy_and_torch_fidelity(n, dim, shift):
     mix = rng.normal(size=(dim, dim)) / np.sqrt(dim)
     a = rng.normal(size=(n, dim)) @ mix
     b = (rng.normal(size=(n, dim)) + shift) @ (mix + 0.1 * rng.normal(size=(dim, dim)) / np.sqrt(dim))
-    sa, sb = FeatureStats(dim), FeatureStats(dim)
+    fd = FrechetDistance(dim)
     for chunk in np.array_split(a, 7):          # any batching gives the same statistics
-        sa.update(torch.from_numpy(chunk))
-    sb.update(torch.from_numpy(b))
-    ours = frechet_distance(*sa.mean_cov(), *sb.mean_cov())
+        fd.update(torch.from_numpy(chunk).float(), real=True)
+    fd.update(torch.from_numpy(b), real=False)
+    ours = fd.compute()
+    assert ours.dtype == torch.float64
+    ours = float(ours)
     ref = _reference_fid(a, b)
     assert abs(ours - ref) <= 1e-6 * abs(ref)
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
@@ -49,9 +50,10 @@ def test_frechet_distance_matches_scipy_and_torch_fidelity(n, dim, shift):
 
 def test_frechet_distance_of_identical_sets_is_zero():
     x = torch.randn(400, 16, dtype=torch.float64)
-    s = FeatureStats(16)
-    s.update(x)
-    assert abs(frechet_distance(*s.mean_cov(), *s.mean_cov())) < 1e-9
+    fd = FrechetDistance(16)
+    fd.update(x, real=True)
+    fd.update(x, real=False)
+    assert abs(float(fd.compute())) < 1e-9
 
 
 def test_topk_and_retrieval():
@@ -71,7 +73,7 @@ def test_codebook_stats():
     s = CodebookStats(2, 8)
     s.update(torch.tensor([[[0, 1, 1, 3], [7, 7, 7, 7]]]))     # (B=1, K=2, L=4)
     s.update(torch.tensor([[[0, 1, 2, 3], [7, 6, 7, 7]]]))
-    out = s.all_reduce().summary()
+    out = s.compute()
     assert out['per_codebook'][0]['usage'] == 4 / 8 and out['per_codebook'][1]['usage'] == 2 / 8
     assert out['dead_codes'] == 4 + 6 and out['tokens'] == 8
     assert out['distinct_code_tuples'] == len({(0, 7), (1, 7), (3, 7), (1, 6), (2, 7)})
@@ -171,13 +173,11 @@ def _fid_ours_and_torch_fidelity(tmp_path, weights, n=50):
         for i in range(n):
             source.read(i + offset)[0].save(tmp_path / d / f'{i}.png')
     extractor = build_extractor('inception', weights)
-    stats = []
-    for d in ('a', 'b'):
-        s = FeatureStats(2048)
+    fd = FrechetDistance(2048)
+    for d, real in (('a', True), ('b', False)):
         x = unitok.images.to_tensor([str(tmp_path / d / f'{i}.png') for i in range(n)], resize='none')
-        s.update(extractor(((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))[0])
-        stats.append(s)
-    ours = frechet_distance(*stats[0].mean_cov(), *stats[1].mean_cov())
+        fd.update(extractor(unitok.images.to_uint8_tensor(x))[0], real=real)
+    ours = float(fd.compute())
     ref = torch_fidelity.calculate_metrics(input1=str(tmp_path / 'a'), input2=str(tmp_path / 'b'), fid=True,
                                            feature_extractor_weights_path=weights, cache=False, cuda=False,
                                            save_cpu_ram=True, verbose=False)

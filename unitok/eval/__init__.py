@@ -1,12 +1,14 @@
 """Reproducible tokenizer evaluation: rFID-style Fréchet distances, PSNR/SSIM/LPIPS, zero-shot
 accuracy, retrieval, codebook health, and JSON/HTML reports."""
-from .evaluator import ALL_METRICS, DEFAULT_METRICS, EvalConfig, EvalResult, evaluate
-from .fid import FeatureStats, frechet_distance, inception_score, kernel_inception_distance
+from .codebook import CodebookStats
+from .evaluator import (ALL_METRICS, DEFAULT_METRICS, TRAINING_METRICS, EvalConfig, EvalResult, evaluate,
+                        subset_indices)
+from .fid import FrechetDistance, inception_score, kernel_inception_distance
 from .report import compare, write_report
 
-__all__ = ['evaluate', 'EvalConfig', 'EvalResult', 'ALL_METRICS', 'DEFAULT_METRICS', 'FeatureStats',
-           'frechet_distance', 'kernel_inception_distance', 'inception_score', 'write_report', 'compare',
-           'run_evaluation']
+__all__ = ['evaluate', 'EvalConfig', 'EvalResult', 'ALL_METRICS', 'DEFAULT_METRICS', 'TRAINING_METRICS',
+           'subset_indices', 'FrechetDistance', 'CodebookStats', 'kernel_inception_distance', 'inception_score',
+           'write_report', 'compare', 'run_evaluation']
 
 
 def run_evaluation(model_path: str, data: str, out_dir: str, cfg: EvalConfig | None = None, split: str = 'val',
@@ -32,13 +34,13 @@ def run_evaluation(model_path: str, data: str, out_dir: str, cfg: EvalConfig | N
         'protocol': {'resize': cfg.resize, 'image_size': cfg.image_size or model.config.image_size,
                      'interpolation': 'bicubic, antialias', 'extractors': list(cfg.extractors),
                      'reconstruction': 'clamped to [-1, 1]; features from uint8 images',
-                     'metrics': list(cfg.metrics)},
+                     'metrics': list(cfg.metrics), 'subset': result.subset},
         'processes': D.rank_and_world()[1],
         'versions': {'torch': torch.__version__, 'python': platform.python_version()},
     }
     if D.rank_and_world()[0] == 0:
         return write_report(out_dir, result, meta)
-    return {**result.metrics, 'meta': meta}
+    return {**result.metrics, 'per_codebook': result.per_codebook, 'meta': meta}
 
 
 def _model_name(path: str) -> str:

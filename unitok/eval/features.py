@@ -75,8 +75,8 @@ class DinoV2Features(nn.Module):
         if not weights_path or not os.path.isfile(weights_path):
             raise MissingWeightsError(f'the dinov2 extractor needs DINOv2 ViT-S/14 weights in a local file '
                                       f'(got {weights_path!r}); offline, use --extractor effnet-lite0')
-        from ..losses.adversarial import IMAGENET_MEAN, IMAGENET_STD, _load_dinov2
-        self.net = _load_dinov2(weights_path, 16)
+        from ..losses.adversarial import IMAGENET_MEAN, IMAGENET_STD, load_dinov2
+        self.net = load_dinov2(weights_path, 16)
         self.register_buffer('mean', torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer('std', torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 

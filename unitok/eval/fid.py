@@ -1,58 +1,50 @@
-"""Fréchet distance between feature distributions, with statistics that do not depend on the batch
-size or the number of processes: sums of features and of their outer products accumulate in
-float64 and merge by addition (also across ranks, with one all-reduce).
+"""Distances between feature distributions of originals and reconstructions.
+
+* :class:`FrechetDistance`: torchmetrics' ``FrechetInceptionDistance`` over feature vectors that
+  the caller extracts (one extractor pass per batch feeds the Fréchet distance, KID and the
+  Inception Score): sums of features and of their outer products in float64, merged by addition, so
+  the value does not depend on the batch size or the number of processes. Its collective is
+  explicit: ``sync_on_compute=True`` gathers the sums over ``process_group`` (``None``: the default
+  group) in ``compute``; the default runs none.
+* :func:`kernel_inception_distance` and :func:`inception_score` stay ours: torchmetrics' versions
+  draw their random subsets / splits with the global RNG over features in the order the ranks
+  gathered them (so the value changes with the process count and between runs) and refuse sets
+  smaller than the subset size; ours use a fixed seed over a canonical sample order.
 """
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
+import torch.nn as nn
+from torchmetrics.image.fid import FrechetInceptionDistance
 
 
-class FeatureStats:
-    """Running ``n``, ``sum x`` and ``sum x x^T`` of feature vectors, in float64."""
+class _Float64Features(nn.Module):
+    """The "feature module" of :class:`FrechetDistance`: the identity on already extracted ``(B, D)``
+    features, cast to float64 (so torchmetrics also returns the distance in float64)."""
 
-    def __init__(self, dim: int, device: torch.device | str = 'cpu'):
-        self.n = 0
-        self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
-        self.outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+    def __init__(self, dim: int):
+        super().__init__()
+        self.num_features = dim
 
-    def update(self, features: torch.Tensor) -> None:
-        f = features.detach().to(self.sum.device, torch.float64).reshape(features.shape[0], -1)
-        self.n += f.shape[0]
-        self.sum += f.sum(0)
-        self.outer += f.T @ f
-
-    def all_reduce(self) -> 'FeatureStats':
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            n = torch.tensor([float(self.n)], dtype=torch.float64, device=self.sum.device)
-            for t in (n, self.sum, self.outer):
-                dist.all_reduce(t)
-            self.n = int(n.item())
-        return self
-
-    def mean_cov(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and unbiased covariance (``np.cov`` convention, as FID implementations use)."""
-        if self.n < 2:
-            raise ValueError(f'need at least 2 samples for a covariance, got {self.n}')
-        mu = self.sum / self.n
-        cov = (self.outer - self.n * torch.outer(mu, mu)) / (self.n - 1)
-        return mu, cov
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return features.detach().reshape(features.shape[0], -1).double()
 
 
-def frechet_distance(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, cov2: torch.Tensor) -> float:
-    """``||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^{1/2})`` in float64.
+class FrechetDistance(FrechetInceptionDistance):
+    """Fréchet distance of ``dim``-dimensional features: ``update(features (B, dim), real=True|False)``,
+    ``compute()`` -> float64 scalar tensor (``||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2})``,
+    unbiased covariances, the pytorch-fid / torch-fidelity convention).
 
-    ``tr((S1 S2)^{1/2})`` is computed as the sum of square roots of the eigenvalues of the symmetric
-    PSD matrix ``S1^{1/2} S2 S1^{1/2}`` (same eigenvalues as ``S1 S2``), which avoids the complex
-    square roots and the instabilities of a general matrix square root.
+    Args:
+        dim: feature dimension.
+        sync_on_compute: gather the statistics over ``process_group`` in ``compute`` (one collective
+            per statistic); default ``False``: this process's statistics only, no collective.
+        process_group: the group to gather over (``None``: the default group).
     """
-    mu1, mu2, cov1, cov2 = (t.double() for t in (mu1, mu2, cov1, cov2))
-    vals, vecs = torch.linalg.eigh((cov1 + cov1.T) / 2)
-    root1 = (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
-    middle = root1 @ cov2 @ root1
-    tr_covmean = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0).sqrt().sum()
-    diff = mu1 - mu2
-    return float(diff @ diff + torch.trace(cov1) + torch.trace(cov2) - 2 * tr_covmean)
+
+    def __init__(self, dim: int, sync_on_compute: bool = False, process_group=None):
+        super().__init__(feature=_Float64Features(dim), reset_real_features=True,
+                         sync_on_compute=sync_on_compute, process_group=process_group)
 
 
 def kernel_inception_distance(feats1: torch.Tensor, feats2: torch.Tensor, subsets: int = 100,

@@ -1,20 +1,43 @@
-"""Per-image reconstruction metrics on images in [-1, 1], summed so that averages do not depend on
-batching: PSNR and SSIM (torchmetrics, data range 1 on the [0, 1] scale). LPIPS is the training
-loss's network, :meth:`unitok.losses.LPIPSPerceptual.per_image`."""
+"""Per-image reconstruction metrics of images in [-1, 1], returned per image so that the caller's
+sums (and averages) do not depend on batching.
+
+* :func:`psnr`: PSNR on the [0, 1] scale (torchmetrics, data range 1), in float64 -- the one PSNR
+  of the package (validation during training calls :func:`unitok.eval.evaluate`, which uses it).
+* :func:`ssim`: SSIM on the [0, 1] scale (torchmetrics; Gaussian window 11, sigma 1.5).
+* :func:`l1`: mean absolute error on the model's [-1, 1] scale, the scale of the training L1 loss.
+
+LPIPS is the training loss's network, :meth:`unitok.losses.LPIPSPerceptual.per_image`: torchmetrics'
+``LearnedPerceptualImagePatchSimilarity`` builds its VGG16 trunk with torchvision's downloadable
+weights and takes no local file for it, and evaluation here never downloads.
+"""
 from __future__ import annotations
 
 import torch
 
+# 1e-12 mean squared error (120 dB) for identical images, instead of an infinite PSNR that JSON cannot hold.
+MAX_PSNR = 120.0
+
+
+def _unit(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (images.to(dtype) + 1) / 2
+
 
 def psnr(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB, (B,), on the [0, 1] scale."""
-    mse = ((reconstruction.double() - target.double()) / 2).square().flatten(1).mean(1)
-    return -10 * torch.log10(mse.clamp_min(1e-12))
+    """Per-image PSNR in dB, ``(B,)`` float64, on the [0, 1] scale, at most :data:`MAX_PSNR`."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+    value = peak_signal_noise_ratio(_unit(reconstruction, torch.float64), _unit(target, torch.float64),
+                                    data_range=1.0, reduction='none', dim=(1, 2, 3))
+    return value.clamp_max(MAX_PSNR)
+
+
+def l1(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image mean absolute error, ``(B,)`` float64, on the [-1, 1] scale (twice the [0, 1] value)."""
+    return (reconstruction.double() - target.double()).abs().flatten(1).mean(1)
 
 
 def ssim(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-image SSIM, (B,): Gaussian window 11, sigma 1.5, data range 1 (the standard setting).
-    Computed in float32 (float64 convolutions have no fast CPU kernels), summed by the caller in float64."""
+    """Per-image SSIM, ``(B,)``: Gaussian window 11, sigma 1.5, data range 1 (the standard setting).
+    Computed in float32 (float64 convolutions have no fast CPU kernels), returned as float64."""
     from torchmetrics.functional.image import structural_similarity_index_measure
-    x, y = (reconstruction.float() + 1) / 2, (target.float() + 1) / 2
-    return structural_similarity_index_measure(x, y, data_range=1.0, reduction='none').double()
+    return structural_similarity_index_measure(_unit(reconstruction, torch.float32), _unit(target, torch.float32),
+                                               data_range=1.0, reduction='none').double()

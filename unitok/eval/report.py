@@ -28,7 +28,10 @@ LABELS = {
     'codebook_entropy_bits': ('code entropy (bits, mean over sub-codebooks)', 'higher'),
     'dead_codes': ('dead codes (all sub-codebooks)', 'lower'),
     'distinct_code_tuples': ('distinct K-tuples of codes', 'higher'),
-    'samples': ('images evaluated', ''), 'skipped': ('unreadable images skipped', ''),
+    'l1': ('L1 (mean absolute error on [-1, 1])', 'lower'),
+    'clip_loss': ('in-batch CLIP loss (depends on the batch size)', 'lower'),
+    'samples': ('images evaluated', ''), 'classes_covered': ('classes among the images evaluated', ''),
+    'skipped': ('unreadable images skipped', ''),
 }
 
 
@@ -93,7 +96,8 @@ def _table(columns: dict[str, dict]) -> str:
 def write_report(out_dir: str, result, meta: dict) -> dict:
     """Write ``report.json``, ``report.html``, ``reconstructions.png`` and ``codebook_usage.png``."""
     os.makedirs(out_dir, exist_ok=True)
-    report = {**result.metrics, 'skipped_files': result.skipped, 'meta': meta}
+    report = {**result.metrics, **({'per_codebook': result.per_codebook} if result.per_codebook else {}),
+              'skipped_files': result.skipped, 'meta': meta}
     figures = {}
     if result.grid:
         grid = make_grid(result.grid)

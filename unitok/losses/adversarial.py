@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..sequence import square_grid
 from .perceptual import MissingWeightsError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -34,18 +35,20 @@ def generator_hinge_loss(logits_fake: torch.Tensor) -> torch.Tensor:
 
 
 def adaptive_generator_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
-                              clamp: tuple[float, float] = (0.015, 1e4)) -> torch.Tensor:
+                              clamp: tuple[float, float] = (0.015, 1e4), sync: bool = False,
+                              process_group=None) -> torch.Tensor:
     """``||d nll / d w|| / ||d g_loss / d w||`` at the decoder's last layer, clamped (Esser et al., 2021).
 
-    In distributed training both gradients are averaged over ranks first, so the weight is the one of
-    the global batch (and equal on every rank).
+    With ``sync=True`` both gradients are first averaged over the ranks of ``process_group`` (``None``:
+    the default group; one all-reduce), so the weight is the one of the global batch and equal on
+    every rank. The default, ``sync=False``, runs no collective: the weight of this rank's batch.
     """
     g_nll = torch.autograd.grad(nll, last_layer, retain_graph=True)[0].detach()
     g_adv = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0].detach()
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if sync and dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1:
         both = torch.stack([g_nll, g_adv])
-        dist.all_reduce(both)
-        g_nll, g_adv = both / dist.get_world_size()
+        dist.all_reduce(both, group=process_group)
+        g_nll, g_adv = both / dist.get_world_size(process_group)
     return (g_nll.norm() / (g_adv.norm() + 1e-6)).clamp(*clamp)
 
 
@@ -162,7 +165,7 @@ class DinoDiscriminator(nn.Module):
                 'loss.dino_path=PATH (dinov2_vits14_pretrain.pth), or use loss.discriminator=patchgan')
         self.grid = max(1, image_size // 14)
         # Kept out of the module tree: frozen, not in the state dict, the optimizer or DDP.
-        self._dino = [_load_dinov2(dino_path, self.grid)]
+        self._dino = [load_dinov2(dino_path, self.grid)]
         self.key_depths = tuple(key_depths)
         width = self._dino[0].embed_dim
         self.heads = nn.ModuleList(
@@ -196,7 +199,9 @@ class DinoDiscriminator(nn.Module):
         return torch.cat(logits, dim=1)
 
 
-def _load_dinov2(path: str, grid: int) -> nn.Module:
+def load_dinov2(path: str, grid: int) -> nn.Module:
+    """Frozen timm DINOv2 ViT-S/14 (eval mode, no gradients) from the released ``dinov2_vits14``
+    weights file, for ``grid`` x ``grid`` patches (``14 * grid`` px; position embeddings interpolated)."""
     import timm
     from timm.models.vision_transformer import checkpoint_filter_fn
     model = timm.create_model('vit_small_patch14_dinov2', pretrained=False, img_size=grid * 14, num_classes=0)
@@ -205,7 +210,7 @@ def _load_dinov2(path: str, grid: int) -> nn.Module:
     if pe is not None and pe.shape[1] != 1 + grid * grid:
         # DINOv2's own interpolation (bicubic, scale factor with a 0.1 offset, no antialias), so that
         # features equal the reference implementation's at this resolution.
-        side = int(math.sqrt(pe.shape[1] - 1))
+        side, _ = square_grid(pe.shape[1] - 1)
         patch = pe[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
         patch = F.interpolate(patch, scale_factor=((grid + 0.1) / side,) * 2, mode='bicubic', antialias=False)
         state['pos_embed'] = torch.cat([pe[:, :1], patch.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)], 1)
