@@ -33,6 +33,7 @@ from .modules.encoder import VITAMIN_VARIANTS, build_encoder
 from .modules.projection import build_projection
 from .modules.text import build_text_tower, tokenize
 from .quantizer import MultiCodebookQuantizer, QuantizerOutput
+from .sequence import square_grid
 
 def check_templates(templates: Sequence[str | Callable[[str], str]]) -> None:
     """Zero-shot prompt templates are callables or strings with exactly one ``{}`` for the class name
@@ -240,10 +241,7 @@ class UniTok(nn.Module):
         elif codes.dim() == 3:
             B, k, L = codes.shape
             if grid is None:
-                side = math.isqrt(max(L - Q, 0))
-                if side * side != L - Q or side == 0:
-                    raise ValueError(f'cannot infer a square grid from {L - Q} grid codes; pass grid=(h, w)')
-                grid = (side, side)
+                grid = square_grid(L - Q)
             if L != Q + grid[0] * grid[1]:
                 raise ValueError(f'codes hold {L} tokens but {Q} query + grid {grid[0]}x{grid[1]} '
                                  f'needs {Q + grid[0] * grid[1]}')
