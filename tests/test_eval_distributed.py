@@ -68,6 +68,7 @@ def _worker(rank, init_file, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_processes_with_the_group_equal_one_without(tmp_path):
     import torch.multiprocessing as mp
     from test_eval_subsets import KnownAccuracyModel, SortedSource
@@ -89,6 +90,7 @@ def test_two_processes_with_the_group_equal_one_without(tmp_path):
     for r in ranks:
         assert r['local']['codebook7']['tokens'] < one['codebook7']['tokens']
         assert r['local']['fid'] != pytest.approx(one['fid'], rel=1e-3)
+        assert r['local']['adaptive'] != pytest.approx(one['adaptive'], rel=1e-3)
     cfg = EvalConfig(metrics=('psnr', 'l1', 'zero_shot', 'codebook'), max_samples=12, batch_size=4)
     alone = evaluate(KnownAccuracyModel(shift=0.1), SortedSource(), cfg).metrics
     for r in ranks:

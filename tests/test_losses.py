@@ -39,6 +39,8 @@ def test_contrastive_loss_is_symmetric_cross_entropy():
     labels = torch.arange(6)
     want = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
     assert torch.allclose(ContrastiveLoss()(img, txt, scale), want, atol=1e-6)
+    with pytest.raises(ValueError, match='rank'):
+        ContrastiveLoss(rank=2, world_size=2)
 
 
 # ---------------------------------------------------------------------- adversarial
