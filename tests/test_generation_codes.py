@@ -282,6 +282,9 @@ def test_cli_export_codes(tokenizer, tmp_path, capsys):
     assert 'images/s' in printed
     assert cli_main(argv) == 0                                       # a finished export: nothing left to do
     assert 'images/s' not in capsys.readouterr().out
+    workers = common[:common.index('--out') + 1] + [str(tmp_path / 'workers')] + common[common.index('--out') + 2:]
+    assert cli_main(workers + ['--augment', 'flip', '--workers', '2']) == 0      # images decoded in 2 processes
+    assert _files(tmp_path / 'workers') == _files(out)
     assert cli_main(common + ['--augment', 'tencrop']) == 2
     assert 'different export (augment: ["flip"] there, ["tencrop"] now' in capsys.readouterr().err
     assert cli_main(['export-codes', '--model', path, '--data', SPEC, '--out', str(tmp_path / 'x'),
@@ -304,6 +307,7 @@ def test_two_processes_write_the_files_of_one(tokenizer, tmp_path):
         proc = subprocess.run(launch[n] + args + ['--out', str(tmp_path / name)], env=env, capture_output=True,
                               text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert 'exported 11 image(s)' in proc.stdout and f'({n} process(es))' in proc.stdout
+        assert 'exported 11 image(s)' in proc.stdout
+        assert {1: '(1 process(es): 11)', 2: '(2 process(es): 6 + 5)'}[n] in proc.stdout   # shards 0, 2 | 1, 3
     one, two = _files(tmp_path / 'one'), _files(tmp_path / 'two')
     assert len(one) == 4 * 5 + 1 and one == two

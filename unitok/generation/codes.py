@@ -65,8 +65,11 @@ class CodeFormatError(ValueError):
 # ---------------------------------------------------------------------- tokenizer identity
 def config_hash(config: UniTokConfig) -> str:
     """sha256 of the canonical JSON of the fields of ``config`` that decide what codes mean."""
-    d = {k: v for k, v in config.to_dict().items() if k not in TRAINING_ONLY_FIELDS}
-    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(_hashed_fields(config), sort_keys=True).encode()).hexdigest()
+
+
+def _hashed_fields(config: UniTokConfig) -> dict:
+    return {k: v for k, v in config.to_dict().items() if k not in TRAINING_ONLY_FIELDS}
 
 
 def codebook_hash(model) -> str:
@@ -194,7 +197,7 @@ def _identity(model, cfg: ExportConfig, source, label_sets) -> dict:
     """The manifest without its shard list: everything a rerun into the same directory must repeat."""
     from .. import __version__
     tok = tokenizer_identity(model)
-    tok['config'] = model.config.to_dict()
+    tok['config'] = _hashed_fields(model.config)
     streamed = not hasattr(source, 'read')
     return dict(
         format=FORMAT, version=FORMAT_VERSION, tool=f'unitok {__version__}',
@@ -416,7 +419,7 @@ def export_codes(model, cfg: ExportConfig, out: str, progress: bool = False) -> 
                 x = torch.cat([b[3] for b in ok]).to(device)       # (n * A, 3, S, S)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == 'bf16'):
                     codes = model.encode(x)                         # (n * A, K, h, w)
-                codes = codes.view(len(ok), -1, *codes.shape[1:]).cpu()   # (n, A, K, h, w)
+                codes = codes.view(len(ok), -1, *codes.shape[1:]).cpu().numpy().astype(np.uint16)  # (n, A, K, h, w)
                 rows += [(b[1], b[2], b[4], b[5], c) for b, c in zip(ok, codes)]
             if bar is not None:
                 bar.update(len(batch))
@@ -433,10 +436,17 @@ def export_codes(model, cfg: ExportConfig, out: str, progress: bool = False) -> 
     seconds = time.time() - start
 
     D.barrier()
-    manifest = None
+    manifest = error = None
     if rank == 0:
-        manifest = _finish_manifest(out, identity, source, cfg)
-    manifest = D.broadcast_object(manifest)
+        try:
+            manifest = _finish_manifest(out, identity, source, cfg)
+        except (CodeFormatError, OSError) as e:
+            error = e
+    manifest, message = D.broadcast_object((manifest, None if error is None else str(error)))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise CodeFormatError(message)
     return ExportResult(manifest=manifest, images=encoded, seconds=seconds, skipped=skipped_now)
 
 
@@ -445,7 +455,7 @@ def _write_shard(out, shard, rows, skipped, positions, num_labels, cfg, identity
     tok = identity['tokenizer']
     h, w = tok['grid']
     shape = (len(rows), identity['num_views'], tok['num_codebooks'], h, w)
-    codes = np.stack([r[4].numpy() for r in rows]).astype(np.uint16) if rows else np.zeros(shape, np.uint16)
+    codes = np.stack([r[4] for r in rows]) if rows else np.zeros(shape, np.uint16)
     if codes.shape != shape:
         raise CodeFormatError(f'shard {name}: codes of shape {codes.shape}, expected {shape}')
     labels = np.asarray([r[3] for r in rows], dtype=np.int64).reshape(len(rows), num_labels)

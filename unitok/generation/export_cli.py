@@ -52,8 +52,9 @@ def run(args) -> int:
         print(f'exported {m["num_items"]} image(s) -> {args.out}: codes {shape} uint16 in {len(m["shards"])} '
               f'shard(s), views {m["views"]}')
         if images:
+            per_rank = ' + '.join(str(s[0]) for s in stats)
             print(f'{images} image(s) encoded now at {images / max(seconds, 1e-9):.1f} images/s '
-                  f'({info.world_size} process(es)); {m["num_items"] - images} kept from earlier runs')
+                  f'({info.world_size} process(es): {per_rank}); {m["num_items"] - images} kept from earlier runs')
         if m['skipped']:
             names = ', '.join(s['key'] for s in m['skipped'][:10])
             more = f' and {len(m["skipped"]) - 10} more' if len(m['skipped']) > 10 else ''
