@@ -77,3 +77,37 @@ def test_bad_specs():
         open_source('/nonexistent/shard-{000..003}.tar')
     with pytest.raises(ValueError, match='unknown built-in dataset'):
         open_source('builtin:nope')
+
+
+@pytest.mark.parametrize('row,match', [
+    ({'file': 'x.png', 'caption': 5}, 'caption must be a string or a list of strings'),
+    ({'file': 'x.png', 'caption': ['ok', 3]}, 'every caption in the list must be a string'),
+    ({'file': 'x.png', 'caption': 'c', 'label': 3}, 'label must be a class name'),
+    ({'file': 7, 'caption': 'c'}, 'file must be a string path'),
+    ([1, 2], 'must be an object'),
+])
+def test_caption_rows_of_the_wrong_type_are_named(tmp_path, row, match):
+    (tmp_path / 'captions.jsonl').write_text(json.dumps(row) + '\n')
+    with pytest.raises(ValueError, match=f'captions.jsonl: row 1.*{match}'):
+        open_source(str(tmp_path))
+
+
+def test_unreadable_and_empty_caption_files(tmp_path):
+    (tmp_path / 'captions.csv').write_bytes(b'file,caption\nx.png,\xff\xfe caf\xe9\n')
+    with pytest.raises(ValueError, match='captions.csv: not UTF-8'):
+        open_source(str(tmp_path))
+    (tmp_path / 'captions.csv').write_text('file,caption\n')
+    with pytest.raises(ValueError, match='captions.csv lists no images'):
+        open_source(str(tmp_path))
+
+
+def test_transform_arguments_are_checked():
+    from unitok.data import eval_transform
+    from unitok.train import TrainConfig
+    from unitok.config import ConfigError
+    with pytest.raises(ValueError, match='crop scale'):
+        train_transform(32, scale=(1.0, 0.5))
+    with pytest.raises(ValueError, match='positive integer'):
+        eval_transform(0)
+    with pytest.raises(ConfigError, match='data.crop_scale'):
+        TrainConfig().override(['data.crop_scale=[0, 1]']).validate()

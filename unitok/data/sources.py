@@ -40,7 +40,7 @@ class FolderSource:
                                      if os.path.isfile(os.path.join(root, c))), None)
         rows = _read_captions(captions) if captions else _scan(root)
         if not rows:
-            raise ValueError(f'no images found in {root!r}')
+            raise ValueError(f'{captions} lists no images' if captions else f'no images found in {root!r}')
         self.files = [r['file'] for r in rows]
         self.captions = [r['caption'] for r in rows]
         names = sorted({r['label'] for r in rows if r.get('label')})
@@ -60,21 +60,38 @@ class FolderSource:
 
 def _read_captions(path: str) -> list[dict]:
     rows = []
-    with open(path, encoding='utf-8', newline='') as f:
-        if path.endswith('.jsonl'):
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        rows.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f'{path}:{n}: invalid JSON ({e})') from None
-        else:
-            rows = list(csv.DictReader(f, delimiter='\t' if path.endswith('.tsv') else ','))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f'no caption file at {path!r}')
+    try:
+        with open(path, encoding='utf-8', newline='') as f:
+            if path.endswith('.jsonl'):
+                for n, line in enumerate(f, 1):
+                    if line.strip():
+                        try:
+                            rows.append(json.loads(line))
+                        except json.JSONDecodeError as e:
+                            raise ValueError(f'{path}:{n}: invalid JSON ({e})') from None
+            else:
+                rows = list(csv.DictReader(f, delimiter='\t' if path.endswith('.tsv') else ','))
+    except UnicodeDecodeError as e:
+        raise ValueError(f'{path}: not UTF-8 text ({e})') from None
     for n, r in enumerate(rows, 1):
+        if not isinstance(r, dict):
+            raise ValueError(f'{path}: row {n} must be an object with "file" and "caption", got {r!r}')
         if not r.get('file') or r.get('caption') is None:
             raise ValueError(f'{path}: row {n} needs "file" and "caption" fields, got {sorted(r)}')
-        if isinstance(r['caption'], list) and not r['caption']:
-            raise ValueError(f'{path}: row {n} has an empty caption list')
+        caption, label = r['caption'], r.get('label')
+        if isinstance(caption, list):
+            if not caption:
+                raise ValueError(f'{path}: row {n} has an empty caption list')
+            if not all(isinstance(c, str) for c in caption):
+                raise ValueError(f'{path}: row {n}: every caption in the list must be a string, got {caption!r}')
+        elif not isinstance(caption, str):
+            raise ValueError(f'{path}: row {n}: caption must be a string or a list of strings, got {caption!r}')
+        if not isinstance(r['file'], str):
+            raise ValueError(f'{path}: row {n}: file must be a string path, got {r["file"]!r}')
+        if label is not None and not isinstance(label, str):
+            raise ValueError(f'{path}: row {n}: label must be a class name (string), got {label!r}')
     return rows
 
 

@@ -193,3 +193,8 @@ class TrainConfig(RunConfig):
         if self.data.recon_batch_size is not None and self.data.recon_batch_size < 1:
             raise ConfigError(f'data.recon_batch_size must be null (all images) or >= 1, got '
                               f'{self.data.recon_batch_size} (training needs reconstructions)')
+        lo, hi = self.data.crop_scale
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f'data.crop_scale must be [min, max] with 0 < min <= max <= 1, got {[lo, hi]}')
+        if self.data.shuffle_buffer < 0:
+            raise ConfigError(f'data.shuffle_buffer must be >= 0, got {self.data.shuffle_buffer}')
