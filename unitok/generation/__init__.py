@@ -14,3 +14,6 @@ __all__ = [
     'GeneratorConfig', 'GeneratorConfigError', 'GENERATOR_PRESETS', 'GeneratorModel', 'DepthHead', 'ParallelHead',
     'generate', 'guidance_scales', 'filter_logits', 'sample_logits', 'text_condition',
 ]
+
+from .codes import CodeDataset, CodeFormatError, ExportConfig, export_codes  # noqa: E402  (exported codes)
+__all__ += ['CodeDataset', 'CodeFormatError', 'ExportConfig', 'export_codes']
