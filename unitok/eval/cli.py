@@ -39,7 +39,7 @@ def run(args) -> int:
     if info.is_main:
         keys = [k for k in ('psnr', 'ssim', 'lpips', *[f'rfid_{e}' for e in cfg.extractors], 'zero_shot_top1',
                             'zero_shot_top5', 'recall@1', 'codebook_usage', 'codebook_perplexity', 'samples',
-                            'skipped') if k in report]
+                            'classes_covered', 'skipped') if k in report]
         print('  '.join(f'{k} {report[k]:.4g}' if isinstance(report[k], float) else f'{k} {report[k]}' for k in keys))
         print(f'report: {args.out}/report.html')
     return 0
@@ -60,7 +60,8 @@ def register(sub) -> None:
     p.add_argument('--batch-size', type=int, default=32)
     p.add_argument('--resize', default='crop', choices=['crop', 'native'])
     p.add_argument('--size', type=int, help='evaluation resolution (default: the model size)')
-    p.add_argument('--max-samples', type=int)
+    p.add_argument('--max-samples', type=int,
+                   help='evaluate a fixed class-balanced subset of this many images (seeded; see unitok.eval)')
     p.add_argument('--template', action='append', help='zero-shot prompt template with {} (repeatable)')
     p.add_argument('--name', help='model name in the report')
     p.add_argument('--compare', nargs=2, metavar=('A', 'B'), help='two evaluation directories to put side by side')
