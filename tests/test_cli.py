@@ -74,3 +74,10 @@ def test_decode_rejects_out_of_range_codes(workdir, capsys):
 def test_missing_model_is_a_clear_error(workdir, capsys):
     assert main(['info', str(workdir / 'nope')]) == 2
     assert 'no model at' in capsys.readouterr().err
+
+
+def test_output_names_never_collide():
+    from unitok.cli import _unique_names
+    files = ['a/x.png', 'b/x.png', 'x_1.png', 'c/x.jpg', 'y.png']
+    names = _unique_names(files)
+    assert len(set(names)) == len(files) and names[2] == 'x_1' and names[0] == 'x' and names[4] == 'y'

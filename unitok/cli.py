@@ -119,11 +119,17 @@ def _save_png(image, staged_path: str, final_path: str) -> None:
 
 
 def _unique_names(files: list[str]) -> list[str]:
-    names, seen = [], {}
-    for f in files:
-        stem = os.path.splitext(os.path.basename(f))[0]
-        seen[stem] = seen.get(stem, 0) + 1
-        names.append(stem if seen[stem] == 1 else f'{stem}_{seen[stem] - 1}')
+    """Output stems: the file's stem, with ``_1``, ``_2``... when taken (also by another file's own stem)."""
+    stems = [os.path.splitext(os.path.basename(f))[0] or 'image' for f in files]
+    taken, names = set(stems), []
+    used: set[str] = set()
+    for stem in stems:
+        name, n = stem, 0
+        while name in used or (n and name in taken):
+            n += 1
+            name = f'{stem}_{n}'
+        used.add(name)
+        names.append(name)
     return names
 
 
