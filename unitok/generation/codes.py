@@ -21,6 +21,11 @@ Views (``A``): view 0 is always the evaluation transform (shorter side resized t
 image size, bicubic, centre crop); ``flip`` adds its mirror image; ``tencrop`` adds torchvision's
 ten crops of the image resized to 1.1x the size (as LlamaGen's code extraction does): the four
 corners and centre, then the same five of the mirrored image. ``manifest["views"]`` names them in order.
+
+The codes of a batch are exactly what :meth:`UniTok.encode` returns for the views of ``batch_size``
+images stacked in order. Near-ties of the nearest-code search can flip with the float summation
+order (batch composition, thread count), so a resumed export should keep ``batch_size`` and the
+thread count to give byte-identical files; a different batch size gives equally valid codes.
 """
 from __future__ import annotations
 
