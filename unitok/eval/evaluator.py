@@ -330,10 +330,9 @@ def _evaluate(model, source, cfg, progress, group, rank, world, sync) -> EvalRes
             grid[1] += list(rec[:take].cpu())
 
     # ---------------------------------------------------------------- reduce over ranks
-    D.all_reduce(sums, group=group)
-    D.all_reduce(label_counts, group=group)
+    reduced = D.all_reduce(torch.cat([sums, label_counts]), group=group).cpu()       # one collective
+    sums, label_counts = reduced[:_SUMS], reduced[_SUMS:]
     skipped = sorted(_gather_list(skipped, group))[:MAX_SKIPPED_LISTED]
-    sums = sums.cpu()
     n, n_skipped = int(sums[_N]), int(sums[_SKIPPED])
     if n == 0:
         raise ValueError(f'no readable images to evaluate ({n_skipped} skipped, e.g. {skipped[:3]})')
