@@ -60,3 +60,13 @@ def test_gan_schedule():
     assert gan_schedule(10, 10, 4) == (0.0, 1.0)
     assert gan_schedule(12, 10, 4) == (0.5, 0.75)
     assert gan_schedule(20, 10, 4) == (1.0, 0.0)
+
+
+def test_string_overrides_stay_verbatim():
+    cfg = TrainConfig().override(['out=2024', 'data.train={a,b}.tar', 'data.val=null', 'steps=1e3',
+                                  'loss.local_loss=no'])
+    assert (cfg.out, cfg.data.train, cfg.data.val, cfg.steps, cfg.loss.local_loss) == ('2024', '{a,b}.tar', None, 1000, False)
+    with pytest.raises(ConfigError, match=r"override steps='\[1': not a YAML value"):
+        TrainConfig().override(['steps=[1'])
+    with pytest.raises(ConfigError, match='optim.betas: expected 2 values'):
+        TrainConfig().override(['optim.betas=[0.9]'])

@@ -163,7 +163,7 @@ class RunConfig:
                 node = node[p]
             if parts[-1] not in node and not (len(parts) == 2 and parts[0] == 'model'):
                 raise ConfigError(f'unknown config key {key!r}')
-            node[parts[-1]] = yaml.safe_load(value)
+            node[parts[-1]] = dataclass_io.parse_override(value, dataclass_io.field_hint(type(self), parts), key)
         return type(self).from_dict(d)
 
 

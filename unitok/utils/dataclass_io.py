@@ -77,6 +77,31 @@ def coerce_fields(obj: Any) -> None:
         setattr(obj, f.name, coerce(getattr(obj, f.name), hints[f.name], f.name))
 
 
+def field_hint(cls: type, path: list[str]) -> Any:
+    """The annotation of the field at ``path`` (``['optim', 'lr']``) of dataclass ``cls``, or None
+    when the path does not name a dataclass field."""
+    hint: Any = cls
+    for name in path:
+        if not dataclasses.is_dataclass(hint):
+            return None
+        hint = _hints(hint).get(name)
+    return hint
+
+
+def parse_override(text: str, hint: Any, key: str) -> Any:
+    """The value of a command-line ``key=text`` override: YAML (numbers, booleans, null, lists), but
+    verbatim for string fields (``out=2024``, ``data.train={a,b}.tar`` stay strings; ``null`` is None
+    where the field allows it)."""
+    import yaml
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    if str in options:
+        return None if text.strip() in ('null', '~') and type(None) in options else text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f'override {key}={text!r}: not a YAML value ({" ".join(str(e).split())})') from None
+
+
 @lru_cache(maxsize=None)
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
@@ -195,7 +220,8 @@ def _show(value) -> str:
 
 
 def _error(name: str, hint, value) -> ConfigError:
-    return ConfigError(f'{name}: expected {_type_name(hint)}, got {_show(value)}')
+    quote = ' (quote it in YAML)' if hint is str and isinstance(value, (int, float, bool)) else ''
+    return ConfigError(f'{name}: expected {_type_name(hint)}, got {_show(value)}{quote}')
 
 
 def read_mapping(path: str, what: str = 'config') -> dict[str, Any]:
