@@ -103,6 +103,12 @@ def test_rope_2d_rotates_rows_and_columns_separately():
     # 4 pairs: pairs 0-1 rotate with the row (freqs 1, 0.1), pairs 2-3 with the column.
     want = torch.tensor([[0, 0, 3, 0.3], [2, 0.2, 0, 0]], dtype=torch.float64)
     assert torch.allclose(cos.double(), want.cos(), atol=1e-6) and torch.allclose(sin.double(), want.sin(), atol=1e-6)
+    # Pair (x0, x1) turns by +angle: (cos, sin) for the unit vector (1, 0), (-sin, cos) for (0, 1).
+    unit = torch.zeros(1, 1, 2, 8)
+    unit[..., 0], unit[..., 3] = 1.0, 1.0
+    turned = apply_rotary(unit, cos, sin)[0, 0, 1]                              # token at row 2: angle 2
+    assert torch.allclose(turned[:4], torch.tensor([math.cos(2), math.sin(2), -math.sin(0.2), math.cos(0.2)]),
+                          atol=1e-6)
     x = torch.randn(1, 1, 2, 8)
     y = apply_rotary(x, cos, sin)
     assert torch.allclose(y.norm(dim=-1), x.norm(dim=-1), atol=1e-5)            # rotations keep the norm
@@ -112,6 +118,15 @@ def test_rope_2d_rotates_rows_and_columns_separately():
         cs = rope_2d(torch.tensor([r]), torch.tensor([c]), 8)
         return (apply_rotary(q.view(1, 1, 1, 8), *cs) * apply_rotary(k.view(1, 1, 1, 8), *cs)).sum()
     assert torch.allclose(dot(0, 0), dot(5, 7), atol=1e-5)
+
+
+@pytest.mark.parametrize('mode, cos_value', [('identity', 1.0), ('zero', 0.0)])
+def test_prefix_rope_tables(mode, cos_value):
+    model = small(prefix_rope=mode, class_tokens=2)
+    cos, sin = model.rope_tables(5)                                             # 2 prefix tokens + 5 codes
+    assert cos.shape == (7, 8) and torch.all(cos[:2] == cos_value) and torch.all(sin[:2] == 0)
+    want = rope_2d(torch.tensor([0, 0, 0, 0, 1]), torch.tensor([0, 1, 2, 3, 0]), 16)   # grid (3, 4), raster
+    assert torch.allclose(cos[2:], want[0]) and torch.allclose(sin[2:], want[1])
 
 
 # ---------------------------------------------------------------------- training objective
@@ -217,6 +232,9 @@ def test_condition_dropout_uses_the_null_class():
     null = model.forward(codes, torch.tensor([1, 3]), drop=torch.tensor([True, True]))
     kept = model(codes, torch.tensor([1, 3]))
     assert torch.equal(dropped[0], null[0]) and torch.equal(dropped[1], kept[1])
+    prefix, _ = model.condition_prefix(torch.tensor([1, 3]), torch.tensor([True, False]))
+    table = model.cond_embed.table.weight
+    assert torch.equal(prefix[:, 0], torch.stack([table[5], table[3]]))        # row num_classes = null class
     assert not torch.allclose(dropped[0], kept[0])
 
 
