@@ -202,7 +202,8 @@ def _describe_subset(source, cfg: EvalConfig) -> str:
         return 'all samples' if total is None else f'all {total} samples'
     if total is None:
         return f'at most {cfg.max_samples} samples: the first of every shard in turn'
-    kind = 'class-balanced' if getattr(source, 'labels', None) is not None else 'random'
+    kind = 'class-balanced' if getattr(source, 'labels', None) is not None and getattr(source, 'classnames', None) \
+        else 'random'
     return f'{kind} sample of {cfg.max_samples} of {total} (seed {cfg.seed})'
 
 
