@@ -11,6 +11,7 @@ from .config import PRESETS, ConfigError, UniTokConfig
 from .model import UniTok, UniTokOutput
 from .quantizer import MultiCodebookQuantizer, QuantizerOutput
 from .sequence import codes_to_sequence, sequence_to_codes
+from .generation import GeneratorConfig, GeneratorModel
 
 __version__ = '0.1.0'
 
@@ -24,4 +25,5 @@ __all__ = [
     'UniTok', 'UniTokConfig', 'UniTokOutput', 'PRESETS', 'create_model', 'MultiCodebookQuantizer',
     'QuantizerOutput', 'load_official_checkpoint', 'official_state_dict', 'save_official_checkpoint',
     'codes_to_sequence', 'sequence_to_codes', 'images', 'CheckpointError', 'ConfigError',
+    'GeneratorModel', 'GeneratorConfig',
 ]
