@@ -146,3 +146,182 @@ def test_lookup_rejects_bad_codes(codes, error, match):
 def test_wrong_latent_width():
     with pytest.raises(ValueError, match=r'\(B, L, 8\)'):
         MultiCodebookQuantizer(2, 16, 4)(torch.randn(1, 3, 9))
+
+
+# ---------------------------------------------------------------------------- exact nearest-code search
+import math  # noqa: E402
+
+import unitok.quantizer as quantizer_module  # noqa: E402
+
+
+def loop_codes(q: MultiCodebookQuantizer, z: torch.Tensor) -> torch.Tensor:
+    """The float32 reference search: one matmul + argmax per sub-codebook, (B, L, K*d) -> (B, K, L)."""
+    codes = []
+    for k, chunk in enumerate(z.float().split(q.code_dim, dim=-1)):
+        f = F.normalize(chunk.reshape(-1, q.code_dim), dim=-1)
+        table = F.normalize(q.codebook[k].detach().float(), dim=-1)
+        codes.append((f @ table.T).argmax(1).view(z.shape[:2]))
+    return torch.stack(codes, 1)
+
+
+def near_tie_quantizer(seed: int, groups: int = 1024, spread: float = 1e-3):
+    """8 x 4096 codes of 8 dims in `groups` tight clusters per sub-codebook (codes differ by ~spread,
+    below bf16 resolution), exact duplicates and rescaled copies among them, and latents inside the
+    clusters: most tokens have several codes within the bf16 error of the best one."""
+    g = torch.Generator().manual_seed(seed)
+    q = MultiCodebookQuantizer(8, 4096, 8)
+    centres = F.normalize(torch.randn(8, groups, 8, generator=g), dim=-1)
+    member = torch.randint(0, groups, (8, 4096), generator=g)
+    with torch.no_grad():
+        q.codebook.copy_(centres.gather(1, member[..., None].expand(-1, -1, 8))
+                         + spread * torch.randn(8, 4096, 8, generator=g))
+        q.codebook[:, 3000:3100] = q.codebook[:, 100:200]           # exact duplicates: first index wins
+        q.codebook[:, 3100:3200] = q.codebook[:, 200:300] * 7.0     # same direction after l2-normalisation
+    pick = torch.randint(0, groups, (8, 3 * 200), generator=g)
+    z = centres.gather(1, pick[..., None].expand(-1, -1, 8)) + spread * torch.randn(8, 600, 8, generator=g)
+    return q, z.permute(1, 0, 2).reshape(3, 200, 64)
+
+
+@pytest.mark.parametrize('seed,spread', [(0, 1e-3), (1, 1e-5), (2, 1e-6)])
+def test_search_equals_float32_loop_on_near_ties(seed, spread, monkeypatch):
+    q, z = near_tie_quantizer(seed, spread=spread)
+    rescored = []
+    original = quantizer_module._fma_chain_dot
+    monkeypatch.setattr(quantizer_module, '_fma_chain_dot', lambda a, b: rescored.append(len(a)) or original(a, b))
+    assert torch.equal(q.nearest_codes(z), loop_codes(q, z))
+    assert sum(rescored) > 100                 # the exact re-scoring of bf16 near-ties was exercised
+
+
+def test_search_equals_float32_loop_on_exact_ties_and_degenerate_tokens(monkeypatch):
+    exact_rows = []
+    original = quantizer_module._argmax_rows
+    monkeypatch.setattr(quantizer_module, '_argmax_rows', lambda r, t: exact_rows.append(len(r)) or original(r, t))
+    torch.manual_seed(0)
+    q = MultiCodebookQuantizer(8, 4096, 8)
+    with torch.no_grad():
+        q.codebook[:, 500:1000] = q.codebook[:, 7:8]               # 501 equal codes: > 8 candidate blocks
+        q.codebook[:, 2000] = q.codebook[:, 9] * 0.25             # bitwise the same unit vector
+    z = torch.randn(2, 40, 64)
+    z[0, :10] = q.codebook[:, 7].detach().reshape(64)              # ties among 501 codes -> code 7
+    z[0, 10:20] = q.codebook[:, 9].detach().reshape(64) * 3        # ties 9 / 2000 -> code 9
+    z[1, :5] = 0                                                   # all similarities 0 -> code 0
+    codes = q.nearest_codes(z)
+    assert torch.equal(codes, loop_codes(q, z))
+    assert (codes[0, :, :10] == 7).all() and (codes[0, :, 10:20] == 9).all() and (codes[1, :, :5] == 0).all()
+    assert sum(exact_rows) >= 15 * 8          # the tokens of the 501 ties and the zero tokens went exact
+
+
+@pytest.mark.parametrize('shape', [(1, 1), (1, 15), (1, 16), (2, 7), (3, 100), (8, 256)])
+@pytest.mark.parametrize('latent_scale,code_scale', [(1.0, 1.0), (1e-3, 50.0), (1e3, 1e-2)])
+def test_search_equals_float32_loop_on_random_data(shape, latent_scale, code_scale):
+    torch.manual_seed(shape[1])
+    q = MultiCodebookQuantizer(8, 4096, 8)
+    with torch.no_grad():
+        q.codebook.mul_(code_scale)
+    z = torch.randn(*shape, 64) * latent_scale
+    assert torch.equal(q.nearest_codes(z), loop_codes(q, z))
+
+
+def test_fma_chain_dot_rounds_once_per_step():
+    # a * b = 2^-24 + 2^-60: 1 + a*b lies just above the float32 midpoint 1 + 2^-24, so the fused result
+    # is 1 + 2^-23; float64 rounds the sum onto the midpoint and a second rounding would give 1.
+    a = torch.tensor([[1.0, 2.0 ** -12 * (1 + 2.0 ** -12)]])
+    b = torch.tensor([[1.0, 2.0 ** -12 * (1 - 2.0 ** -12 + 2.0 ** -24)]])
+    assert float(quantizer_module._fma_chain_dot(a, b)[0]) == 1 + 2.0 ** -23
+    assert float((a.double() * b.double()).sum().float()) == 1.0     # what double rounding gives
+    # The premise of the fast search on this machine: the float32 GEMM is that chain.
+    torch.manual_seed(0)
+    x, y = F.normalize(torch.randn(64, 8), dim=-1), F.normalize(torch.randn(300, 8), dim=-1)
+    chain = quantizer_module._fma_chain_dot(x.repeat_interleave(300, 0), y.repeat(64, 1)).view(64, 300)
+    if not quantizer_module._gemm_is_fma_chain(8):
+        pytest.skip('this BLAS does not compute float32 dot products as an in-order FMA chain')
+    assert torch.equal(x @ y.T, chain)
+
+
+def bf16_sensitive_case(n=256, tokens=32, seed=0):
+    """Per token a code pair a < b at 0.01 and 0.005 rad from the latent: float32 picks b, while in
+    bf16 both similarities round to 1 and a tie picks a."""
+    g = torch.Generator().manual_seed(seed)
+    q = MultiCodebookQuantizer(1, n, 8)
+    u = F.normalize(torch.randn(tokens, 8, generator=g), dim=-1)
+    v = torch.randn(tokens, 8, generator=g)
+    v = F.normalize(v - (v * u).sum(-1, keepdim=True) * u, dim=-1)
+    a, b = torch.arange(tokens) * 2, torch.arange(tokens) * 2 + 1
+    with torch.no_grad():
+        q.codebook.copy_(torch.randn(1, n, 8, generator=g))
+        q.codebook[0, a] = u
+        q.codebook[0, b] = F.normalize(u + 0.005 * v, dim=-1)
+    z = F.normalize(u + 0.01 * v, dim=-1)[None]                      # (1, tokens, 8)
+    return q, z, b
+
+
+def test_codes_stay_float32_exact_under_bf16_autocast():
+    q, z, expected = bf16_sensitive_case()
+    table = q.normalized_codebooks()[0].detach()
+    naive = (z[0].bfloat16() @ table.bfloat16().T).argmax(-1)
+    assert (naive != expected).sum() >= 24                          # bf16 scoring changes most codes
+    fp32 = q.nearest_codes(z)
+    assert torch.equal(fp32[0, 0], expected)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        codes = q.nearest_codes(z.bfloat16())
+        out = q(z.bfloat16().requires_grad_(True))
+        out_eval = q.eval()(z)
+    assert torch.equal(codes, fp32) and torch.equal(out.codes, fp32) and torch.equal(out_eval.codes, fp32)
+    assert out.quantized.dtype == torch.float32 and out_eval.quantized.dtype == torch.float32
+    assert out.losses['commitment'].dtype == torch.float32
+    torch.testing.assert_close(out_eval.quantized, q.lookup(fp32), rtol=0, atol=0)
+
+
+def test_commitment_gradients():
+    """beta weighs the encoder side: d/dz = 2 beta (z - q) / numel, d/dq = 2 (q - z) / numel, each taken
+    through the l2-normalisation of the latent chunk and of the code."""
+    torch.manual_seed(0)
+    B, L, K, n, d, beta = 2, 5, 3, 16, 4, 0.25
+    q = MultiCodebookQuantizer(K, n, d, beta=beta)
+    x = torch.randn(B, L, K * d, requires_grad=True)
+    out = q(x)
+    out.losses['commitment'].backward()
+    xc = x.detach().view(B, L, K, d)
+    z = F.normalize(xc, dim=-1)
+    code_vec = q.lookup(out.codes).detach().view(B, L, K, d)
+    numel = B * L * K * d
+
+    def through_normalize(g, v, unit):          # Jacobian of v / |v| applied to g: (g - (g.u) u) / |v|
+        return (g - (g * unit).sum(-1, keepdim=True) * unit) / v.norm(dim=-1, keepdim=True)
+
+    g_z = 2 * beta * (z - code_vec) / numel
+    torch.testing.assert_close(x.grad, through_normalize(g_z, xc, z).view(B, L, K * d))
+    g_q = 2 * (code_vec - z) / numel                                 # (B, L, K, d) per selected code
+    per_code = torch.zeros(K, n, d).index_put_(
+        (torch.arange(K).expand(B, L, K), out.codes.transpose(1, 2)), g_q, accumulate=True)
+    cb = q.codebook.detach()
+    torch.testing.assert_close(q.codebook.grad, through_normalize(per_code, cb, F.normalize(cb, dim=-1)))
+
+
+def test_usage_all_reduce_only_when_asked(monkeypatch):
+    """No hidden collective: the histogram all-reduce runs only with sync_usage, on its process_group."""
+    calls = []
+    other_rank = torch.zeros(2, 32)
+    other_rank[:, 5] = 50                                            # the other process chose code 5 only
+
+    def fake_all_reduce(tensor, group=None):
+        calls.append(group)
+        tensor += other_rank
+
+    monkeypatch.setattr(torch.distributed, 'is_initialized', lambda: True)
+    monkeypatch.setattr(torch.distributed, 'all_reduce', fake_all_reduce)
+    torch.manual_seed(0)
+    z = torch.randn(1, 50, 8)
+    q = MultiCodebookQuantizer(2, 32, 4).train()
+    local = q.code_histogram(q.nearest_codes(z)[0])
+    q(z)
+    assert calls == [] and torch.equal(q.vocab_usage, local / 50)
+    group = object()
+    synced = MultiCodebookQuantizer(2, 32, 4, sync_usage=True, process_group=group).train()
+    synced.load_state_dict(q.state_dict())
+    synced.usage_updates.zero_()
+    synced(z)
+    assert calls == [group]
+    torch.testing.assert_close(synced.vocab_usage, (local + other_rank) / 100)
+    synced.eval()(z)                                                # no usage update: no collective
+    assert calls == [group]

@@ -11,6 +11,9 @@ d code width, N = B * L.
 """
 from __future__ import annotations
 
+import functools
+import logging
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -18,7 +21,9 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Similarities scored per step of the nearest-code search (K * n * tokens floats, ~8 MB).
+logger = logging.getLogger(__name__)
+
+# Similarities scored per step of the float32 nearest-code search (K * n * tokens floats, ~8 MB).
 _SEARCH_TILE = 1 << 21
 
 
@@ -53,6 +58,13 @@ class MultiCodebookQuantizer(nn.Module):
         beta: commitment weight.
         entropy_loss: compute the entropy regulariser (per-sample entropy minus codebook entropy).
         entropy_temperature: softmax temperature of that regulariser.
+        sync_usage: sum each batch's code histogram over the processes of ``process_group`` before the
+            usage statistics and the running :attr:`vocab_usage` are updated (what the official code does
+            in distributed training). This is a collective: with it on, every process must run the same
+            number of usage-updating forwards. Off by default, so that no forward pass ever talks to
+            other processes unless asked; a trainer turns it on (``quantizer.sync_usage = True``) when
+            it runs several processes. Without an initialised process group it does nothing.
+        process_group: the group of that all-reduce; None is the default group.
 
     State dict: ``codebook`` (K, n, d) and the running code frequency ``vocab_usage`` (K, n). The
     official release stores them per sub-codebook (``codebooks.{k}.codebook.weight``,
@@ -61,10 +73,13 @@ class MultiCodebookQuantizer(nn.Module):
     """
 
     def __init__(self, num_codebooks: int, codebook_size: int, code_dim: int, beta: float = 0.25,
-                 entropy_loss: bool = False, entropy_temperature: float = 0.01):
+                 entropy_loss: bool = False, entropy_temperature: float = 0.01, sync_usage: bool = False,
+                 process_group: dist.ProcessGroup | None = None):
         super().__init__()
         self.num_codebooks, self.codebook_size, self.code_dim = num_codebooks, codebook_size, code_dim
         self.beta = beta
+        self.sync_usage = sync_usage
+        self.process_group = process_group
         self.use_entropy_loss = entropy_loss
         self.entropy_temperature = entropy_temperature
         self.codebook = nn.Parameter(torch.randn(num_codebooks, codebook_size, code_dim))
@@ -127,7 +142,7 @@ class MultiCodebookQuantizer(nn.Module):
         """Quantize ``latents`` (B, L, K*d); always in float32, whatever the autocast state.
 
         ``update_usage`` (default: ``self.training``) folds this batch's code histogram into
-        :attr:`vocab_usage`; in distributed training the histogram is summed over ranks first.
+        :attr:`vocab_usage`; with :attr:`sync_usage` the histogram is summed over the processes first.
         """
         update_usage = self.training if update_usage is None else update_usage
         with torch.autocast(latents.device.type, enabled=False):
@@ -160,8 +175,8 @@ class MultiCodebookQuantizer(nn.Module):
     @torch.no_grad()
     def _batch_stats(self, codes: torch.Tensor, update_usage: bool) -> dict[str, torch.Tensor]:
         counts = self.code_histogram(codes)                          # (K, n)
-        if update_usage and dist.is_available() and dist.is_initialized():
-            dist.all_reduce(counts)
+        if update_usage and self.sync_usage and dist.is_available() and dist.is_initialized():
+            dist.all_reduce(counts, group=self.process_group)
         freq = counts / counts.sum(-1, keepdim=True)
         usage = (freq > 0.01 / self.codebook_size).float().mean(-1)  # (K,)
         entropy = -(freq * torch.log(freq.clamp_min(1e-30))).sum(-1)
@@ -202,10 +217,277 @@ def to_official_layout(state_dict: dict, prefix: str = 'quantizer.') -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------- nearest-code search
+#
+# The reference is the per-sub-codebook float32 matmul ``(z[k] @ table[k].T).argmax(-1)``. For code
+# widths like ours (d = 8) the CPU GEMM computes every similarity as one fused multiply-add chain over
+# the d coordinates in order, s = fma(z[d-1], c[d-1], ... fma(z[0], c[0], 0)), one rounding per step.
+# The bf16 route reproduces exactly those numbers for the codes it re-scores (:func:`_fma_chain_dot`)
+# and is taken only where :func:`_gemm_is_fma_chain` confirmed that premise on the running machine.
+# MKL computes the trailing rows of matrices with fewer than 13 rows in another order, so inputs of
+# fewer than _MIN_SEARCH_TOKENS tokens are answered by the reference computation itself.
+
+_MIN_SEARCH_TOKENS = 16
+_BF16_TILE = 1 << 22            # bf16 distances scored per step of the bf16 route (8 MB)
+_BF16_CHUNK = 1 << 22           # block minima kept per chunk of tokens (8 MB)
+_BF16_BLOCK = 32                # codes per block of the candidate search
+_MAX_CANDIDATE_BLOCKS = 8       # beyond this many candidate blocks a token is scored against every code
+_U32 = 2.0 ** -24               # unit roundoff of float32 (24 significant bits)
+_U16 = 2.0 ** -8                # unit roundoff of bfloat16 (8 significant bits)
+
+
 def _nearest(z: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """argmax_j <z[k, i], table[k, j]> for every k, i: z (K, N, d), table (K, n, d) -> (K, N) int64.
 
-    Exactly ``torch.argmax`` of the float32 similarities (first index among equal maxima), but fast
+    The result is identical to the float32 reference ``(z[k] @ table[k].T).argmax(-1)`` (first index
+    among equal maxima). On CPUs with bf16 dot-product units (AVX512-BF16, AMX) and l2-normalised
+    finite inputs it takes the bf16 route (:func:`_nearest_bf16`, ~5x less time than
+    :func:`_nearest_fp32`); otherwise the float32 search.
+    """
+    K, N, d = z.shape
+    with torch.autocast(z.device.type, enabled=False):
+        if N < _MIN_SEARCH_TOKENS:
+            return torch.stack([_argmax_rows(z[k], table[k]) for k in range(K)])
+        if _bf16_route_applies(z, table):
+            return _nearest_bf16(z, table)
+        return _nearest_fp32(z, table)
+
+
+def _argmax_rows(rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """The reference itself for one sub-codebook: (m, d) rows, (n, d) codes -> (m,) int64."""
+    return (rows.contiguous() @ table.T).argmax(-1)
+
+
+def _bf16_route_applies(z: torch.Tensor, table: torch.Tensor) -> bool:
+    if z.device.type != 'cpu' or z.dtype != torch.float32 or table.dtype != torch.float32:
+        return False
+    if not (getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)()
+            or getattr(torch.cpu, '_is_amx_tile_supported', lambda: False)()):
+        return False                            # bf16 GEMMs would be emulated and slower than float32
+    if table.shape[1] < 8 * _BF16_BLOCK:
+        return False                            # small codebooks: the float32 search is as fast
+    # The error bound of _nearest_bf16 holds for vectors of norm <= 1 + 2^-10 (l2-normalised, or the
+    # zero vector of an all-zero chunk); a NaN or inf anywhere makes the maximum NaN or inf.
+    norm_max = max(float(z.norm(dim=-1).amax()), float(table.norm(dim=-1).amax()))
+    return norm_max <= 1 + 2.0 ** -10 and _gemm_is_fma_chain(z.shape[-1])
+
+
+@functools.lru_cache(maxsize=None)
+def _gemm_is_fma_chain(d: int) -> bool:
+    """Whether this machine's float32 matmul of width d equals :func:`_fma_chain_dot`, on a probe with
+    matrix shapes with and without kernel tails."""
+    gen = torch.Generator().manual_seed(d)
+    with torch.autocast('cpu', enabled=False):
+        for m, n in ((16, 64), (37, 67), (300, 129)):
+            a = F.normalize(torch.randn(m, d, generator=gen), dim=-1)
+            b = F.normalize(torch.randn(n, d, generator=gen), dim=-1)
+            chain = _fma_chain_dot(a.repeat_interleave(n, 0), b.repeat(m, 1)).view(m, n)
+            if not torch.equal(a @ b.T, chain):
+                logger.info('float32 matmul of width %d is not an in-order FMA chain here; the nearest-code '
+                            'search stays in float32', d)
+                return False
+    return True
+
+
+def _fma_chain_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise float32 dot products computed as the in-order FMA chain: (M, d), (M, d) -> (M,) float32.
+
+    Every step s <- fl32(a_i * b_i + s) is a correctly rounded fused multiply-add, emulated in float64:
+    the product of two float32 is exact in float64, the sum is rounded to odd (round to nearest, then,
+    if that was inexact and the last bit is even, one step towards the exact sum, found with TwoSum),
+    and a value rounded to odd with 53 >= 24 + 2 bits rounds to float32 exactly as the exact sum would
+    (Boldo & Melquiond, "Emulation of FMA and correctly rounded sums: proved algorithms using rounding
+    to odd", IEEE TC 2008).
+    """
+    a, b = a.double(), b.double()
+    s = torch.zeros(a.shape[0], dtype=torch.float64, device=a.device)
+    for i in range(a.shape[1]):
+        p = a[:, i] * b[:, i]                                         # exact
+        x = p + s
+        bp = x - p
+        err = (p - (x - bp)) + (s - bp)                               # TwoSum: p + s = x + err exactly
+        bits = x.view(torch.int64)
+        to_odd = ((err != 0) & (bits & 1 == 0)).long()
+        # On the bit pattern, +1 moves away from zero and -1 towards it (x != 0 whenever err != 0).
+        bits = bits + to_odd * torch.where((err > 0) == (x > 0), 1, -1)
+        s = bits.view(torch.float64).float().double()
+    return s.float()
+
+
+def _bf16_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x = hi + lo + r with hi, lo bfloat16 and |r| <= 2^-16 |x| (x - hi is exact in float32)."""
+    hi = x.bfloat16()
+    return hi, (x - hi.float()).bfloat16()
+
+
+def _bf16_error_bound(d: int) -> tuple[float, float]:
+    """(A, beta): |D_j - (1 - s_j)| <= beta * |D_j| + A for every code j of :func:`_nearest_bf16`.
+
+    D_j is the bf16 distance the route computes and s_j the reference float32 similarity. Inputs have a
+    float32-computed norm <= 1 + 2^-10 (:func:`_bf16_route_applies`), so a true norm <= 1 + 2^-9 and
+    sum_i |z_i c_i| <= nu := (1 + 2^-9)^2 (Cauchy-Schwarz). With u = 2^-24 (float32), b = 2^-8 (bfloat16) and gamma_m = m u / (1 - m u):
+
+    1. Split x = hi + lo + r (:func:`_bf16_split`): |x - hi| <= b|x|, |lo| <= (b + b^2)|x|, |r| <= b^2|x|.
+       Of z.c = (z_hi + z_lo + r_z).(c_hi + c_lo + r_c) the GEMM gets P = z_hi.c_hi + z_hi.c_lo + z_lo.c_hi;
+       the rest z_lo.c_lo + (z_hi + z_lo).r_c + r_z.c is at most [(b + b^2)^2 + (1 + b^2) b^2 + b^2] nu
+       <= 3.02 b^2 nu.
+    2. The GEMM multiplies bf16 pairs (8 x 8 significant bits: exact in float32) and adds the 3d + 1
+       terms of 1 - P (the 1 is an exact 1 x 1) in float32 in some order: error <= gamma_{3d+1} times
+       the sum of their magnitudes, <= 1 + (1 + b)^2 (1 + 2b + 2b^2) nu <= 1 + 1.02 nu.
+    3. Its float32 result is stored as bf16: at most one bf16 ulp whatever the rounding mode,
+       |D - v| <= 2b|v| <= beta |D| with beta = 2b / (1 - 2b).
+    4. The reference s_j is itself a float32 dot product: |s_j - z.c_j| <= gamma_d nu.
+    5. bf16 GEMMs flush subnormals (DAZ/FTZ): each of the 3d + 1 terms and partial sums moves by
+       < 2^-125 in absolute value, which 2^-100 covers.
+    A = 3.02 b^2 nu + gamma_{3d+1} (1 + 1.02 nu) + gamma_d nu + 2^-100, about 5e-5 for d = 8, and
+    beta ~ 2^-7: the distances near the best code (~0.05-0.2) are resolved to ~1e-3.
+    """
+    def gamma(m):
+        return m * _U32 / (1 - m * _U32)
+    nu = (1 + 2.0 ** -9) ** 2
+    b = _U16
+    A = 3.02 * b * b * nu + gamma(3 * d + 1) * (1 + 1.02 * nu) + gamma(d) * nu + 2.0 ** -100
+    return A, 2 * b / (1 - 2 * b)
+
+
+def _bf16_thresholds(anchor: torch.Tensor, A: float, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Candidate thresholds from the smallest bf16 distance of each token: (K, t) int16 bit patterns.
+
+    Let j* be the reference argmax and a = D_j1 the bf16 distance of any code j1 (here the smallest).
+    With the bound of :func:`_bf16_error_bound`: 1 - s_j* <= 1 - s_j1 <= a + beta|a| + A, and
+    D_j* - beta|D_j*| - A <= 1 - s_j*, so D_j* - beta|D_j*| <= T := a + beta|a| + 2A, i.e. D_j* <= T / (1 - beta)
+    when D_j* >= 0 (a negative D_j* lies below any positive threshold). Every code tied with j* in float32
+    satisfies the same. T / (1 - beta) is raised by 2^-20 relative before the float32 conversion and
+    rounded up to bf16, so the set {j : D_j <= threshold} contains all reference maximisers.
+
+    Returns the thresholds and whether each is usable (positive and finite).
+    """
+    # bf16 bit patterns -> float32 values: the int16 -> int32 sign extension is shifted out.
+    a = (anchor.int() << 16).view(torch.float32).double()
+    thr = (a + beta * a.abs() + 2 * A) / (1 - beta) * (1 + 2.0 ** -20)
+    usable = (thr > 0) & (thr < 2.0 ** 100)
+    bits32 = thr.clamp(0, 2.0 ** 100).float().view(torch.int32)
+    # For positive values the bit patterns order like the values; adding 0xffff rounds up to bf16.
+    return ((bits32 + 0xFFFF) >> 16).to(torch.int16), usable
+
+
+def _nearest_bf16(z: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """The bf16 route of :func:`_nearest` (CPU, float32, norms <= 1 + 2^-10): identical codes.
+
+    1. Distances D = 1 - <z, c> to all codes are scored by one bf16 GEMM per tile of tokens on the bf16
+       units. Each operand is split into bf16 hi + lo parts and the GEMM sums z_hi.c_hi + z_hi.c_lo +
+       z_lo.c_hi (width 3d + 1 with the constant), so operand rounding costs ~2^-16 instead of 2^-8; the
+       shift to distances puts the values near the best code (~0.1) where bf16 is finest.
+    2. Codes are grouped in blocks of _BF16_BLOCK; only each block's smallest distance is kept. The bf16
+       values are compared as int16 bit patterns, which order like the values for positive numbers
+       (negative distances come out below every positive threshold, as they must). The smallest
+       distance of a token gives its threshold (:func:`_bf16_thresholds`); blocks whose minimum is below
+       it hold every reference maximiser.
+    3. The codes of those blocks are scored again in float32 (error <= 2 gamma_d nu to the reference, see
+       :func:`_fp32_candidates`), which leaves only float32 near-ties; a token with one left gets it,
+       the others are re-scored exactly as the reference does (:func:`_fma_chain_dot`) and take the first
+       code among the float32 maxima. Tokens with more than _MAX_CANDIDATE_BLOCKS candidate blocks
+       (zero latents, collapsed codebooks) or an unusable threshold are scored by the reference float32
+       matmul against all codes.
+    """
+    K, N, d = z.shape
+    n = table.shape[1]
+    blk = _BF16_BLOCK
+    n_blocks = -(-n // blk)
+    z_hi, z_lo = _bf16_split(z)
+    c_hi, c_lo = _bf16_split(table)
+    ones = torch.ones(K, n, 1, dtype=torch.bfloat16)
+    codes_op = torch.cat([c_hi, c_lo, c_hi, ones], -1)                                # (K, n, 3d+1)
+    if n_blocks * blk > n:   # padding codes at distance 4, above every real distance (<= 2.01) and threshold
+        pad = torch.zeros(K, n_blocks * blk - n, 3 * d + 1, dtype=torch.bfloat16)
+        pad[..., -1] = 4
+        codes_op = torch.cat([codes_op, pad], 1)                                      # (K, nb*blk, 3d+1)
+    tokens_op = torch.cat([-z_hi, -z_hi, -z_lo, ones[:, :1].expand(K, N, 1)], -1)   # (K, N, 3d+1)
+    tokens_op = tokens_op.transpose(1, 2).contiguous()                               # (K, 3d+1, N)
+    tile = max(16, min(N, _BF16_TILE // (K * n_blocks * blk)))
+    chunk = max(tile, _BF16_CHUNK // (K * n_blocks) // tile * tile)
+    buffer = torch.empty(K, n_blocks * blk, tile, dtype=torch.bfloat16)   # reused: fresh pages fault
+    block_min = torch.empty(K, n_blocks, min(N, chunk), dtype=torch.int16)
+    out = torch.empty(K, N, dtype=torch.long)
+    for c in range(0, N, chunk):
+        cn = min(chunk, N - c)
+        for s in range(c, c + cn, tile):
+            t = min(tile, c + cn - s)
+            dist = torch.bmm(codes_op, tokens_op[:, :, s:s + t], out=buffer[:, :, :t])  # (K, nb*blk, t)
+            torch.amin(dist.view(torch.int16).view(K, n_blocks, blk, t), 2, out=block_min[:, :, s - c:s - c + t])
+        out[:, c:c + cn] = _resolve_candidates(z[:, c:c + cn], table, block_min[:, :, :cn])
+    return out
+
+
+def _resolve_candidates(z: torch.Tensor, table: torch.Tensor, block_min: torch.Tensor) -> torch.Tensor:
+    """Steps 2-3 of :func:`_nearest_bf16`: z (K, N, d), block minima (K, nb, N) int16 -> codes (K, N)."""
+    K, N, d = z.shape
+    n, blk = table.shape[1], _BF16_BLOCK
+    thr, usable = _bf16_thresholds(block_min.amin(1), *_bf16_error_bound(d))         # (K, N)
+    cand = block_min <= thr[:, None]                                                  # (K, nb, N)
+    exact = ~usable | (cand.view(torch.uint8).sum(1, dtype=torch.int16) > _MAX_CANDIDATE_BLOCKS)  # (K, N)
+    cand &= ~exact[:, None]
+    k_i, b_i, i_i = cand.nonzero(as_tuple=True)                                       # candidate blocks
+    out = torch.empty(K, N, dtype=torch.long)
+    if len(k_i):
+        pair, code = _fp32_candidates(z, table, k_i, b_i, i_i)
+        out.view(-1)[pair] = code          # right where a token has one candidate left; the rest below
+        multi = torch.bincount(pair, minlength=K * N)[pair] > 1
+        if multi.any():
+            pair, code = pair[multi], code[multi]
+            sims = _fma_chain_dot(z[pair // N, pair % N], table[pair // N, code])     # reference values
+            best = torch.full((K * N,), -math.inf).scatter_reduce(0, pair, sims, 'amax')
+            winner = sims == best[pair]
+            first = torch.full((K * N,), n, dtype=torch.long).scatter_reduce(0, pair[winner], code[winner], 'amin')
+            out.view(-1)[pair] = first[pair]
+    for k in range(K):
+        rows = exact[k].nonzero().squeeze(1)
+        if len(rows):
+            # Padded to >= 16 rows so the GEMM computes every row as the probed FMA chain.
+            padded = torch.zeros(max(16, -(-len(rows) // 16) * 16), d)
+            padded[:len(rows)] = z[k, rows]
+            out[k, rows] = _argmax_rows(padded, table[k])[:len(rows)]
+    return out
+
+
+def _fp32_candidates(z, table, k_i, b_i, i_i) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes of the candidate blocks (k_i, b_i) of tokens i_i that can still be a reference maximiser.
+
+    They are scored in float32 in some summation order: the error to the exact z.c is, like the
+    reference's, <= gamma_d nu, so 2 gamma_d nu to the reference. With m the best of these scores for
+    a token (any code's score is an anchor, as in :func:`_bf16_thresholds`), every reference maximiser
+    scores >= m - 4 gamma_d nu. The threshold m - 1.1 * 4 gamma_d nu is formed in float32: its one
+    rounding (<= 2^-24 |m| <= 6.1e-8) is below the extra 0.4 gamma_d nu (~2e-7), so it stays below
+    m - 4 gamma_d nu.
+
+    Returns (pair, code): row k * N + i of each remaining candidate and its code id.
+    """
+    K, N, d = z.shape
+    n, blk = table.shape[1], _BF16_BLOCK
+    n_blocks = -(-n // blk)
+    padded = table.new_zeros(K, n_blocks * blk, d)
+    padded[:, :n] = table
+    blocks_t = padded.view(K * n_blocks, blk, d).transpose(1, 2).contiguous()       # (K*nb, d, blk)
+    rows = blocks_t.index_select(0, k_i * n_blocks + b_i)                             # (M, d, blk)
+    pair = k_i * N + i_i                                                              # (M,)
+    z_rows = z.reshape(K * N, d).index_select(0, pair)                                # (M, d)
+    sims = rows[:, 0] * z_rows[:, :1]                                                 # (M, blk)
+    for i in range(1, d):
+        sims += rows[:, i] * z_rows[:, i:i + 1]
+    if n_blocks * blk > n:
+        sims[(b_i[:, None] * blk + torch.arange(blk)) >= n] = -math.inf              # padding codes
+    best = torch.full((K * N,), -math.inf).scatter_reduce(0, pair, sims.amax(1), 'amax')
+    gamma = d * _U32 / (1 - d * _U32)
+    thr = best - 1.1 * 4 * gamma * (1 + 2.0 ** -9) ** 2                               # (K*N,) float32
+    row, col = (sims >= thr[pair][:, None]).nonzero(as_tuple=True)
+    return pair[row], b_i[row] * blk + col
+
+
+def _nearest_fp32(z: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """The float32 search of :func:`_nearest` for devices without the bf16 route (GPUs, CPUs without bf16
+    dot-product instructions, non-finite inputs).
+
+    ``torch.argmax`` of the float32 similarities (first index among equal maxima), but fast
     on CPU, where the (K, N, n) similarity matrix of released sizes is far larger than the caches and
     ``argmax`` itself is slow. Tokens are scored in tiles that stay in cache, as (K, n, tile) so that
     every reduction runs over an outer axis and vectorises over the tokens, and the argmax is found
