@@ -501,3 +501,14 @@ def test_one_serialiser_for_both_configs(tmp_path):
         TrainConfig.from_dict({'loss': {'l3': 1}})
     with pytest.raises(ConfigError, match='known:.*codebook_size'):
         UniTokConfig.from_dict({'codebok_size': 3})
+
+
+def test_sequence_helpers_check_their_arguments():
+    from unitok import codes_to_sequence, sequence_to_codes
+    seq = torch.zeros(1, 16, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match='grid must be'):
+        sequence_to_codes(seq, grid=(-4, -4))
+    with pytest.raises(ValueError, match='num_query must be'):
+        sequence_to_codes(seq, num_query=16)
+    with pytest.raises(TypeError, match='torch.Tensor'):
+        codes_to_sequence(np.zeros((1, 8, 4, 4)))
