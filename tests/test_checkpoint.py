@@ -12,7 +12,8 @@ from unitok.checkpoint import atomic_write, save_official_checkpoint
 def test_save_load_round_trip(tiny_model, images64, tmp_path):
     tiny_model.quantizer.vocab_usage.uniform_()
     tiny_model.save_pretrained(str(tmp_path / 'm'))
-    assert sorted(os.listdir(tmp_path / 'm')) == ['config.json', 'model.safetensors']
+    assert sorted(os.listdir(tmp_path / 'm')) == ['README.md', 'config.json', 'model.safetensors']
+    assert (tmp_path / 'm' / 'config.json').read_text() == tiny_model.config.to_json() + '\n'
     loaded = UniTok.from_pretrained(str(tmp_path / 'm'))
     assert loaded.config == tiny_model.config and not loaded.training
     for (k, a), (k2, b) in zip(tiny_model.state_dict().items(), loaded.state_dict().items()):
@@ -120,7 +121,8 @@ def test_pretrained_dir_problems(tiny_model, tmp_path):
     (tmp_path / 'm' / 'model.safetensors').write_bytes(b'\x00' * 10)
     with pytest.raises(CheckpointError, match='cannot read'):
         UniTok.from_pretrained(str(tmp_path / 'm'))
-    with pytest.raises(CheckpointError, match='Hugging Face hub'):
+    with pytest.raises(CheckpointError, match="'no-such-owner/no-such-model' is not in the local Hugging Face "
+                                              'cache, and HF_HUB_OFFLINE=1 forbids downloading it'):
         UniTok.from_pretrained('no-such-owner/no-such-model')   # HF_HUB_OFFLINE=1 in tests
     with pytest.raises(CheckpointError, match='no model at'):
         UniTok.from_pretrained('./not/here')
@@ -136,3 +138,167 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     with pytest.raises(RuntimeError):
         atomic_write(str(path), fail)
     assert path.read_bytes() == b'old' and os.listdir(tmp_path) == ['f.bin']
+
+
+# ---------------------------------------------------------------------- pickle refusal names the global
+class _Call:
+    def __init__(self, fn, arg):
+        self.fn, self.arg = fn, arg
+
+    def __reduce__(self):
+        return (self.fn, (self.arg,))
+
+
+@pytest.mark.parametrize('fn,name', [(os.system, 'os.system'), (exec, 'builtins.exec')])
+@pytest.mark.parametrize('writer', ['torch', 'pickle'])
+def test_pickle_refusal_names_the_blocked_global(tiny_model, tmp_path, fn, name, writer):
+    marker = tmp_path / 'pwned'
+    payload = f'touch {marker}' if fn is os.system else f'open({str(marker)!r}, "w")'
+    ckpt = _official(tiny_model)
+    ckpt['trainer']['payload'] = _Call(fn, payload)
+    path = tmp_path / 'evil.pth'
+    if writer == 'torch':
+        torch.save(ckpt, path)
+    else:
+        with open(path, 'wb') as f:
+            pickle.dump(ckpt, f, protocol=4)
+    with pytest.raises(CheckpointError) as info:
+        unitok.load_official_checkpoint(str(path))
+    message = str(info.value)
+    assert f'the file is unsafe: unpickling it would import and call {name}, which can run arbitrary code' \
+        in message
+    assert 'weights_only' not in message and '\x1b' not in message and 'Nothing from the file was executed' in message
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------------- path or hub id, never a guess
+@pytest.mark.parametrize('name,match', [
+    ('unitok-tiny', r"'unitok-tiny' is a preset name, not a saved model: use unitok.create_model\('unitok-tiny'\)"),
+    ('runs/model.pth', "no model at 'runs/model.pth': no such file or directory, and not a Hugging Face hub id"),
+    ('./owner/name', 'no model at'),
+    ('runs/tiny/model', 'no model at'),
+    ('just-a-name', 'no model at'),
+    ('bad--id/x', 'no model at'),
+])
+def test_not_a_path_nor_a_hub_id_is_not_sent_to_the_hub(monkeypatch, name, match):
+    import huggingface_hub
+
+    def no_download(*args, **kwargs):
+        raise AssertionError('must not reach the hub')
+    monkeypatch.setattr(huggingface_hub, 'snapshot_download', no_download)
+    with pytest.raises(CheckpointError, match=match):
+        UniTok.from_pretrained(name)
+
+
+def _cache_hub_model(monkeypatch, tmp_path, repo_id, model=None, files=None):
+    """A Hugging Face cache holding ``repo_id`` at revision main, as snapshot_download leaves it."""
+    from huggingface_hub import constants
+    cache = tmp_path / 'hub-cache'
+    monkeypatch.setattr(constants, 'HF_HUB_CACHE', str(cache))
+    repo = cache / ('models--' + repo_id.replace('/', '--'))
+    commit = 'c' * 40
+    snapshot = repo / 'snapshots' / commit
+    if model is not None:
+        model.save_pretrained(str(snapshot))
+    for name, text in (files or {}).items():
+        snapshot.mkdir(parents=True, exist_ok=True)
+        (snapshot / name).write_text(text)
+    (repo / 'refs').mkdir(parents=True)
+    (repo / 'refs' / 'main').write_text(commit)
+
+
+def test_cached_hub_model_loads_offline(tiny_model, images64, tmp_path, monkeypatch):
+    _cache_hub_model(monkeypatch, tmp_path, 'someone/unitok-tiny', tiny_model)
+    loaded = UniTok.from_pretrained('someone/unitok-tiny')          # HF_HUB_OFFLINE=1: from the cache only
+    assert loaded.config == tiny_model.config
+    assert torch.equal(loaded.encode(images64), tiny_model.encode(images64))
+    with pytest.raises(CheckpointError, match="hub model 'someone/unitok-tiny' at revision 'v2' is not in the "
+                                              'local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids'):
+        UniTok.from_pretrained('someone/unitok-tiny', revision='v2')
+
+
+def test_hub_repo_that_is_not_a_unitok_model(tmp_path, monkeypatch):
+    _cache_hub_model(monkeypatch, tmp_path, 'someone/other', files={'config.json': '{"model_type": "bert"}'})
+    with pytest.raises(CheckpointError, match="hub model 'someone/other' is not a UniTok model: it has no "
+                                              'model.safetensors'):
+        UniTok.from_pretrained('someone/other')
+
+
+# ---------------------------------------------------------------------- model card, push_to_hub
+def test_model_card_describes_the_model_and_its_example_runs(tiny_model, tmp_path, monkeypatch):
+    from huggingface_hub import ModelCard
+    from PIL import Image
+
+    model = unitok.create_model('unitok-tiny', num_codebooks=4, codebook_size=256, code_dim=8)
+    model.save_pretrained(str(tmp_path / 'tiny-4x256'))
+    card = ModelCard.load(str(tmp_path / 'tiny-4x256' / 'README.md'))
+    assert card.data.library_name == 'unitok'
+    assert {'image-tokenizer', 'vector-quantization', 'multi-codebook-quantization'} <= set(card.data.tags)
+    for fact in ['# tiny-4x256', '| encoder | `vitamin_tiny`', '| image size | 64 px',
+                 '| codes | 4 sub-codebooks x 256 codes of 8 dims (latent width 32) |',
+                 '| tokens per image | 4 x 4 grid, each a tuple of 4 codes |', '| image/text embedding | 128 dims',
+                 f"| parameters | {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M", 'arxiv.org/abs/2502.20321',
+                 'pip install unitok-vision', "UniTok.from_pretrained('tiny-4x256')"]:
+        assert fact in card.text, fact
+    # the card's example loads this model and gives the codes the card states
+    example = card.text.split('```python\n')[1].split('```')[0]
+    Image.new('RGB', (80, 64), (200, 30, 90)).save(tmp_path / 'photo.jpg')
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(example, 'model card', 'exec'), scope)
+    assert scope['codes'].shape == (1, 4, 4, 4) and '# (1, 4, 4, 4) int64' in example
+    assert torch.equal(scope['codes'], model.encode(scope['x']))
+    assert scope['images'].shape == (1, 3, 64, 64)
+
+
+def test_hand_written_model_card_is_kept_generated_one_refreshed(tiny_model, tmp_path):
+    directory = tmp_path / 'm'
+    tiny_model.save_pretrained(str(directory))
+    other = unitok.create_model('unitok-tiny', codebook_size=128)
+    other.save_pretrained(str(directory))                 # our own card follows the new config
+    assert '8 sub-codebooks x 128 codes' in (directory / 'README.md').read_text()
+    (directory / 'README.md').write_text('# my notes\n')
+    tiny_model.save_pretrained(str(directory))
+    assert (directory / 'README.md').read_text() == '# my notes\n'
+    assert UniTok.from_pretrained(str(directory)).config == tiny_model.config
+
+
+def test_push_to_hub_uploads_what_save_pretrained_writes(tiny_model, images64, tmp_path, monkeypatch):
+    from huggingface_hub import HfApi
+    from huggingface_hub.hf_api import RepoUrl
+    calls = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls['create'] = (repo_id, kwargs)
+        return RepoUrl(f'https://huggingface.co/me/{repo_id}')       # the hub adds the user's namespace
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        calls['upload'] = (repo_id, kwargs, sorted(os.listdir(folder_path)))
+        calls['card'] = open(os.path.join(folder_path, 'README.md')).read()
+        calls['model'] = UniTok.from_pretrained(folder_path)
+        return f'https://huggingface.co/{repo_id}/commit/abc'
+    monkeypatch.setattr(HfApi, 'create_repo', create_repo)
+    monkeypatch.setattr(HfApi, 'upload_folder', upload_folder)
+    url = tiny_model.push_to_hub('unitok-tiny', private=True, commit_message='first')
+    assert url == 'https://huggingface.co/me/unitok-tiny/commit/abc'
+    assert calls['create'] == ('unitok-tiny', {'private': True, 'exist_ok': True, 'repo_type': 'model'})
+    repo_id, kwargs, files = calls['upload']
+    assert repo_id == 'me/unitok-tiny' and files == ['README.md', 'config.json', 'model.safetensors']
+    assert kwargs['commit_message'] == 'first' and kwargs['repo_type'] == 'model'
+    assert "UniTok.from_pretrained('me/unitok-tiny')" in calls['card'] and '# me/unitok-tiny' in calls['card']
+    assert torch.equal(calls['model'].encode(images64), tiny_model.encode(images64))
+
+
+def test_push_to_hub_errors_are_clear(tiny_model, monkeypatch):
+    from huggingface_hub import HfApi
+    with pytest.raises(CheckpointError, match="cannot push to 'me/x': HF_HUB_OFFLINE=1 disables the Hugging Face hub"):
+        tiny_model.push_to_hub('me/x')                       # the real HfApi, offline in tests
+    with pytest.raises(CheckpointError, match="cannot push to 'a/b/c': not a valid hub repository id"):
+        tiny_model.push_to_hub('a/b/c')
+
+    def refused(self, repo_id, **kwargs):
+        raise PermissionError('401 Client Error: Unauthorized')
+    monkeypatch.setattr(HfApi, 'create_repo', refused)
+    with pytest.raises(CheckpointError, match=r"pushing to 'me/x' on the Hugging Face hub failed \(PermissionError: "
+                                              r'401 Client Error: Unauthorized\). Log in with `hf auth login`'):
+        tiny_model.push_to_hub('me/x')

@@ -137,3 +137,15 @@ def test_grid_argument_checked(tiny_model):
     flat = codes.flatten(2)
     assert tiny_model.decode(flat, grid=(2, 8)).shape == (1, 3, 32, 128)
     assert tiny_model.decode(flat).shape == (1, 3, 64, 64)
+
+
+def test_classify_is_scaled_cosine_similarity(tiny_model, images64):
+    # logits = exp(logit_scale) * cos(image embedding, class weight), with a scale that is not 1
+    with torch.no_grad():
+        tiny_model.logit_scale.fill_(1.7)
+    texts = ['a cat', 'a dog', 'a car']
+    classifier = torch.nn.functional.normalize(tiny_model.encode_text(texts), dim=-1).T     # (E, 3)
+    raw = tiny_model.encode_image(images64, normalize=False)                               # (2, E)
+    cos = torch.nn.functional.cosine_similarity(raw[:, :, None], classifier[None], dim=1)  # (2, 3)
+    torch.testing.assert_close(tiny_model.classify(images64, classifier), cos * torch.e ** 1.7,
+                               rtol=1e-5, atol=1e-5)

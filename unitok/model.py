@@ -119,16 +119,27 @@ class UniTok(nn.Module):
         return cls(UniTokConfig.from_preset(name, **overrides))
 
     @classmethod
-    def from_pretrained(cls, path_or_hub_id: str, map_location: str | torch.device = 'cpu') -> 'UniTok':
-        """Load ``config.json`` + ``model.safetensors`` from a directory or Hugging Face hub id,
-        or an official release checkpoint (``.pth``, loaded without executing pickled code)."""
+    def from_pretrained(cls, path_or_hub_id: str, map_location: str | torch.device = 'cpu',
+                        revision: str | None = None) -> 'UniTok':
+        """Load ``config.json`` + ``model.safetensors`` from a directory or a Hugging Face hub id
+        (``owner/name``, at ``revision`` if given), or an official release checkpoint (``.pth``, loaded
+        without executing pickled code). Anything else raises :class:`~unitok.CheckpointError`."""
         from .checkpoint import load_pretrained
-        return load_pretrained(path_or_hub_id, map_location=map_location)
+        return load_pretrained(path_or_hub_id, map_location=map_location, revision=revision)
 
     def save_pretrained(self, directory: str) -> None:
-        """Write ``config.json`` and ``model.safetensors`` to ``directory`` (atomically)."""
+        """Write ``config.json``, ``model.safetensors`` and a model card ``README.md`` to ``directory``
+        (each file atomically; a hand-written ``README.md`` already there is kept)."""
         from .checkpoint import save_pretrained
         save_pretrained(self, directory)
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                    revision: str | None = None, commit_message: str = 'Upload UniTok model') -> str:
+        """Upload the files :meth:`save_pretrained` writes to the Hugging Face hub repository
+        ``repo_id`` (created if needed) in one commit; returns the commit URL."""
+        from .checkpoint import push_to_hub
+        return push_to_hub(self, repo_id, private=private, token=token, revision=revision,
+                           commit_message=commit_message)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
@@ -321,7 +332,6 @@ class UniTok(nn.Module):
         if not texts:
             raise ValueError('texts is empty: pass at least one string')
         return self.tokenize(list(texts))
-
 
     def encode_text(self, texts, normalize: bool = True) -> torch.Tensor:
         """Text embeddings ``(N, E)`` from strings or token ids ``(N, text_context_length)``."""
