@@ -29,3 +29,28 @@ def test_builtin_caption_variants_only_for_training():
     assert isinstance(captions, list) and captions[0] == train.captions[0] and len(set(captions)) > 3
     _, caption, label = val.read(0)
     assert isinstance(caption, str) and 0 <= label < len(val.classnames) == 9
+
+
+def test_demo_continues_an_interrupted_training_instead_of_starting_over(tmp_path, monkeypatch):
+    """The demo hands ``resume='latest'`` to the trainer when its run has a checkpoint (fast: the
+    trainer is replaced by a recorder that stops like an interrupted run)."""
+    import unitok.train
+    from unitok.train.state import Checkpointer
+    calls = []
+
+    class Recorder:
+        def __init__(self, cfg, *args, **kwargs):
+            self.cfg = cfg
+            self.checkpointer = Checkpointer(os.path.join(cfg.out, 'checkpoints'))
+
+        def fit(self, resume=None):
+            calls.append(resume)
+            return {'exit': 'signal SIGTERM'}
+    monkeypatch.setattr(unitok.train, 'Trainer', Recorder)
+    out = tmp_path / 'demo'
+    assert main(['demo', '--out', str(out), '--steps', '2']) == 143
+    ckpt = out / 'train' / 'checkpoints' / 'step_00000001.pt'
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b'')
+    assert main(['demo', '--out', str(out), '--steps', '2']) == 143
+    assert calls == [None, 'latest']

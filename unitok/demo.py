@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 
 import numpy as np
@@ -38,6 +39,7 @@ def run(args) -> int:
     from .images import side_by_side
     from .model import UniTok
     from .train import TrainConfig, Trainer
+    from .train.run import holds_run
 
     out = os.path.abspath(args.out)
     t0 = time.time()
@@ -48,6 +50,9 @@ def run(args) -> int:
     cfg = cfg.override(DEMO_OVERRIDES + [f'data.train={args.data}'])
     trainer = Trainer(cfg)
     resume = 'latest' if trainer.checkpointer.latest() else None
+    if resume is None and holds_run(cfg.out):
+        # Interrupted before its first checkpoint: nothing to continue from, start that run afresh.
+        shutil.rmtree(cfg.out)
     print(f'[demo] 1/3 training unitok-tiny on {args.data} for {args.steps} steps ({precision}, '
           f'{torch.get_num_threads()} threads){", resuming" if resume else ""} -> {cfg.out}', flush=True)
     summary = trainer.fit(resume=resume)

@@ -18,16 +18,12 @@ import torch
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument('--config', help='YAML/JSON generator training config (a GenTrainConfig mirror)')
+    from ..train.cli import add_run_arguments
     p.add_argument('--codes', help='directory of exported training codes (unitok export-codes --out)')
     p.add_argument('--val-codes', help='directory of exported held-out codes (held-out NLL)')
     p.add_argument('--tokenizer', help='the UniTok model that exported the codes (sample images, text conditions)')
     p.add_argument('--preset', help='generator preset: gen-tiny, gen-B, gen-L, gen-XL, gen-XXL')
-    p.add_argument('--out', help='run directory (checkpoints, logs, sample grids, final model in OUT/model)')
-    p.add_argument('--steps', type=int)
-    p.add_argument('--batch-size', type=int, help='sequences per process and micro-step')
-    p.add_argument('--resume', help="'latest' or a checkpoint path: continue that run with its saved config")
-    p.add_argument('overrides', nargs='*', help='dotted key=value overrides, e.g. optim.lr=1e-4 model.head=parallel')
+    add_run_arguments(p, 'a GenTrainConfig mirror')
 
 
 def _assignments(args) -> list[str]:
@@ -37,19 +33,9 @@ def _assignments(args) -> list[str]:
 
 
 def run_train(args) -> int:
-    from ..train.cli import exit_code, resolve_config
-    from ..train.loop import Trainer
+    from ..train.cli import resolve_config, train
     from ..train.tasks.generator import GenTrainConfig
-    from ..utils import distributed as D
-    cfg = resolve_config(args, GenTrainConfig, assignments=_assignments(args))
-    info = D.init_distributed()
-    try:
-        summary = Trainer(cfg, info=info).fit(resume=args.resume)
-    except BaseException:
-        D.abort()
-        raise
-    D.shutdown()
-    return exit_code(summary)
+    return train(resolve_config(args, GenTrainConfig, assignments=_assignments(args)), args.resume)
 
 
 def _class_labels(names: list[str] | None, wanted: list[str] | None, n: int) -> torch.Tensor:

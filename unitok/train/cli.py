@@ -19,17 +19,22 @@ from .config import TrainConfig
 log = logging.getLogger('unitok.train')
 
 
+def add_run_arguments(p: argparse.ArgumentParser, config_help: str = 'a TrainConfig mirror') -> None:
+    """The arguments every training command has (``unitok train``, ``unitok train-gen``)."""
+    p.add_argument('--config', help=f'YAML/JSON training config ({config_help})')
+    p.add_argument('--out', help='run directory (checkpoints, logs, images, final model in OUT/model)')
+    p.add_argument('--steps', type=int)
+    p.add_argument('--batch-size', type=int, help='samples per process and micro-step')
+    p.add_argument('--resume', help="'latest' or a checkpoint path: continue that run with its saved config")
+    p.add_argument('overrides', nargs='*', help='dotted key=value config overrides, e.g. optim.lr=1e-3')
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument('--config', help='YAML/JSON training config (a TrainConfig mirror)')
     p.add_argument('--preset', help='model preset, e.g. unitok-tiny, unitok-base, unitok-large')
     p.add_argument('--data', help='training data spec: builtin:emoji, shards/{000..099}.tar, folder:DIR')
     p.add_argument('--val-data', help='held-out data spec (default: the val split of --data)')
-    p.add_argument('--out', help='run directory (checkpoints, logs, images, final model)')
-    p.add_argument('--steps', type=int)
-    p.add_argument('--batch-size', type=int, help='images per process and micro-step')
-    p.add_argument('--resume', help="'latest' or a checkpoint path: continue that run with its saved config")
     p.add_argument('--init', help='start from these weights (model directory or official .pth)')
-    p.add_argument('overrides', nargs='*', help='dotted key=value config overrides, e.g. optim.lr=1e-3')
+    add_run_arguments(p)
 
 
 def explicit_assignments(args) -> list[str]:
@@ -61,18 +66,22 @@ def resolve_config(args, cfg_class=TrainConfig, assignments: list[str] | None = 
     return cfg
 
 
-def run(args) -> int:
+def train(cfg, resume: str | None) -> int:
+    """Join the process group (if under torchrun), train, leave it; the process exit code."""
     from ..utils import distributed as D
     from .loop import Trainer
-    cfg = resolve_config(args)
     info = D.init_distributed()
     try:
-        summary = Trainer(cfg, info=info).fit(resume=args.resume)
+        summary = Trainer(cfg, info=info).fit(resume=resume)
     except BaseException:
         D.abort()            # do not wait in a barrier for ranks that will never arrive
         raise
     D.shutdown()
     return exit_code(summary)
+
+
+def run(args) -> int:
+    return train(resolve_config(args), args.resume)
 
 
 def exit_code(summary: dict) -> int:

@@ -1,7 +1,7 @@
-"""One task per model trained by the loop (:mod:`unitok.train.loop`)."""
+"""One task per model trained by the loop (:mod:`unitok.train.loop`). Task modules are imported on
+first use, so that training one model does not import the others' packages."""
 from __future__ import annotations
 
-from .generator import GeneratorTask, GenTrainConfig
 from .tokenizer import TokenizerTask
 
 
@@ -14,6 +14,13 @@ def task_for(cfg):
     if make is None:
         raise TypeError(f'no training task for a {type(cfg).__name__}')
     return make()
+
+
+def __getattr__(name):
+    if name in ('GeneratorTask', 'GenTrainConfig'):
+        from . import generator
+        return getattr(generator, name)
+    raise AttributeError(name)
 
 
 __all__ = ['TokenizerTask', 'GeneratorTask', 'GenTrainConfig', 'task_for']
