@@ -36,13 +36,20 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> None:
 
 
 def timed(fn, repeat: int = 1):
-    """(best seconds of ``repeat`` calls, result of the last call)."""
+    """(best seconds of ``repeat`` calls, result of the last call); waits for CUDA work to finish."""
     best, out = float('inf'), None
     for _ in range(repeat):
+        sync()
         t = time.perf_counter()
         out = fn()
+        sync()
         best = min(best, time.perf_counter() - t)
     return best, out
+
+
+def sync():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def head_share(model, labels, kw) -> float:
@@ -51,8 +58,10 @@ def head_share(model, labels, kw) -> float:
     original = sampling._sample_position
 
     def wrapped(*a, **k):
+        sync()
         t = time.perf_counter()
         out = original(*a, **k)
+        sync()
         spent[0] += time.perf_counter() - t
         return out
 
@@ -121,7 +130,8 @@ def compare_official(args, cfg, ours_kw, labels):
             if not name.endswith('norm.weight'):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
     state = {k: v.clone() for k, v in off.state_dict().items() if 'kv_cache' not in k}
-    ours = from_official(state, cfg)
+    ours = from_official(state, cfg).to(args.device)
+    off = off.to(args.device)
     L, K, B = cfg.seq_len, cfg.num_codebooks, labels.shape[0]
 
     def run_official(model):
@@ -156,6 +166,7 @@ def main(argv=None):
     p.add_argument('--cfg-scale', type=float, default=2.0)
     p.add_argument('--threads', type=int, default=1)
     p.add_argument('--repeat', type=int, default=2, help='best of N for the cached / official runs')
+    p.add_argument('--device', default='cpu', help="e.g. 'cuda' (timings wait for the device)")
     p.add_argument('--official', default=None, help='path to a clone of github.com/FoundationVision/UniTok')
     p.add_argument('--no-float64-check', dest='float64_check', action='store_false')
     args = p.parse_args(argv)
@@ -168,12 +179,13 @@ def main(argv=None):
     torch.manual_seed(0)
     model = GeneratorModel(cfg).eval()
     randomize(model)
-    labels = torch.arange(args.batch) * 7 % cfg.num_classes
+    model.to(args.device)
+    labels = (torch.arange(args.batch) * 7 % cfg.num_classes).to(args.device)
     kw = dict(cfg_scale=args.cfg_scale, temperature=0.0)
     L, B = cfg.seq_len, args.batch
     print(f'{args.preset} ({model.parameter_counts()["total"] / 1e6:.1f}M params, {cfg.num_codebooks}x'
           f'{cfg.codebook_size} codes, {cfg.head} head), grid {cfg.grid[0]}x{cfg.grid[1]} = {L} positions, '
-          f'batch {B}, cfg {args.cfg_scale}, {args.threads} threads, torch {torch.__version__}')
+          f'batch {B}, cfg {args.cfg_scale}, {args.device} ({args.threads} threads), torch {torch.__version__}')
 
     generate(model, labels, **kw)                                               # warm-up
     t_cache, codes = timed(lambda: generate(model, labels, **kw), args.repeat)

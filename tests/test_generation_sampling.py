@@ -11,6 +11,15 @@ from test_generation_model import SMALL, randomize, text_cond
 GREEDY = dict(temperature=0.0)
 
 
+@pytest.fixture(autouse=True, scope='module')
+def one_thread():
+    """Sampling runs thousands of tiny ops: one thread avoids spinning idle threads on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def small64(**overrides) -> GeneratorModel:
     """A random small generator in float64: exact equalities of codes do not hinge on rounding."""
     torch.manual_seed(0)
@@ -170,3 +179,10 @@ def test_sampling_under_bf16_autocast():
         codes = generate(model, LABELS, cfg_scale=2.0, generator=0)
     assert codes.shape == (3, 4, 3, 4) and int(codes.min()) >= 0 and int(codes.max()) < 32
     assert math.isfinite(float(codes.float().mean()))
+
+
+def test_returned_codes_are_an_ordinary_tensor():
+    model = small64()
+    codes = generate(model, LABELS, **GREEDY)
+    codes[0, 0, 0, 0] = 3                                                       # no inference-mode tensor
+    assert not torch.is_inference(codes)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .layers import Block, KVCache, RMSNorm
 
@@ -111,4 +112,4 @@ class DepthHead(nn.Module):
         for block, c in zip(self.blocks, cache):
             x = block(x, cache=c, start=k)
         x = self.norm(x[:, 0])                                                       # (N, W)
-        return x @ self.weight[k].to(x.dtype).t() + self.bias[k]
+        return F.linear(x, self.weight[k].to(x.dtype), self.bias[k].to(x.dtype))

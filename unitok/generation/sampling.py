@@ -138,7 +138,6 @@ def _compute_dtype(model: GeneratorModel, device: torch.device) -> torch.dtype:
     return model.code_embed.weight.dtype
 
 
-@torch.no_grad()
 def generate(model: GeneratorModel, cond: Condition, grid: tuple[int, int] | None = None, *,
              cfg_scale: float = 1.0, cfg_schedule: str = 'constant', cfg_interval: tuple[int, int] | None = None,
              temperature: float | Sequence[float] = 1.0, top_k: int | Sequence[int] = 0,
@@ -176,18 +175,19 @@ def generate(model: GeneratorModel, cond: Condition, grid: tuple[int, int] | Non
         raise TypeError(f'generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}')
     sampler = _Sampler(K, temperature, top_k, top_p, generator, guided)
 
-    if guided:
-        null = model.null_condition(B)
-        cond = torch.cat([cond, null]) if isinstance(cond, torch.Tensor) else \
-            (torch.cat([cond[0], null[0].to(cond[0].dtype)]), torch.cat([cond[1], null[1]]))
     was_training = model.training
     model.eval()
     try:
-        seq = _generate_cached(model, cond, sampler, scales) if use_cache else \
-            _generate_uncached(model, cond, sampler, scales)
+        with torch.inference_mode():
+            if guided:
+                null = model.null_condition(B)
+                cond = torch.cat([cond, null]) if isinstance(cond, torch.Tensor) else \
+                    (torch.cat([cond[0], null[0].to(cond[0].dtype)]), torch.cat([cond[1], null[1]]))
+            seq = _generate_cached(model, cond, sampler, scales) if use_cache else \
+                _generate_uncached(model, cond, sampler, scales)
     finally:
         model.train(was_training)
-    return seq.transpose(1, 2).reshape(B, K, h, w)                              # (B, L, K) -> (B, K, h, w)
+    return seq.transpose(1, 2).reshape(B, K, h, w).clone()                      # (B, L, K) -> (B, K, h, w); a normal tensor
 
 
 def _generate_cached(model: GeneratorModel, cond: Condition, sampler: _Sampler, scales: list[float]) -> torch.Tensor:
