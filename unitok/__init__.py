@@ -21,6 +21,26 @@ def create_model(preset: str = 'unitok-large', **overrides) -> UniTok:
     return UniTok(UniTokConfig.from_preset(preset, **overrides))
 
 
+def _warn_if_the_other_unitok_is_installed() -> None:
+    """PyPI's ``unitok`` is an unrelated project that installs the same top-level ``unitok`` package and
+    ``unitok`` command as this one (distribution ``unitok-vision``); say so at import (one lookup, ~ms)."""
+    import warnings
+    from importlib import metadata
+    try:
+        other = metadata.distribution('unitok')
+    except metadata.PackageNotFoundError:
+        return
+    if (other.metadata.get('Summary') or '').startswith('UniTok:'):   # this project under its former name
+        return
+    warnings.warn(f"the unrelated PyPI package 'unitok' {other.version} is installed in this environment too: "
+                  'it writes the same top-level `unitok` package and `unitok` command as unitok-vision, so one '
+                  'overwrites the files of the other. Run `pip uninstall unitok unitok-vision` and reinstall '
+                  'unitok-vision, or keep the two in separate virtual environments.', RuntimeWarning, stacklevel=2)
+
+
+_warn_if_the_other_unitok_is_installed()
+
+
 __all__ = [
     'UniTok', 'UniTokConfig', 'UniTokOutput', 'PRESETS', 'create_model', 'MultiCodebookQuantizer',
     'QuantizerOutput', 'load_official_checkpoint', 'official_state_dict', 'save_official_checkpoint',
