@@ -12,7 +12,7 @@ from unitok.generation import (
     GENERATOR_PRESETS, DepthHead, GeneratorConfig, GeneratorConfigError, GeneratorModel, text_condition,
 )
 from unitok.generation.config import ffn_hidden_dim
-from unitok.generation.layers import apply_rotary, rope_2d
+from unitok.generation.layers import RMSNorm, apply_rotary, rope_2d
 
 SMALL = dict(num_codebooks=4, codebook_size=32, grid=(3, 4), dim=32, depth=2, num_heads=2, num_classes=5,
              text_dim=24, text_len=6, dropout=0.0, token_dropout=0.0)
@@ -136,6 +136,18 @@ def test_prefix_rope_tables(mode, cos_value):
     assert cos.shape == (7, 8) and torch.all(cos[:2] == cos_value) and torch.all(sin[:2] == 0)
     want = rope_2d(torch.tensor([0, 0, 0, 0, 1]), torch.tensor([0, 1, 2, 3, 0]), 16)   # grid (3, 4), raster
     assert torch.allclose(cos[2:], want[0]) and torch.allclose(sin[2:], want[1])
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_rms_norm_values(dtype):
+    norm = RMSNorm(8, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.arange(1.0, 9.0))
+    x = torch.randn(3, 8).to(dtype)
+    xf = x.float()
+    want = xf / (xf.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt() * torch.arange(1.0, 9.0)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-6                             # bf16: normalised in fp32, stored bf16
+    assert torch.allclose(norm(x).float(), want, rtol=tol, atol=tol)
 
 
 # ---------------------------------------------------------------------- training objective
