@@ -228,7 +228,7 @@ def to_official_layout(state_dict: dict, prefix: str = 'quantizer.') -> dict:
 # fewer than _MIN_SEARCH_TOKENS tokens are answered by the reference computation itself.
 
 _MIN_SEARCH_TOKENS = 16
-_BF16_TILE = 1 << 22            # bf16 distances scored per step of the bf16 route (8 MB)
+_BF16_TILE = 1 << 21            # bf16 distances scored per step of the bf16 route (4 MB)
 _BF16_CHUNK = 1 << 22           # block minima kept per chunk of tokens (8 MB)
 _BF16_BLOCK = 32                # codes per block of the candidate search
 _MAX_CANDIDATE_BLOCKS = 8       # beyond this many candidate blocks a token is scored against every code
@@ -424,10 +424,11 @@ def _resolve_candidates(z: torch.Tensor, table: torch.Tensor, block_min: torch.T
     K, N, d = z.shape
     n, blk = table.shape[1], _BF16_BLOCK
     thr, usable = _bf16_thresholds(block_min.amin(1), *_bf16_error_bound(d))         # (K, N)
-    cand = block_min <= thr[:, None]                                                  # (K, nb, N)
-    exact = ~usable | (cand.view(torch.uint8).sum(1, dtype=torch.int16) > _MAX_CANDIDATE_BLOCKS)  # (K, N)
-    cand &= ~exact[:, None]
-    k_i, b_i, i_i = cand.nonzero(as_tuple=True)                                       # candidate blocks
+    k_i, b_i, i_i = (block_min <= thr[:, None]).nonzero(as_tuple=True)               # candidate blocks
+    n_cand = torch.bincount(k_i * N + i_i, minlength=K * N).view(K, N)
+    exact = ~usable | (n_cand > _MAX_CANDIDATE_BLOCKS)                                # (K, N)
+    keep = ~exact[k_i, i_i]
+    k_i, b_i, i_i = k_i[keep], b_i[keep], i_i[keep]
     out = torch.empty(K, N, dtype=torch.long)
     if len(k_i):
         pair, code = _fp32_candidates(z, table, k_i, b_i, i_i)
@@ -467,13 +468,13 @@ def _fp32_candidates(z, table, k_i, b_i, i_i) -> tuple[torch.Tensor, torch.Tenso
     n_blocks = -(-n // blk)
     padded = table.new_zeros(K, n_blocks * blk, d)
     padded[:, :n] = table
-    blocks_t = padded.view(K * n_blocks, blk, d).transpose(1, 2).contiguous()       # (K*nb, d, blk)
-    rows = blocks_t.index_select(0, k_i * n_blocks + b_i)                             # (M, d, blk)
+    coords = padded.view(K * n_blocks, blk, d).permute(2, 0, 1).contiguous()        # (d, K*nb, blk)
+    rows = k_i * n_blocks + b_i                                                       # (M,)
     pair = k_i * N + i_i                                                              # (M,)
-    z_rows = z.reshape(K * N, d).index_select(0, pair)                                # (M, d)
-    sims = rows[:, 0] * z_rows[:, :1]                                                 # (M, blk)
+    z_rows = z.reshape(K * N, d).index_select(0, pair).T.contiguous()                 # (d, M)
+    sims = coords[0].index_select(0, rows).mul_(z_rows[0, :, None])                   # (M, blk)
     for i in range(1, d):
-        sims += rows[:, i] * z_rows[:, i:i + 1]
+        sims.addcmul_(coords[i].index_select(0, rows), z_rows[i, :, None])
     if n_blocks * blk > n:
         sims[(b_i[:, None] * blk + torch.arange(blk)) >= n] = -math.inf              # padding codes
     best = torch.full((K * N,), -math.inf).scatter_reduce(0, pair, sims.amax(1), 'amax')
