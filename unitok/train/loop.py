@@ -152,8 +152,8 @@ class Trainer:
         if self.info.is_main:
             log.info('%s; %s; %s', task.describe(), self.strategy.describe(), cfg.precision)
         t_start, window, exit_reason, postfix = time.time(), [], 'finished', {}
-        last_val = self._validate(logger) if self.step == 0 and cfg.eval_every else {}
         try:
+            last_val = self._validate(logger) if self.step == 0 and cfg.eval_every else {}
             while self.step < cfg.steps:
                 micro = self._next_micro_batches()
                 t0 = time.time()
