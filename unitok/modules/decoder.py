@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, LayerNorm, LayerNorm2d, LayerNormAct2d, make_divisible
-from timm.models._manipulate import checkpoint_seq
+from timm.models import checkpoint_seq
 from timm.models.vision_transformer import Block
 from timm.models.vitamin import GeGluMlp
 from torch.utils.checkpoint import checkpoint
