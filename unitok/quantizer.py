@@ -241,8 +241,9 @@ def _nearest(z: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
     The result is identical to the float32 reference ``(z[k] @ table[k].T).argmax(-1)`` (first index
     among equal maxima). On CPUs with bf16 dot-product units (AVX512-BF16, AMX) and l2-normalised
-    finite inputs it takes the bf16 route (:func:`_nearest_bf16`, ~5x less time than
-    :func:`_nearest_fp32`); otherwise the float32 search.
+    finite inputs it takes the bf16 route (:func:`_nearest_bf16`, about half the time of
+    :func:`_nearest_fp32` at the released sizes, see benchmarks/quantizer.py); otherwise the float32
+    search.
     """
     K, N, d = z.shape
     with torch.autocast(z.device.type, enabled=False):
@@ -325,7 +326,8 @@ def _bf16_error_bound(d: int) -> tuple[float, float]:
 
     D_j is the bf16 distance the route computes and s_j the reference float32 similarity. Inputs have a
     float32-computed norm <= 1 + 2^-10 (:func:`_bf16_route_applies`), so a true norm <= 1 + 2^-9 and
-    sum_i |z_i c_i| <= nu := (1 + 2^-9)^2 (Cauchy-Schwarz). With u = 2^-24 (float32), b = 2^-8 (bfloat16) and gamma_m = m u / (1 - m u):
+    sum_i |z_i c_i| <= nu := (1 + 2^-9)^2 (Cauchy-Schwarz). With u = 2^-24 (float32), b = 2^-8
+    (bfloat16) and gamma_m = m u / (1 - m u):
 
     1. Split x = hi + lo + r (:func:`_bf16_split`): |x - hi| <= b|x|, |lo| <= (b + b^2)|x|, |r| <= b^2|x|.
        Of z.c = (z_hi + z_lo + r_z).(c_hi + c_lo + r_c) the GEMM gets P = z_hi.c_hi + z_hi.c_lo + z_lo.c_hi;
