@@ -244,3 +244,16 @@ def test_kid_and_inception_score_sanity():
     uniform, _ = inception_score(torch.zeros(100, 10), splits=5)
     confident, _ = inception_score(torch.eye(10).repeat(10, 1) * 50, splits=5)
     assert uniform == pytest.approx(1.0) and confident == pytest.approx(10.0, rel=1e-3)
+
+
+def test_lpips_without_weights_names_the_eval_option(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"metric 'lpips' needs LPIPS-VGG weights in a local file: pass "
+                                         r'--lpips-weights PATH \(EvalConfig.lpips_weights\)'):
+        EvalConfig(metrics=('psnr', 'lpips')).validate()
+    with pytest.raises(FileNotFoundError, match="--lpips-weights .*no file at 'missing.pth'"):
+        EvalConfig(metrics=('lpips',), lpips_weights='missing.pth').validate()
+    from unitok.cli import main
+    rc = main(['eval', '--model', str(tmp_path / 'no-model'), '--data', 'builtin:emoji', '--metrics', 'lpips',
+               '--out', str(tmp_path / 'out')])
+    err = capsys.readouterr().err
+    assert rc == 2 and '--lpips-weights PATH' in err and 'loss.lpips_path' not in err

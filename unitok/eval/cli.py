@@ -31,6 +31,7 @@ def run(args) -> int:
                      lpips_weights=args.lpips_weights, batch_size=args.batch_size, resize=args.resize,
                      image_size=args.size, max_samples=args.max_samples,
                      templates=tuple(args.template) if args.template else None)
+    cfg.validate()                        # bad metric/weight combinations fail before the model loads
     try:
         report = run_evaluation(args.model, args.data, args.out, cfg, split=args.split, name=args.name,
                                 progress=True)

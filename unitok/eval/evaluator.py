@@ -26,6 +26,7 @@ every per-sample computation is independent of the other samples in its batch.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -89,6 +90,12 @@ class EvalConfig:
             if not isinstance(t, str) or '{}' not in t:
                 raise ValueError(f'zero-shot template {t!r} has no {{}} for the class name '
                                  '(every class would get the same prompt)')
+        if 'lpips' in self.metrics and not self.lpips_weights:
+            raise ValueError("metric 'lpips' needs LPIPS-VGG weights in a local file: pass --lpips-weights PATH "
+                             "(EvalConfig.lpips_weights) with torchvision's vgg16-397923af.pth or the official "
+                             "lpips_with_vgg.pth, or leave lpips out of the metrics")
+        if 'lpips' in self.metrics and not os.path.isfile(self.lpips_weights):
+            raise FileNotFoundError(f'--lpips-weights (EvalConfig.lpips_weights): no file at {self.lpips_weights!r}')
 
 
 @dataclass
