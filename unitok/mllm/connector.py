@@ -1,0 +1,61 @@
+"""The image side of the multimodal LLM: UniTok codes -> LLM input embeddings.
+
+:class:`CodeInput` turns the K sub-codes of a grid position into the tokenizer's code vectors (the
+unit-norm rows of its codebooks, :meth:`~unitok.quantizer.MultiCodebookQuantizer.lookup`) and, when
+given, its post-quantization projection applied to each position alone; both frozen copies taken from the
+tokenizer. The
+:class:`Projector` is a per-token MLP to the LLM width: each position is mapped on its own, so the
+embedding of an image position is the same whether a whole image is read in one pass (training,
+understanding) or one generated position at a time (sampling with a KV cache).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class CodeInput(nn.Module):
+    """Sub-codes ``(N, K)`` -> code vectors ``(N, K*d)`` -> (optionally) the post-quant projection.
+
+    Args:
+        codebooks: ``(K, V, d)`` code vectors (normalised here, as the quantizer does).
+        post_quant: the tokenizer's ``post_quant_proj`` (copied and frozen) or None.
+        post_quant_dim: its output width (required with ``post_quant``).
+    """
+
+    def __init__(self, codebooks: torch.Tensor, post_quant: nn.Module | None = None, post_quant_dim: int = 0):
+        super().__init__()
+        K, V, d = codebooks.shape
+        self.num_codebooks, self.codebook_size, self.code_dim = K, V, d
+        self.register_buffer('table', F.normalize(codebooks.detach().float(), dim=-1).reshape(K * V, d).clone())
+        self.register_buffer('offsets', torch.arange(K) * V, persistent=False)
+        self.post_quant = copy.deepcopy(post_quant).requires_grad_(False) if post_quant is not None else None
+        self.out_dim = post_quant_dim if post_quant is not None else K * d
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes ``(N, K)`` int64 -> ``(N, out_dim)`` float32."""
+        if codes.dim() != 2 or codes.shape[1] != self.num_codebooks:
+            raise ValueError(f'codes must be (N, {self.num_codebooks}), got {tuple(codes.shape)}')
+        vectors = F.embedding(codes.long() + self.offsets, self.table).flatten(1)     # (N, K*d)
+        if self.post_quant is None:
+            return vectors
+        # Each position alone (a sequence of one): UniTok's attention projection would otherwise mix the
+        # positions of an image, which a generated position cannot see yet. Float32, autocast off, as UniTok.
+        with torch.autocast(vectors.device.type, enabled=False):
+            return self.post_quant(vectors[:, None].float())[:, 0]
+
+
+class Projector(nn.Module):
+    """Per-token MLP ``in_dim -> hidden -> out_dim`` (LayerNorm, Linear, GELU, Linear)."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(in_dim)
+        self.fc1 = nn.Linear(in_dim, hidden)
+        self.fc2 = nn.Linear(hidden, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(self.norm(x))))

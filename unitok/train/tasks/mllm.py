@@ -1,0 +1,304 @@
+"""Training the multimodal LLM (:class:`~unitok.mllm.UniTokMLLM`) as a task of the one loop.
+
+Data: codes exported by ``unitok export-codes`` with their captions (:class:`CodeDataset`). Every
+item gives two sequences of the same batch: understanding (``question`` -> the item's name, text
+cross-entropy) and text-to-image (``draw`` with the name -> the item's codes, the depth head's
+cross-entropy; the prompt replaced by the null prompt with probability ``prompt_dropout``, for
+classifier-free guidance). The view of each item and the dropout are drawn from the per-sample
+seeded RNG, so a resumed run sees exactly what the uninterrupted one saw.
+
+Stage 1 trains the connector, the image-token embeddings and the depth head with the LLM frozen;
+stage 2 adds LoRA adapters to the LLM (``lora_rank``), usually from a stage-1 model (``init``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from ...checkpoint import CheckpointError
+from ...config import ConfigError
+from ...data import TrainStream
+from ...generation.codes import CodeDataset
+from ...utils import dataclass_io
+from ..config import BaseOptimConfig, RunConfig
+from ..task import Phase, Task
+
+log = logging.getLogger('unitok.train')
+TASKS = ('understand', 'generate')
+
+
+@dataclass
+class MLLMDataConfig:
+    train: str = ''                      # export directory of codes with captions (`unitok export-codes`)
+    val: str | None = None               # held-out export (None: no validation)
+    batch_size: int = 8                  # items per rank and micro-step (each gives one sequence per task)
+    num_workers: int = 0
+    max_text: int = 96                   # text tokens per sequence besides the image (longer items are skipped)
+
+    def __post_init__(self):
+        dataclass_io.coerce_fields(self)
+
+
+def _mllm_optim() -> BaseOptimConfig:
+    return BaseOptimConfig(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0, warmup=0.05, end_ratio=0.1,
+                           grad_clip=1.0, ema=0.0)
+
+
+@dataclass
+class MLLMTrainConfig(RunConfig):
+    """Training a :class:`~unitok.mllm.UniTokMLLM` (the :class:`MLLMTask`)."""
+    tokenizer: str = ''                  # the UniTok model dir that exported the codes (required)
+    llm: str = 'smollm2'                 # LLM spec (see unitok.mllm.llm)
+    init: str | None = None              # start from this MLLM directory (e.g. stage 2 from stage 1)
+    stage: int = 1                       # 1: LLM frozen; 2: plus LoRA adapters (lora_rank)
+    lora_rank: int = 8
+    model: dict = field(default_factory=dict)   # MLLMConfig overrides (head_width, projector_hidden, ...)
+    tasks: tuple[str, ...] = TASKS
+    question: str = 'What is this emoji?'
+    draw: str = 'Draw an emoji of {}.'
+    prompt_dropout: float = 0.1
+    sample_prompts: int = 4              # prompts in the sample grid written every image_every steps
+    sample_cfg: float = 2.0
+    out: str = 'runs/mllm'
+    precision: str = 'bf16'
+    eval_batches: int = 4
+    data: MLLMDataConfig = field(default_factory=MLLMDataConfig)
+    optim: BaseOptimConfig = field(default_factory=_mllm_optim)
+
+    def __post_init__(self):
+        dataclass_io.coerce_fields(self)
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.data.train:
+            raise ConfigError('data.train (--codes): the directory of exported codes with captions is required')
+        if not self.tokenizer:
+            raise ConfigError('tokenizer (--tokenizer): the UniTok model that exported the codes is required')
+        if self.stage not in (1, 2):
+            raise ConfigError(f'stage must be 1 (LLM frozen) or 2 (LoRA adapters), got {self.stage}')
+        if self.stage == 2 and self.lora_rank < 1:
+            raise ConfigError(f'stage 2 needs lora_rank >= 1, got {self.lora_rank}')
+        if not self.tasks or any(t not in TASKS for t in self.tasks):
+            raise ConfigError(f'tasks must be a non-empty subset of {TASKS}, got {list(self.tasks)}')
+        if not 0 <= self.prompt_dropout < 1:
+            raise ConfigError(f'prompt_dropout must be in [0, 1), got {self.prompt_dropout}')
+        if self.draw.count('{}') != 1:
+            raise ConfigError(f'draw must contain exactly one {{}} (where the name goes), got {self.draw!r}')
+
+    def make_task(self) -> 'MLLMTask':
+        return MLLMTask(self)
+
+
+_NAME = re.compile(r'^an emoji of (.+?)(?: \(.*\))?\.?$')
+
+
+def item_name(captions: list[str]) -> str:
+    """The name of an item from its captions: ``'an emoji of NAME (sub, category)'`` -> ``NAME``;
+    otherwise the first caption."""
+    if not captions:
+        return ''
+    m = _NAME.match(captions[0])
+    return m.group(1) if m else captions[0]
+
+
+class _Items:
+    """A :class:`CodeDataset` as a map-style source of the training stream: ``(codes (A,K,h,w), captions)``."""
+
+    def __init__(self, dataset: CodeDataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def read(self, i):
+        return torch.from_numpy(self.dataset.codes(i).astype('int64')), self.dataset.captions(i)
+
+    def key(self, i):
+        return self.dataset.key(i)
+
+
+class _Objective(nn.Module):
+    """``forward`` = the model's loss, so that DDP sees the training computation as a forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch):
+        return self.model(batch)
+
+
+class MLLMTask(Task):
+    name = 'mllm'
+    progress_keys = ('loss', 'text_loss', 'image_loss', 'lr')
+
+    def __init__(self, cfg: MLLMTrainConfig, llm=None):
+        """``llm``: an optional ``(model, tokenizer)`` pair used instead of loading ``cfg.llm``."""
+        from ...mllm.model import UniTokMLLM
+        from ...model import UniTok
+        self.cfg = cfg
+        self.train_codes = CodeDataset(cfg.data.train, view='all')
+        self.val_codes = CodeDataset(cfg.data.val, view=0) if cfg.data.val else None
+        tokenizer = UniTok.from_pretrained(cfg.tokenizer).eval().requires_grad_(False)
+        self.train_codes.check_tokenizer(tokenizer)
+        if self.val_codes is not None:
+            self.val_codes.check_tokenizer(tokenizer)
+        overrides = dict(cfg.model)
+        if cfg.stage == 2:
+            overrides['lora_rank'] = cfg.lora_rank
+        if cfg.init:
+            self.model = UniTokMLLM.from_pretrained(cfg.init, llm=llm or cfg.llm, tokenizer=tokenizer)
+            if cfg.stage == 2 and not self.model.config.lora_rank:
+                self.model.config.lora_rank = cfg.lora_rank
+                self.model.add_lora()
+        else:
+            self.model = UniTokMLLM.build(tokenizer, llm or cfg.llm, **overrides)
+            self.model.config.tokenizer_ref['path'] = os.path.abspath(cfg.tokenizer)
+        self.model.freeze_llm()
+        if 'generate' not in cfg.tasks:
+            self.model.head.requires_grad_(False)
+        self.seq_len = self.model.config.num_positions + cfg.data.max_text
+
+    def setup(self, strategy) -> None:
+        oc = self.cfg.optim
+        self.strategy = strategy
+        self.model.image_tokenizer.to(strategy.device)
+        self.wrapped = strategy.wrap(_Objective(self.model), owner=self.model)
+        self.warmup_steps = round(oc.warmup * self.cfg.steps)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        decay = [p for p in params if p.dim() >= 2]
+        rest = [p for p in params if p.dim() < 2]
+        optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': oc.weight_decay},
+                                       {'params': rest, 'weight_decay': 0.0}], lr=oc.lr, betas=oc.betas, eps=oc.eps)
+        self._phases = [Phase('model', self.model, optimizer, self.lr)]
+
+    def phases(self) -> list[Phase]:
+        return self._phases
+
+    def lr(self, step: int) -> float:
+        from ..schedule import cosine_factor
+        oc = self.cfg.optim
+        return oc.lr * cosine_factor(step, self.cfg.steps, self.warmup_steps, oc.start_ratio, oc.end_ratio)
+
+    # ------------------------------------------------------------------ data
+    def examples(self, codes: torch.Tensor, captions: list[str], drop_prompt: bool = False) -> list[dict]:
+        """The sequences of one item (codes ``(K, h, w)``), one per task of the run."""
+        name = item_name(captions)
+        out = []
+        if 'understand' in self.cfg.tasks:
+            out.append(self.model.understanding_example(codes, self.cfg.question, name))
+        if 'generate' in self.cfg.tasks:
+            out.append(self.model.generation_example(codes, None if drop_prompt else self.cfg.draw.format(name)))
+        return out
+
+    def _padded(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        from ...mllm.data import collate
+        if any(len(e['input_ids']) > self.seq_len for e in examples):
+            raise ValueError(f'a sequence of {max(len(e["input_ids"]) for e in examples)} tokens exceeds '
+                             f'{self.seq_len} (the image plus data.max_text={self.cfg.data.max_text})')
+        return collate(examples, length=self.seq_len)               # (S, seq_len) each
+
+    def train_stream(self, rank, world_size, num_workers, start_positions, worker_offset):
+        def prepare(item):
+            codes, captions = item
+            view = int(torch.randint(codes.shape[0], ())) if codes.shape[0] > 1 else 0   # seeded per sample
+            drop = bool(torch.rand(()) < self.cfg.prompt_dropout)
+            return self._padded(self.examples(codes[view], captions, drop))
+        return TrainStream(_Items(self.train_codes), prepare=prepare, seed=self.cfg.seed, rank=rank,
+                           world_size=world_size, num_workers=num_workers, start_positions=start_positions,
+                           worker_offset=worker_offset)
+
+    @staticmethod
+    def _flatten(batch: dict) -> dict:
+        """``(B, S, T)`` sequences of the stream -> ``(B*S, T')``, cut to the longest real sequence."""
+        keys = ('input_ids', 'attention_mask', 'image_mask', 'codes', 'labels', 'image_targets')
+        flat = {k: batch[k].flatten(0, 1) for k in keys}
+        T = int(flat['attention_mask'].sum(1).max())
+        return {k: v[:, :T] for k, v in flat.items()}
+
+    def loss(self, phase, batch, step):
+        return self.wrapped(self._flatten(batch))
+
+    # ------------------------------------------------------------------ validation, images, export
+    @torch.no_grad()
+    def validate(self, strategy) -> dict[str, float]:
+        """Held-out text loss (answers) and image loss (codes given the prompt) on the first
+        ``eval_batches * batch_size`` items (view 0, no prompt dropout)."""
+        if self.val_codes is None:
+            return {}
+        from ...mllm.data import collate
+        bs = self.cfg.data.batch_size
+        n = min(len(self.val_codes), self.cfg.eval_batches * bs)
+        mine = list(range(strategy.rank, n, strategy.world_size))
+        sums = torch.zeros(5, dtype=torch.float64, device=strategy.device)   # text sum, count, image sum, count, items
+        for s in range(0, len(mine), bs):
+            examples = []
+            for i in mine[s:s + bs]:
+                examples += self.examples(torch.from_numpy(self.val_codes.codes(i)[0].astype('int64')),
+                                          self.val_codes.captions(i))
+            batch = self.to_device(collate(examples), strategy.device)
+            _, m = self.model(batch)
+            nt = float((batch['labels'] != -100).sum())
+            ni = float(batch['image_targets'][:, :-1].sum())
+            sums += torch.tensor([float(m['text_loss']) * nt, nt, float(m['image_loss']) * ni, ni,
+                                  len(mine[s:s + bs])], dtype=torch.float64, device=strategy.device)
+        strategy.all_reduce(sums)
+        out = {'samples': float(sums[4])}
+        if sums[1] > 0:
+            out['text_loss'] = float(sums[0] / sums[1])
+        if sums[3] > 0:
+            out['image_loss'] = float(sums[2] / sums[3])
+        return out
+
+    @torch.no_grad()
+    def save_images(self, strategy, path, averaged=None) -> bool:
+        """Samples for the names of the first ``sample_prompts`` held-out (else training) items."""
+        if 'generate' not in self.cfg.tasks or not strategy.is_main or self.cfg.sample_prompts < 1:
+            return False
+        from contextlib import nullcontext
+        from ...images import make_grid
+        from ...utils.io import atomic_write
+        ds = self.val_codes or self.train_codes
+        names = [item_name(ds.captions(i)) for i in range(min(len(ds), self.cfg.sample_prompts))]
+        with averaged() if averaged is not None else nullcontext():
+            codes = self.model.generate_image([self.cfg.draw.format(n) for n in names], n=4,
+                                              cfg_scale=self.cfg.sample_cfg, generator=self.cfg.seed)
+        images = self.model.decode_codes(codes)
+        grid = make_grid(list(images.view(len(names), 4, *images.shape[1:])))
+        atomic_write(path, lambda f: grid.save(f, format='PNG'), what='sample grid')
+        return True
+
+    def export(self, state: dict, directory: str) -> None:
+        backup = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        self.model.load_state_dict(state)
+        try:
+            self.model.save_pretrained(directory)
+            info = {'question': self.cfg.question, 'draw': self.cfg.draw, 'tasks': list(self.cfg.tasks),
+                    'codes': os.path.abspath(self.cfg.data.train)}
+            from ...utils.io import atomic_write
+            atomic_write(os.path.join(directory, 'training.json'), lambda f: json.dump(info, f, indent=2), mode='w',
+                         what='training info')
+        finally:
+            self.model.load_state_dict(backup)
+
+    def check_resume(self, saved_config: dict) -> None:
+        saved = MLLMTrainConfig.from_dict(saved_config)
+        fixed = ('llm', 'tokenizer', 'init', 'stage', 'lora_rank', 'model', 'tasks')
+        diff = [k for k in fixed if getattr(saved, k) != getattr(self.cfg, k)]
+        if diff or saved.data.train != self.cfg.data.train:
+            raise CheckpointError(f'cannot resume: {", ".join(diff or ["data.train"])} differ from the checkpoint\'s; '
+                                  'start a new run')
+
+    def describe(self) -> str:
+        c = self.model.config
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        return (f'mllm stage {self.cfg.stage} on {c.llm}: {trainable / 1e6:.2f} M trainable of {total / 1e6:.1f} M '
+                f'parameters; tasks {list(self.cfg.tasks)}; {len(self.train_codes)} items from {self.cfg.data.train} '
+                f'({c.num_codebooks} x {c.codebook_size} codes, grid {c.grid[0]}x{c.grid[1]})')
