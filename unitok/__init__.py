@@ -41,9 +41,17 @@ def _warn_if_the_other_unitok_is_installed() -> None:
 _warn_if_the_other_unitok_is_installed()
 
 
+def __getattr__(name):
+    # The multimodal LLM needs transformers: imported on first use, never by `import unitok`.
+    if name == 'UniTokMLLM':
+        from .mllm import UniTokMLLM
+        return UniTokMLLM
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
 __all__ = [
     'UniTok', 'UniTokConfig', 'UniTokOutput', 'PRESETS', 'create_model', 'MultiCodebookQuantizer',
     'QuantizerOutput', 'load_official_checkpoint', 'official_state_dict', 'save_official_checkpoint',
     'codes_to_sequence', 'sequence_to_codes', 'images', 'CheckpointError', 'ConfigError',
-    'GeneratorModel', 'GeneratorConfig',
+    'GeneratorModel', 'GeneratorConfig', 'UniTokMLLM',
 ]

@@ -390,7 +390,7 @@ def _extra_commands():
     """Sub-commands that live with their subsystems (training, evaluation, demo)."""
     commands = []
     for module in ('unitok.train.cli', 'unitok.eval.cli', 'unitok.demo', 'unitok.generation.export_cli',
-                   'unitok.generation.cli', 'unitok.eval.generation_cli'):
+                   'unitok.generation.cli', 'unitok.eval.generation_cli', 'unitok.mllm.cli'):
         try:
             mod = __import__(module, fromlist=['register'])
         except ModuleNotFoundError as e:

@@ -62,6 +62,9 @@ def run_generate(args) -> int:
     from ..model import UniTok
     from ..train.tasks.generator import GENERATION_INFO
     from ..utils.io import atomic_write, check_writable_file
+    if getattr(args, 'mllm', None):
+        from ..mllm.cli import run_generate as run_mllm
+        return run_mllm(args)
     if args.n < 1:
         raise ValueError(f'--n must be >= 1, got {args.n}')
     check_writable_file(args.out, what='output image')
@@ -114,7 +117,10 @@ def register(sub) -> None:
     p.set_defaults(fn=run_train)
     g = sub.add_parser('generate', help='sample images from a trained generator',
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g.add_argument('--gen', required=True, help='generator model directory (RUN/model of unitok train-gen)')
+    which = g.add_mutually_exclusive_group(required=True)
+    which.add_argument('--gen', help='generator model directory (RUN/model of unitok train-gen)')
+    which.add_argument('--mllm', help='multimodal LLM directory (RUN/model of unitok train-mllm); takes --prompt')
+    g.add_argument('--llm', help='with --mllm: the LLM to use instead of the referenced one')
     g.add_argument('--tokenizer', help='UniTok model that decodes the codes (default: the one it was trained with)')
     g.add_argument('--class', dest='classes', action='append', help='class name (repeatable; default: every class)')
     g.add_argument('--prompt', action='append', help='text prompt (text-conditional generators; repeatable)')

