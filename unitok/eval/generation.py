@@ -678,7 +678,7 @@ def sweep_plot(metrics: dict):
 def _metric_table(metrics: dict) -> str:
     import html
 
-    from .report import _fmt
+    from .report import format_value
     columns = {f'cfg {m["cfg_scale"]:g}': m for m in metrics['sweep']}
     columns.update({'real vs real (floor)': metrics['floors']['real_vs_real'],
                     'reconstruction vs real (floor)': metrics['floors']['reconstruction_vs_real']})
@@ -693,9 +693,9 @@ def _metric_table(metrics: dict) -> str:
             if k not in m:
                 cells.append('<td>&ndash;</td>')
                 continue
-            text = _fmt(m[k])
+            text = format_value(m[k])
             if f'{k}_low' in m:
-                text += f'<br><span class="hint">[{_fmt(m[k + "_low"])}, {_fmt(m[k + "_high"])}]</span>'
+                text += f'<br><span class="hint">[{format_value(m[k + "_low"])}, {format_value(m[k + "_high"])}]</span>'
             cells.append(f'<td>{text}</td>')
         hint = f' <span class="hint">({better} is better)</span>' if better and better != 'about 1' else \
             (' <span class="hint">(about 1: as novel as new real images)</span>' if better else '')
@@ -714,14 +714,14 @@ def write_generation_report(out_dir: str, result: GenEvalResult) -> None:
 
     from ..images import make_grid
     from ..utils.io import atomic_write
-    from .report import _fmt, _png_data_uri
+    from .report import format_value, png_data_uri
     m = result.metrics
     os.makedirs(out_dir, exist_ok=True)
     atomic_write(os.path.join(out_dir, 'report.json'), lambda f: f.write(json.dumps(m, indent=2) + '\n'), mode='w',
                  what='report')
     plot = sweep_plot(m)
     atomic_write(os.path.join(out_dir, 'sweep.png'), lambda f: plot.save(f, format='PNG'), what='sweep plot')
-    sections = [f'<h2>Guidance sweep</h2><img class="plot" alt="guidance sweep" src="{_png_data_uri(plot)}">']
+    sections = [f'<h2>Guidance sweep</h2><img class="plot" alt="guidance sweep" src="{png_data_uri(plot)}">']
     for scale, grid in result.grids.items():
         image = make_grid(list(grid))
         atomic_write(os.path.join(out_dir, f'samples_cfg{scale:g}.png'), lambda f: image.save(f, format='PNG'),
@@ -729,13 +729,13 @@ def write_generation_report(out_dir: str, result: GenEvalResult) -> None:
         names = ''.join(f'<li>{html.escape(c)}</li>' for c in result.classnames)
         sections.append(f'<h2>Samples at guidance scale {scale:g} (one row per class)</h2>'
                         f'<div class="samples"><img class="grid" alt="samples at cfg {scale:g}" '
-                        f'src="{_png_data_uri(image)}"><ol class="classes">{names}</ol></div>')
+                        f'src="{png_data_uri(image)}"><ol class="classes">{names}</ol></div>')
     side = {**{f'ceiling: {k.replace("_", " ")}': v for k, v in m['ceilings'].items()},
             **{f'held-out NLL {k}': v for k, v in m['held_out_nll'].items()},
             'chance': m['chance'], 'copy threshold (cosine distance)': m['sweep'][0]['copy_threshold'],
             'samples per scale': m['samples_per_scale'], 'held-out images': m['held_out_images'],
             'train images': m['train_images']}
-    side_html = '<table>' + ''.join(f'<tr><td class="key">{html.escape(k)}</td><td>{_fmt(v)}</td></tr>'
+    side_html = '<table>' + ''.join(f'<tr><td class="key">{html.escape(k)}</td><td>{format_value(v)}</td></tr>'
                                     for k, v in side.items()) + '</table>'
     meta = m.get('meta', {})
     with open(os.path.join(os.path.dirname(__file__), GEN_TEMPLATE), encoding='utf-8') as f:

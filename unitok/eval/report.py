@@ -35,13 +35,13 @@ LABELS = {
 }
 
 
-def _fmt(v) -> str:
+def format_value(v) -> str:
     if isinstance(v, float):
         return f'{v:.4g}' if abs(v) < 1e5 else f'{v:.3e}'
     return html.escape(str(v))
 
 
-def _png_data_uri(image) -> str:
+def png_data_uri(image) -> str:
     buf = io.BytesIO()
     image.save(buf, format='PNG')
     return 'data:image/png;base64,' + base64.b64encode(buf.getvalue()).decode()
@@ -87,7 +87,7 @@ def _table(columns: dict[str, dict]) -> str:
     rows = []
     for k in keys:
         label, better = LABELS.get(k, (k, ''))
-        cells = ''.join(f'<td>{_fmt(m[k]) if k in m else "&ndash;"}</td>' for m in columns.values())
+        cells = ''.join(f'<td>{format_value(m[k]) if k in m else "&ndash;"}</td>' for m in columns.values())
         hint = f' <span class="hint">({better} is better)</span>' if better else ''
         rows.append(f'<tr><td class="key"><code>{html.escape(k)}</code><br>{html.escape(label)}{hint}</td>{cells}</tr>')
     return f'<table><tr><th>metric</th>{head}</tr>{"".join(rows)}</table>'
@@ -121,10 +121,10 @@ def render_html(reports: dict[str, dict], figures: dict[str, dict], meta: dict) 
         if 'reconstructions' in figs:
             sections.append(f'<h2>{html.escape(name)}: originals (top) and reconstructions (bottom)</h2>'
                             f'<img class="grid" alt="reconstructions of {html.escape(name)}" '
-                            f'src="{_png_data_uri(figs["reconstructions"])}">')
+                            f'src="{png_data_uri(figs["reconstructions"])}">')
         if 'codebook_usage' in figs:
             sections.append(f'<h2>{html.escape(name)}: codebook usage</h2><img class="plot" '
-                            f'alt="codebook usage of {html.escape(name)}" src="{_png_data_uri(figs["codebook_usage"])}">')
+                            f'alt="codebook usage of {html.escape(name)}" src="{png_data_uri(figs["codebook_usage"])}">')
     skipped = [s for r in reports.values() for s in r.get('skipped_files', [])]
     skipped_html = ('<h2>Skipped files</h2><ul>' + ''.join(f'<li>{html.escape(s)}</li>' for s in skipped[:200])
                     + '</ul>') if skipped else ''
