@@ -18,11 +18,11 @@ was (other processes, frequency changes). Times are the best of ``--repeat`` cal
 """
 import argparse
 import os
-import time
 
 import torch
 import torch.nn.functional as F
 
+from timing import timed  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from unitok import MultiCodebookQuantizer
 from unitok.quantizer import _nearest_fp32
 
@@ -44,17 +44,6 @@ def previous_search(quantizer: MultiCodebookQuantizer, latents: torch.Tensor) ->
     K, d = quantizer.num_codebooks, quantizer.code_dim
     z = quantizer._split(latents).view(B * L, K, d).transpose(0, 1)
     return _nearest_fp32(z, quantizer.normalized_codebooks()).view(K, B, L).transpose(0, 1)
-
-
-def timed(fn, repeat: int) -> tuple[float, list[float]]:
-    """(best, all) wall times of ``repeat`` calls after one warm-up call, in seconds."""
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times), times
 
 
 def faiss_row(quantizer, latents, threads):
