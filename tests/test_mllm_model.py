@@ -203,3 +203,22 @@ def test_chat_reads_an_image_file(mllm, tokenizer, tmp_path):
     codes = mllm.encode_image(str(tmp_path / 'x.png'))
     assert answer == mllm.chat(codes, 'What is this emoji?', max_new_tokens=4)
     assert codes.shape == (8, 4, 4)
+
+
+def test_cached_and_uncached_paths_give_the_head_the_same_llm_states(mllm):
+    """Stronger than equal argmaxes: the LLM state handed to the depth head at every image position
+    is the same number with and without the KV cache (positions, masks and padding agree)."""
+    seen = []
+    hook = mllm.head.in_proj.register_forward_hook(lambda mod, args, out: seen.append(args[0].clone()))
+    prompts = ['Draw an emoji of a cat.', 'Draw an emoji of the sun and the moon, a tree and a house.']
+    try:
+        mllm.generate_image(prompts, temperature=0, cfg_scale=2.0)
+        cached = torch.stack(seen)
+        seen.clear()
+        mllm.generate_image(prompts, temperature=0, cfg_scale=2.0, use_cache=False)
+        K = mllm.config.num_codebooks
+        uncached = torch.stack(seen[::K])                  # the uncached head recomputes K steps per position
+    finally:
+        hook.remove()
+    assert cached.shape == (mllm.config.num_positions, 4, mllm.config.llm_dim)
+    torch.testing.assert_close(cached, uncached, rtol=1e-4, atol=1e-5)
