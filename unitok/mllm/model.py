@@ -341,9 +341,13 @@ class UniTokMLLM(nn.Module):
         return self.llm.get_output_embeddings()(hidden)[..., :self.config.base_vocab]
 
     # ------------------------------------------------------------------ training
-    def forward(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, batch: dict, denominator: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of a collated batch (:func:`unitok.mllm.data.collate`): text CE on ``labels`` and the
-        depth head's CE at ``image_targets`` (position t predicts the codes of position t+1)."""
+        depth head's CE at ``image_targets`` (position t predicts the codes of position t+1).
+
+        ``denominator``: what the summed losses are divided by (default: this batch's text targets plus
+        image positions; data-parallel training passes the global count / world size, so that every
+        target weighs the same whatever rank it is on)."""
         ids, mask, image_mask, codes = batch['input_ids'], batch['attention_mask'], batch['image_mask'], batch['codes']
         x = self.embed(ids, image_mask, codes)
         positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
@@ -367,7 +371,9 @@ class UniTokMLLM(nn.Module):
             img_sum = ce.mean(1).sum()
             img_acc = (logits.argmax(-1) == tgt).float().mean()
         w = self.loss_weights
-        loss = (w[0] * text_sum + w[1] * img_sum) / (text_n + img_n).clamp_min(1)
+        if denominator is None:
+            denominator = (text_n + img_n).clamp_min(1)
+        loss = (w[0] * text_sum + w[1] * img_sum) / denominator
         metrics = {'loss': loss.detach(), 'text_loss': (text_sum / text_n.clamp_min(1)).detach(),
                    'image_loss': (img_sum / img_n.clamp_min(1)).detach(), 'text_accuracy': text_acc.detach(),
                    'image_accuracy': img_acc.detach()}

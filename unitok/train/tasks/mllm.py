@@ -130,8 +130,8 @@ class _Objective(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch):
-        return self.model(batch)
+    def forward(self, batch, denominator=None):
+        return self.model(batch, denominator)
 
 
 class MLLMTask(Task):
@@ -223,7 +223,14 @@ class MLLMTask(Task):
         return {k: v[:, :T] for k, v in flat.items()}
 
     def loss(self, phase, batch, step):
-        return self.wrapped(self._flatten(batch))
+        batch = self._flatten(batch)
+        denominator = None
+        if self.strategy.world_size > 1:
+            # Every target weighs the same on every rank: the global count, divided by the world size
+            # because DDP averages the gradients (one small all-reduce per micro-batch).
+            n = ((batch['labels'] != -100).sum() + batch['image_targets'][:, :-1].sum()).float()
+            denominator = (self.strategy.all_reduce(n.reshape(1)) / self.strategy.world_size).clamp_min(1)[0]
+        return self.wrapped(batch, denominator)
 
     # ------------------------------------------------------------------ validation, images, export
     @torch.no_grad()
