@@ -341,7 +341,8 @@ class UniTokMLLM(nn.Module):
         return self.llm.get_output_embeddings()(hidden)[..., :self.config.base_vocab]
 
     # ------------------------------------------------------------------ training
-    def forward(self, batch: dict, denominator: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def forward(self, batch: dict, denominator: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of a collated batch (:func:`unitok.mllm.data.collate`): text CE on ``labels`` and the
         depth head's CE at ``image_targets`` (position t predicts the codes of position t+1).
 
