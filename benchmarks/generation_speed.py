@@ -55,7 +55,7 @@ def sync():
 def head_share(model, labels, kw) -> float:
     """Share of one cached sampling call spent in the output head (wraps the per-position head call)."""
     spent = [0.0]
-    original = sampling._sample_position
+    original = sampling.sample_position
 
     def wrapped(*a, **k):
         sync()
@@ -65,11 +65,11 @@ def head_share(model, labels, kw) -> float:
         spent[0] += time.perf_counter() - t
         return out
 
-    sampling._sample_position = wrapped
+    sampling.sample_position = wrapped
     try:
         total, _ = timed(lambda: generate(model, labels, **kw))
     finally:
-        sampling._sample_position = original
+        sampling.sample_position = original
     return spent[0] / total
 
 

@@ -85,7 +85,7 @@ def sample_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-class _Sampler:
+class CodeSampler:
     """Guidance and per-sub-codebook sampling of one step's logits (N, V) -> codes (B,)."""
 
     def __init__(self, K, temperature, top_k, top_p, generator, guided):
@@ -111,7 +111,7 @@ class _Sampler:
         return torch.cat([codes, codes]) if self.guided else codes
 
 
-def _sample_position(model: GeneratorModel, hidden: torch.Tensor, sampler: _Sampler, scale: float,
+def sample_position(model: GeneratorModel, hidden: torch.Tensor, sampler: CodeSampler, scale: float,
                      head_cache: list[KVCache] | None) -> torch.Tensor:
     """Sub-codes ``(B, K)`` of one position from the backbone states ``hidden (N, dim)``."""
     head, K = model.head, model.config.num_codebooks
@@ -173,7 +173,7 @@ def generate(model: GeneratorModel, cond: Condition, grid: tuple[int, int] | Non
         generator = torch.Generator(device).manual_seed(generator)
     elif generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f'generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}')
-    sampler = _Sampler(K, temperature, top_k, top_p, generator, guided)
+    sampler = CodeSampler(K, temperature, top_k, top_p, generator, guided)
 
     was_training = model.training
     model.eval()
@@ -190,7 +190,7 @@ def generate(model: GeneratorModel, cond: Condition, grid: tuple[int, int] | Non
     return seq.transpose(1, 2).reshape(B, K, h, w).clone()                      # (B, L, K) -> (B, K, h, w); a normal tensor
 
 
-def _generate_cached(model: GeneratorModel, cond: Condition, sampler: _Sampler, scales: list[float]) -> torch.Tensor:
+def _generate_cached(model: GeneratorModel, cond: Condition, sampler: CodeSampler, scales: list[float]) -> torch.Tensor:
     L, K = len(scales), model.config.num_codebooks
     prefix, prefix_mask = model.condition_prefix(cond)                          # (N, P, dim)
     N, P = prefix.shape[:2]
@@ -208,19 +208,19 @@ def _generate_cached(model: GeneratorModel, cond: Condition, sampler: _Sampler, 
     for i in range(L):
         T = x.shape[1]
         hidden = model.backbone(x, (cos[start:start + T], sin[start:start + T]), key_mask, caches, start)
-        out[:, i] = _sample_position(model, hidden[:, -1], sampler, scales[i], head_cache)
+        out[:, i] = sample_position(model, hidden[:, -1], sampler, scales[i], head_cache)
         start += T
         if i < L - 1:
             x = model.embed_codes(sampler.both(out[:, i:i + 1]))                # (N, 1, dim)
     return out
 
 
-def _generate_uncached(model: GeneratorModel, cond: Condition, sampler: _Sampler, scales: list[float]) -> torch.Tensor:
+def _generate_uncached(model: GeneratorModel, cond: Condition, sampler: CodeSampler, scales: list[float]) -> torch.Tensor:
     L, K = len(scales), model.config.num_codebooks
     N = cond.shape[0] if isinstance(cond, torch.Tensor) else cond[0].shape[0]
     B = N // 2 if sampler.guided else N
     out = torch.empty(B, L, K, dtype=torch.long, device=model.device)
     for i in range(L):
         hidden = model.hidden_states(sampler.both(out[:, :i]), cond)[:, -1]     # (N, dim): whole sequence again
-        out[:, i] = _sample_position(model, hidden, sampler, scales[i], None)
+        out[:, i] = sample_position(model, hidden, sampler, scales[i], None)
     return out

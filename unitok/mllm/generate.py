@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..generation.sampling import _Sampler, _sample_position, guidance_scales, sample_logits
+from ..generation.sampling import CodeSampler, sample_position, guidance_scales, sample_logits
 
 
 def _seeded(generator, device) -> torch.Generator | None:
@@ -69,7 +69,7 @@ def generate_codes(model, rows: list[list[int]], *, cfg_scale: float = 1.0, temp
     scales = guidance_scales(cfg_scale, L)
     guided = any(s != 1.0 for s in scales)
     device = model.device
-    sampler = _Sampler(K, temperature, top_k, top_p, _seeded(generator, device), guided)
+    sampler = CodeSampler(K, temperature, top_k, top_p, _seeded(generator, device), guided)
     B = len(rows)
     if guided:
         rows = list(rows) + [model.generation_prompt(None)] * B
@@ -95,7 +95,7 @@ def _codes_cached(model, ids, mask, sampler, scales, out) -> None:
     pos = _positions(mask)
     h = model.hidden_states(model.embed(ids), mask, pos, cache)[:, -1]
     for i in range(len(scales)):
-        out[:, i] = _sample_position(model, h.to(head_dtype), sampler, scales[i], head_cache)
+        out[:, i] = sample_position(model, h.to(head_dtype), sampler, scales[i], head_cache)
         if i < len(scales) - 1:
             x = model.image_embeds(sampler.both(out[:, i]))[:, None].to(h.dtype)    # (N, 1, C)
             mask = torch.cat([mask, mask.new_ones(N, 1)], dim=1)
@@ -115,7 +115,7 @@ def _codes_uncached(model, ids, mask, sampler, scales, out) -> None:
         codes[:, P:] = sampler.both(out[:, :i])
         full_mask = torch.cat([mask, mask.new_ones(N, i)], dim=1)
         h = model.hidden_states(model.embed(full_ids, image, codes), full_mask, _positions(full_mask))[:, -1]
-        out[:, i] = _sample_position(model, h.to(head_dtype), sampler, scales[i], None)
+        out[:, i] = sample_position(model, h.to(head_dtype), sampler, scales[i], None)
 
 
 def generate_text(model, example: dict, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
