@@ -193,7 +193,10 @@ class ResumableBatches:
         return self
 
     def close(self) -> None:
-        self._iter = None
+        """Shut the loader workers down now (they ignore SIGTERM, so they must be asked to stop: the
+        iterator's destructor sends them the end-of-work message and joins them)."""
+        it, self._iter = self._iter, None
+        del it
 
     def state_dict(self) -> dict:
         return {'positions': dict(self.positions), 'consumed': self.consumed}

@@ -182,6 +182,7 @@ class Trainer:
             logger.close()
             raise
         finally:
+            self.data.close()
             for s, h in handlers.items():
                 signal.signal(s, h)
         path = self.save_checkpoint()
