@@ -86,8 +86,9 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, fake_hub):
     assert out.codes.shape == (2, 8, 256) and torch.equal(scope['q'].lookup(out.codes), out.quantized)
     assert sorted(os.listdir('unitok-large')) == ['README.md', 'config.json', 'model.safetensors']
     assert fake_hub == {'your-name/unitok-large': ['README.md', 'config.json', 'model.safetensors']}
-    from_hub = scope['model']                                          # the last example loads it back
+    from_hub = scope['model']                                          # the hub example loads it back
     assert torch.equal(from_hub.encode(x), codes)
+    assert scope['sampled'].shape == (2, 8, 4, 4) and scope['pictures'].shape == (2, 3, 64, 64)   # generation
 
 
 def test_install_section_names_the_distribution_in_pyproject():
