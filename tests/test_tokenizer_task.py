@@ -61,7 +61,7 @@ def test_generator_phase_reports_every_term_and_feeds_the_discriminator(tmp_path
     assert float(m['g_weight']) > 0 and float(m['g_loss']) != 0          # the GAN term is on
     assert batch['fake'].shape == batch['image'].shape and not batch['fake'].requires_grad
     d_total, dm = task.loss(disc, batch, step=5)
-    assert float(d_total) == pytest.approx(float(dm['d_loss'] + dm['bcr']))
+    assert float(d_total.detach()) == pytest.approx(float(dm['d_loss'] + dm['bcr']))
 
 
 def test_a_folder_without_a_validation_split_is_not_validated_on_training_images(tmp_path):
