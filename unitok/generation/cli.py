@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 import numpy as np
@@ -56,11 +55,9 @@ def _class_labels(names: list[str] | None, wanted: list[str] | None, n: int) -> 
 
 def run_generate(args) -> int:
     from ..checkpoint import CheckpointError
-    from ..generation import GeneratorModel, generate, text_condition
-    from ..generation.codes import tokenizer_identity
+    from ..eval.generation import load_generator
+    from ..generation import generate, text_condition
     from ..images import make_grid
-    from ..model import UniTok
-    from ..train.tasks.generator import GENERATION_INFO
     from ..utils.io import atomic_write, check_writable_file
     if getattr(args, 'mllm', None):
         from ..mllm.cli import run_generate as run_mllm
@@ -68,16 +65,8 @@ def run_generate(args) -> int:
     if args.n < 1:
         raise ValueError(f'--n must be >= 1, got {args.n}')
     check_writable_file(args.out, what='output image')
-    model = GeneratorModel.from_pretrained(args.gen, map_location=args.device)
-    info_path = os.path.join(args.gen, GENERATION_INFO)
-    info = json.load(open(info_path, encoding='utf-8')) if os.path.isfile(info_path) else {}
-    tokenizer_path = args.tokenizer or info.get('tokenizer')
-    if not tokenizer_path:
-        raise ValueError('no tokenizer: pass --tokenizer (the UniTok model whose codes the generator was trained on)')
-    tokenizer = UniTok.from_pretrained(tokenizer_path).to(args.device).eval()
-    mine, theirs = tokenizer_identity(tokenizer), info.get('codes_tokenizer')
-    if theirs and any(mine[k] is not None and theirs.get(k) != mine[k] for k in mine):
-        raise CheckpointError(f'{tokenizer_path!r} is not the tokenizer whose codes {args.gen!r} was trained on')
+    # the generator, its generation.json, and the tokenizer it was trained on (checked against the codes)
+    model, tokenizer, info = load_generator(args.gen, args.tokenizer, args.device)
     c = model.config
     if (tokenizer.config.num_codebooks, tokenizer.config.codebook_size) != (c.num_codebooks, c.codebook_size):
         raise CheckpointError(f'the tokenizer has {tokenizer.config.num_codebooks} x {tokenizer.config.codebook_size} '
