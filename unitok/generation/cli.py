@@ -57,8 +57,7 @@ def run_generate(args) -> int:
     from ..checkpoint import CheckpointError
     from ..eval.generation import load_generator
     from ..generation import generate, text_condition
-    from ..images import make_grid
-    from ..utils.io import atomic_write, check_writable_file
+    from ..utils.io import check_writable_file
     if getattr(args, 'mllm', None):
         from ..mllm.cli import run_generate as run_mllm
         return run_mllm(args)
@@ -86,17 +85,23 @@ def run_generate(args) -> int:
                          top_p=args.top_p, generator=args.seed)
         images = tokenizer.decode(codes)
     per_row = args.n if len(rows) > 1 else min(args.n, 8)
+    extra = {'labels': cond.cpu().numpy()} if c.cond == 'class' else {'prompts': np.array(prompts)}
+    write_samples(args, images, codes, per_row, **extra)
+    return 0
+
+
+def write_samples(args, images: torch.Tensor, codes: torch.Tensor, per_row: int, **extra) -> None:
+    """``args.out``: a grid PNG of ``images`` (``per_row`` a row); beside it, the same name with ``.npz``:
+    the codes (uint16), the guidance scale, the seed and ``extra`` arrays (labels or prompts)."""
+    from ..images import make_grid
+    from ..utils.io import atomic_write
     grid = make_grid([images[i:i + per_row] for i in range(0, len(images), per_row)])
     stem = os.path.splitext(args.out)[0]
     atomic_write(args.out, lambda f: grid.save(f, format='PNG'), what='output image')
-    meta = dict(codes=codes.cpu().numpy().astype(np.uint16), cfg=np.float64(args.cfg), seed=np.int64(args.seed))
-    if c.cond == 'class':
-        meta['labels'] = cond.cpu().numpy()
-    else:
-        meta['prompts'] = np.array(prompts)
+    meta = dict(codes=codes.cpu().numpy().astype(np.uint16), cfg=np.float64(args.cfg), seed=np.int64(args.seed),
+                **extra)
     atomic_write(stem + '.npz', lambda f: np.savez(f, **meta), what='codes')
     print(f'wrote {args.out} ({len(images)} samples) and {stem}.npz')
-    return 0
 
 
 def register(sub) -> None:

@@ -62,8 +62,8 @@ def run_chat(args) -> int:
 
 def run_generate(args) -> int:
     """The ``--mllm`` branch of ``unitok generate``."""
-    from ..images import make_grid
-    from ..utils.io import atomic_write, check_writable_file
+    from ..generation.cli import write_samples
+    from ..utils.io import check_writable_file
     if not args.prompt:
         raise ValueError('generate --mllm needs --prompt "..." (repeatable)')
     if args.classes:
@@ -76,13 +76,7 @@ def run_generate(args) -> int:
                                  top_k=args.top_k, top_p=args.top_p, generator=args.seed)
     with torch.no_grad():
         images = model.decode_codes(codes)
-    grid = make_grid([images[i:i + args.n] for i in range(0, len(images), args.n)])
-    stem = os.path.splitext(args.out)[0]
-    atomic_write(args.out, lambda f: grid.save(f, format='PNG'), what='output image')
-    meta = dict(codes=codes.cpu().numpy().astype(np.uint16), cfg=np.float64(args.cfg), seed=np.int64(args.seed),
-                prompts=np.array([p for p in args.prompt for _ in range(args.n)]))
-    atomic_write(stem + '.npz', lambda f: np.savez(f, **meta), what='codes')
-    print(f'wrote {args.out} ({len(images)} samples) and {stem}.npz')
+    write_samples(args, images, codes, args.n, prompts=np.array([p for p in args.prompt for _ in range(args.n)]))
     return 0
 
 
