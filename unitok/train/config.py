@@ -32,6 +32,18 @@ class DataConfig:
 
 
 @dataclass
+class CodesDataConfig:
+    """Data of the tasks that train on exported codes (`unitok export-codes` directories)."""
+    train: str = ''                      # export directory of the training codes
+    val: str | None = None               # export directory of held-out codes (None: no validation)
+    batch_size: int = 32                 # items per rank and micro-step
+    num_workers: int = 0                 # loader processes per rank (codes are memory-mapped: 0 is fine)
+
+    def __post_init__(self):
+        dataclass_io.coerce_fields(self)
+
+
+@dataclass
 class LossConfig:
     l1: float = 0.2
     l2: float = 1.0

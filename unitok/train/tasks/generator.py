@@ -24,7 +24,7 @@ from ...data import TrainStream
 from ...generation import GeneratorConfig, GeneratorModel, generate, text_condition
 from ...generation.codes import CodeDataset
 from ...utils import dataclass_io
-from ..config import BaseOptimConfig, RunConfig
+from ..config import BaseOptimConfig, CodesDataConfig, RunConfig
 from ..task import Phase, Task
 from .tokenizer import param_groups
 
@@ -33,15 +33,8 @@ GENERATION_INFO = 'generation.json'      # beside the exported generator: classe
 
 
 @dataclass
-class GenDataConfig:
-    train: str = ''                      # export directory of the training codes (`unitok export-codes`)
-    val: str | None = None               # export directory of held-out codes (None: no validation)
+class GenDataConfig(CodesDataConfig):
     label: str | None = None             # label set of the export to condition on (default: its first)
-    batch_size: int = 32                 # sequences per rank and micro-step
-    num_workers: int = 0                 # loader processes per rank (codes are memory-mapped: 0 is fine)
-
-    def __post_init__(self):
-        dataclass_io.coerce_fields(self)
 
 
 def _gen_optim() -> BaseOptimConfig:

@@ -26,7 +26,7 @@ from ...config import ConfigError
 from ...data import TrainStream
 from ...generation.codes import CodeDataset
 from ...utils import dataclass_io
-from ..config import BaseOptimConfig, RunConfig
+from ..config import BaseOptimConfig, CodesDataConfig, RunConfig
 from ..task import Phase, Task
 
 log = logging.getLogger('unitok.train')
@@ -34,15 +34,9 @@ TASKS = ('understand', 'generate')
 
 
 @dataclass
-class MLLMDataConfig:
-    train: str = ''                      # export directory of codes with captions (`unitok export-codes`)
-    val: str | None = None               # held-out export (None: no validation)
+class MLLMDataConfig(CodesDataConfig):
     batch_size: int = 8                  # items per rank and micro-step (each gives one sequence per task)
-    num_workers: int = 0
     max_text: int = 96                   # text tokens per sequence besides the image (longer items are skipped)
-
-    def __post_init__(self):
-        dataclass_io.coerce_fields(self)
 
 
 def _mllm_optim() -> BaseOptimConfig:
