@@ -10,6 +10,16 @@ import unitok
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(scope='module')
+def one_thread():
+    """For modules of thousands of tiny ops (use with ``pytestmark = pytest.mark.usefixtures('one_thread')``):
+    one thread avoids spinning idle threads on a loaded machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope='session')
 def tiny_config():
     return unitok.UniTokConfig.from_preset('unitok-tiny')

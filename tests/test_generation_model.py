@@ -18,13 +18,7 @@ SMALL = dict(num_codebooks=4, codebook_size=32, grid=(3, 4), dim=32, depth=2, nu
              text_dim=24, text_len=6, dropout=0.0, token_dropout=0.0)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Thousands of tiny ops: one thread avoids spinning idle threads on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.3) -> torch.nn.Module:

@@ -11,13 +11,7 @@ from test_generation_model import SMALL, randomize, text_cond
 GREEDY = dict(temperature=0.0)
 
 
-@pytest.fixture(autouse=True, scope='module')
-def one_thread():
-    """Sampling runs thousands of tiny ops: one thread avoids spinning idle threads on a loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def small64(**overrides) -> GeneratorModel:
