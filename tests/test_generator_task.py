@@ -1,8 +1,6 @@
 """The generator trained through the one loop on exported codes: learning, held-out NLL, exact resume
 after SIGTERM, export, `unitok generate`, and clear errors for codes that do not fit."""
 import json
-import os
-import signal
 
 import numpy as np
 import pytest
@@ -10,6 +8,7 @@ import torch
 
 import unitok
 from unitok.cli import main as cli
+from train_helpers import sigterm_at
 from unitok.config import ConfigError
 from unitok.generation import GeneratorModel
 from unitok.generation.codes import ExportConfig, export_codes
@@ -60,15 +59,8 @@ def test_generator_learns_on_exported_codes_and_reports_held_out_nll(exported, t
 def test_generator_resume_after_sigterm_is_exact(exported, tmp_path, monkeypatch):
     ref = Trainer(_cfg(exported, tmp_path / 'ref', steps=6))
     ref.fit()
-    cut_cfg = _cfg(exported, tmp_path / 'cut', steps=6)
-    cut = Trainer(cut_cfg)
-    loss = cut.task.loss
-
-    def signalled(phase, batch, step):
-        if step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return loss(phase, batch, step)
-    monkeypatch.setattr(cut.task, 'loss', signalled)
+    cut = Trainer(_cfg(exported, tmp_path / 'cut', steps=6))
+    sigterm_at(cut, 2, monkeypatch)
     assert cut.fit()['exit'] == 'signal SIGTERM'
     again = Trainer(_cfg(exported, tmp_path / 'cut', steps=6))
     again.fit(resume='latest')

@@ -2,7 +2,6 @@
 both tasks, resumes exactly after SIGTERM, exports a model that loads, and refuses bad configs."""
 import json
 import os
-import signal
 
 import pytest
 import torch
@@ -10,6 +9,7 @@ import torch
 pytest.importorskip('transformers')
 
 import unitok  # noqa: E402
+from train_helpers import sigterm_at  # noqa: E402
 from unitok.checkpoint import CheckpointError  # noqa: E402
 from unitok.config import ConfigError  # noqa: E402
 from unitok.generation.codes import ExportConfig, export_codes  # noqa: E402
@@ -68,13 +68,7 @@ def test_mllm_resume_after_sigterm_is_exact(exported, tmp_path, monkeypatch):
     ref = Trainer(_cfg(exported, tmp_path / 'ref', steps=5))
     ref.fit()
     cut = Trainer(_cfg(exported, tmp_path / 'cut', steps=5))
-    loss = cut.task.loss
-
-    def signalled(phase, batch, step):
-        if step == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return loss(phase, batch, step)
-    monkeypatch.setattr(cut.task, 'loss', signalled)
+    sigterm_at(cut, 2, monkeypatch)
     assert cut.fit()['exit'] == 'signal SIGTERM'
     again = Trainer(_cfg(exported, tmp_path / 'cut', steps=5))
     again.fit(resume='latest')

@@ -1,6 +1,9 @@
 """Shared helpers for the training tests: tiny configs and parameter comparisons."""
 from __future__ import annotations
 
+import os
+import signal
+
 import torch
 
 from unitok.train import TrainConfig
@@ -27,3 +30,14 @@ def load_params(path: str) -> dict[str, torch.Tensor]:
 def max_param_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a if a[k].numel())
+
+
+def sigterm_at(trainer, step: int, monkeypatch) -> None:
+    """Make ``trainer``'s task send this process SIGTERM during ``step``, as a scheduler would."""
+    loss = trainer.task.loss
+
+    def signalled(phase, batch, at):
+        if at == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return loss(phase, batch, at)
+    monkeypatch.setattr(trainer.task, 'loss', signalled)
