@@ -24,9 +24,17 @@ import torch
 
 
 # ---------------------------------------------------------------------- helpers
-def _progress(iterable, total=None, desc=None, disable=False):
+def _progress(iterable, total=None, desc=None, disable=False, unit='it'):
     from tqdm.auto import tqdm
-    return tqdm(iterable, total=total, desc=desc, disable=disable or not sys.stderr.isatty(), dynamic_ncols=True)
+    return tqdm(iterable, total=total, desc=desc, disable=disable or not sys.stderr.isatty(), dynamic_ncols=True,
+                unit=unit)
+
+
+def _image_batches(files: list[str], size: int, args):
+    """Batches of ``files`` read in ``args.workers`` loader processes (see unitok.data.files)."""
+    from .data.files import image_file_batches
+    return image_file_batches(files, size, args.batch_size, workers=args.workers, skip_bad=args.skip_bad,
+                              pin_memory=torch.device(args.device).type == 'cuda')
 
 
 def collect_images(paths: list[str]) -> list[str]:
@@ -62,6 +70,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected an integer >= 0, got {text!r}') from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f'must be >= 0, got {value}')
+    return value
+
+
 def image_side(text: str) -> int:
     """argparse type: an image side in pixels, a positive multiple of 16 (the encoder's patch size)."""
     value = positive_int(text)
@@ -87,26 +106,6 @@ def device_arg(text: str) -> str:
     elif device.type not in ('cpu', 'cuda', 'mps'):
         raise argparse.ArgumentTypeError(f'unsupported device {text!r}; use cpu, cuda[:N] or mps')
     return text
-
-
-def _batches(files: list[str], size: int):
-    for i in range(0, len(files), size):
-        yield files[i:i + size]
-
-
-def _read_batch(files, image_size, skip_bad):
-    """-> (tensor or None, kept files, skipped (file, reason) pairs)."""
-    from .images import ImageReadError, load_image, to_tensor
-    images, kept, skipped = [], [], []
-    for f in files:
-        try:
-            images.append(load_image(f))
-            kept.append(f)
-        except ImageReadError as e:
-            if not skip_bad:
-                raise
-            skipped.append((f, str(e)))
-    return (to_tensor(images, size=image_size) if images else None), kept, skipped
 
 
 def _save_png(image, staged_path: str, final_path: str) -> None:
@@ -155,17 +154,22 @@ def cmd_convert(args) -> int:
 
 def cmd_encode(args) -> int:
     from .utils.io import atomic_write, check_writable_file
+    from .utils.throughput import ThroughputMeter
     files = collect_images(args.images)
     check_writable_file(args.out, what='codes file')          # before any work
     model = _load_model(args.model, args.device)
     size = args.size or model.config.image_size
     all_codes, kept, skipped = [], [], []
-    for chunk in _progress(list(_batches(files, args.batch_size)), desc='encode'):
-        x, ok, bad = _read_batch(chunk, size, args.skip_bad)
+    bar, meter = _progress(None, total=len(files), desc='encode', unit='img'), ThroughputMeter()
+    for x, ok, bad in meter.wait(_image_batches(files, size, args)):
         skipped += bad
         if x is not None:
-            all_codes.append(model.encode(x.to(args.device)).cpu())
+            with meter.model(len(ok)):
+                all_codes.append(model.encode(x.to(args.device, non_blocking=True)).cpu())
             kept += ok
+        bar.update(len(ok) + len(bad))
+    bar.close()
+    speed = meter.result()
     if not kept:
         raise ValueError('no image could be read')
     codes = torch.cat(all_codes)
@@ -179,6 +183,7 @@ def cmd_encode(args) -> int:
     atomic_write(args.out, write, what='codes file')
     print(f'encoded {len(kept)} image(s) -> {args.out}: codes {tuple(codes.shape)} {np.dtype(dtype).name}'
           + (f'; skipped {len(skipped)} unreadable: ' + ', '.join(f for f, _ in skipped) if skipped else ''))
+    print(f'{speed.summary()} ({args.workers} loader worker(s))')
     return 0
 
 
@@ -306,8 +311,8 @@ def cmd_reconstruct(args) -> int:
     size = args.size or model.config.image_size
     psnrs, skipped, name_of = [], [], dict(zip(files, _unique_names(files)))
     with staged_directory(args.out_dir) as staging:      # an error leaves no PNG of earlier batches behind
-        for chunk in _progress(list(_batches(files, args.batch_size)), desc='reconstruct'):
-            x, ok, bad = _read_batch(chunk, size, args.skip_bad)
+        for x, ok, bad in _progress(_image_batches(files, size, args), desc='reconstruct',
+                                    total=-(-len(files) // args.batch_size)):
             skipped += bad
             if x is None:
                 continue
@@ -346,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument('--device', type=device_arg, default='cuda' if torch.cuda.is_available() else 'cpu')
         s.add_argument('--batch-size', type=positive_int, default=8)
 
+    def workers_arg(s):
+        from .data.files import default_workers
+        s.add_argument('--workers', type=non_negative_int, default=default_workers(),
+                       help='processes reading and decoding images while the model runs (default: one per '
+                            'core beside this process, at most 4; now %(default)s)')
+
     s = sub.add_parser('convert', help='official release checkpoint -> safetensors model directory')
     s.add_argument('checkpoint')
     s.add_argument('out_dir')
@@ -357,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--out', required=True, help='output .npz')
     s.add_argument('--size', type=image_side, default=None, help='resize + centre crop side (default: model size)')
     s.add_argument('--skip-bad', action='store_true', help='skip unreadable images instead of stopping')
+    workers_arg(s)
     model_args(s)
     s.set_defaults(fn=cmd_encode)
 
@@ -374,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument('--out-dir', required=True)
     s.add_argument('--size', type=image_side, default=None)
     s.add_argument('--skip-bad', action='store_true')
+    workers_arg(s)
     model_args(s)
     s.set_defaults(fn=cmd_reconstruct)
 
