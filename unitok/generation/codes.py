@@ -36,7 +36,6 @@ import math
 import os
 import re
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -47,6 +46,7 @@ from ..config import UniTokConfig
 from ..images import ImageReadError
 from ..utils import distributed as D
 from ..utils.io import atomic_write, check_writable_dir
+from ..utils.throughput import Throughput, ThroughputMeter
 
 log = logging.getLogger(__name__)
 
@@ -174,8 +174,12 @@ class ExportConfig:
 class ExportResult:
     manifest: dict
     images: int = 0              # images encoded by this process in this call (finished shards not counted)
-    seconds: float = 0.0
     skipped: list = field(default_factory=list)   # this call's skipped images on this process
+    throughput: Throughput = field(default_factory=Throughput)   # encoder vs loader-wait time of this process
+
+    @property
+    def seconds(self) -> float:
+        return self.throughput.wall
 
     @property
     def images_per_second(self) -> float:
@@ -408,12 +412,12 @@ def export_codes(model, cfg: ExportConfig, out: str, progress: bool = False) -> 
         bar = tqdm(total=total, desc='export-codes', unit='img', disable=not sys.stderr.isatty(), dynamic_ncols=True)
     device, was_training = model.device, model.training
     model.eval()
-    start, encoded, skipped_now = time.time(), 0, []
+    meter, encoded, skipped_now = ThroughputMeter(), 0, []
     rows: list[tuple] = []
     skipped: list[dict] = []
     positions: list[int] = []
     try:
-        for shard, batch, last, end_of_tar in batches:
+        for shard, batch, last, end_of_tar in meter.wait(batches):
             ok = [b for b in batch if b[0] == 'ok']
             for b in batch:
                 positions.append(b[1])
@@ -421,10 +425,11 @@ def export_codes(model, cfg: ExportConfig, out: str, progress: bool = False) -> 
                     skipped.append(dict(index=b[1], key=b[2], reason=b[3]))
                     log.warning('skipped %s: %s', b[2], b[3])
             if ok:
-                x = torch.cat([b[3] for b in ok]).to(device)       # (n * A, 3, S, S)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == 'bf16'):
-                    codes = model.encode(x)                         # (n * A, K, h, w)
-                codes = codes.view(len(ok), -1, *codes.shape[1:]).cpu().numpy().astype(np.uint16)  # (n, A, K, h, w)
+                with meter.model(len(ok)):
+                    x = torch.cat([b[3] for b in ok]).to(device)       # (n * A, 3, S, S)
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == 'bf16'):
+                        codes = model.encode(x)                         # (n * A, K, h, w)
+                    codes = codes.view(len(ok), -1, *codes.shape[1:]).cpu().numpy().astype(np.uint16)  # (n, A, K, h, w)
                 rows += [(b[1], b[2], b[4], b[5], c) for b, c in zip(ok, codes)]
             if bar is not None:
                 bar.update(len(batch))
@@ -438,7 +443,7 @@ def export_codes(model, cfg: ExportConfig, out: str, progress: bool = False) -> 
         if bar is not None:
             bar.close()
         model.train(was_training)
-    seconds = time.time() - start
+    speed = meter.result()
 
     D.barrier()
     manifest = error = None
@@ -452,7 +457,7 @@ def export_codes(model, cfg: ExportConfig, out: str, progress: bool = False) -> 
         raise error
     if message is not None:
         raise CodeFormatError(message)
-    return ExportResult(manifest=manifest, images=encoded, seconds=seconds, skipped=skipped_now)
+    return ExportResult(manifest=manifest, images=encoded, skipped=skipped_now, throughput=speed)
 
 
 def _write_shard(out, shard, rows, skipped, positions, num_labels, cfg, identity, last) -> None:

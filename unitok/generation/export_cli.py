@@ -24,7 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--batch-size', type=int, default=32, help='images per encoder call (default: 32)')
     p.add_argument('--shard-size', type=int, default=1024, help='images per shard (default: 1024)')
     p.add_argument('--limit', type=int, default=None, help='export only the first N items (map-style sources)')
-    p.add_argument('--workers', type=int, default=0, help='image-decoding worker processes (default: 0)')
+    from ..data.files import default_workers
+    p.add_argument('--workers', type=int, default=default_workers(),
+                   help='processes decoding images while the encoder runs (map-style sources; default: one per '
+                        'core beside this process, at most 4; now %(default)s)')
     p.add_argument('--precision', choices=('fp32', 'bf16'), default='fp32', help='encoder precision (default: fp32)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
 
@@ -32,6 +35,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from ..model import UniTok
     from ..utils import distributed as D
+    from ..utils.throughput import Throughput
     from .codes import ExportConfig, export_codes
     cfg = ExportConfig(data=args.data, split=args.split, augment=args.augment, precision=args.precision,
                        shard_size=args.shard_size, limit=args.limit, batch_size=args.batch_size, workers=args.workers)
@@ -39,7 +43,7 @@ def run(args) -> int:
     try:
         model = UniTok.from_pretrained(args.model).to(info.device)
         result = export_codes(model, cfg, args.out, progress=True)
-        stats = D.all_gather_object((result.images, result.seconds))
+        stats = D.all_gather_object((result.images, result.throughput))
     except BaseException:
         D.abort()            # do not wait in a barrier for ranks that will never arrive
         raise
@@ -47,14 +51,15 @@ def run(args) -> int:
     if info.is_main:
         m = result.manifest
         tok = m['tokenizer']
-        images, seconds = sum(s[0] for s in stats), max(s[1] for s in stats)
+        images, speed = sum(s[0] for s in stats), Throughput.combine([s[1] for s in stats])
         shape = (m['num_items'], m['num_views'], tok['num_codebooks'], *tok['grid'])
         print(f'exported {m["num_items"]} image(s) -> {args.out}: codes {shape} uint16 in {len(m["shards"])} '
               f'shard(s), views {m["views"]}')
         if images:
             per_rank = ' + '.join(str(s[0]) for s in stats)
-            print(f'{images} image(s) encoded now at {images / max(seconds, 1e-9):.1f} images/s '
-                  f'({info.world_size} process(es): {per_rank}); {m["num_items"] - images} kept from earlier runs')
+            print(f'{images} image(s) encoded now ({info.world_size} process(es): {per_rank}; {args.workers} loader '
+                  f'worker(s) each); {m["num_items"] - images} kept from earlier runs')
+            print(speed.summary() + ('' if info.world_size == 1 else ' (mean over processes)'))
         if m['skipped']:
             names = ', '.join(s['key'] for s in m['skipped'][:10])
             more = f' and {len(m["skipped"]) - 10} more' if len(m['skipped']) > 10 else ''
