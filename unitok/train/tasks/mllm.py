@@ -1,8 +1,10 @@
 """Training the multimodal LLM (:class:`~unitok.mllm.UniTokMLLM`) as a task of the one loop.
 
 Data: codes exported by ``unitok export-codes`` with their captions (:class:`CodeDataset`). Every
-item gives two sequences of the same batch: understanding (``question`` -> the item's name, text
-cross-entropy) and text-to-image (``draw`` with the name -> the item's codes, the depth head's
+item gives up to three sequences of the same batch: understanding (``question`` -> the item's name, and
+``category_question`` -> the item's class name in the export's label set ``category_set``, text
+cross-entropy; the held-out emoji have names never seen in training, their categories are the ones
+the evaluation classifies) and text-to-image (``draw`` with the name -> the item's codes, the depth head's
 cross-entropy; the prompt replaced by the null prompt with probability ``prompt_dropout``, for
 classifier-free guidance). The view of each item and the dropout are drawn from the per-sample
 seeded RNG, so a resumed run sees exactly what the uninterrupted one saw.
@@ -55,6 +57,8 @@ class MLLMTrainConfig(RunConfig):
     model: dict = field(default_factory=dict)   # MLLMConfig overrides (head_width, projector_hidden, ...)
     tasks: tuple[str, ...] = TASKS
     question: str = 'What is this emoji?'
+    category_question: str = 'Which category is this emoji in?'   # answered with the class name; '' disables
+    category_set: str = ''               # the export's label set of that class name ('' = its first one)
     draw: str = 'Draw an emoji of {}.'
     prompt_dropout: float = 0.1
     sample_prompts: int = 4              # prompts in the sample grid written every image_every steps
@@ -102,7 +106,7 @@ def item_name(captions: list[str]) -> str:
 
 
 class _Items:
-    """A :class:`CodeDataset` as a map-style source of the training stream: ``(codes (A,K,h,w), captions)``."""
+    """A :class:`CodeDataset` as a map-style source of the training stream: ``(codes (A,K,h,w), captions, label)``."""
 
     def __init__(self, dataset: CodeDataset):
         self.dataset = dataset
@@ -111,7 +115,8 @@ class _Items:
         return len(self.dataset)
 
     def read(self, i):
-        return torch.from_numpy(self.dataset.codes(i).astype('int64')), self.dataset.captions(i)
+        item = self.dataset[i]                       # view 'all': codes (A, K, h, w) int64, label of the set
+        return item['codes'], self.dataset.captions(i), item['label']
 
     def key(self, i):
         return self.dataset.key(i)
@@ -137,8 +142,13 @@ class MLLMTask(Task):
         from ...mllm.model import UniTokMLLM
         from ...model import UniTok
         self.cfg = cfg
-        self.train_codes = CodeDataset(cfg.data.train, view='all')
-        self.val_codes = CodeDataset(cfg.data.val, view=0) if cfg.data.val else None
+        label_set = cfg.category_set or None
+        self.train_codes = CodeDataset(cfg.data.train, view='all', label=label_set)
+        self.val_codes = CodeDataset(cfg.data.val, view=0, label=label_set) if cfg.data.val else None
+        self.classnames = list(self.train_codes.classnames or [])
+        if cfg.category_question and not self.classnames:
+            raise ConfigError(f'category_question needs class labels, and the codes in {cfg.data.train!r} have no '
+                              "label set: export labelled data, or pass category_question=''")
         tokenizer = UniTok.from_pretrained(cfg.tokenizer).eval().requires_grad_(False)
         self.train_codes.check_tokenizer(tokenizer)
         if self.val_codes is not None:
@@ -181,12 +191,18 @@ class MLLMTask(Task):
         return oc.lr * cosine_factor(step, self.cfg.steps, self.warmup_steps, oc.start_ratio, oc.end_ratio)
 
     # ------------------------------------------------------------------ data
-    def examples(self, codes: torch.Tensor, captions: list[str], drop_prompt: bool = False) -> list[dict]:
-        """The sequences of one item (codes ``(K, h, w)``), one per task of the run."""
+    def examples(self, codes: torch.Tensor, captions: list[str], drop_prompt: bool = False,
+                 label: int = -1) -> list[dict]:
+        """The sequences of one item (codes ``(K, h, w)``, ``label`` in the category label set, -1:
+        none): the name question, the category question (without a target when unlabelled), the
+        text-to-image sequence, as the run's tasks and ``category_question`` ask."""
         name = item_name(captions)
         out = []
         if 'understand' in self.cfg.tasks:
             out.append(self.model.understanding_example(codes, self.cfg.question, name))
+            if self.cfg.category_question:
+                answer = self.classnames[label] if 0 <= label < len(self.classnames) else None
+                out.append(self.model.understanding_example(codes, self.cfg.category_question, answer))
         if 'generate' in self.cfg.tasks:
             out.append(self.model.generation_example(codes, None if drop_prompt else self.cfg.draw.format(name)))
         return out
@@ -200,10 +216,10 @@ class MLLMTask(Task):
 
     def train_stream(self, rank, world_size, num_workers, start_positions, worker_offset):
         def prepare(item):
-            codes, captions = item
+            codes, captions, label = item
             view = int(torch.randint(codes.shape[0], ())) if codes.shape[0] > 1 else 0   # seeded per sample
             drop = bool(torch.rand(()) < self.cfg.prompt_dropout)
-            return self._padded(self.examples(codes[view], captions, drop))
+            return self._padded(self.examples(codes[view], captions, drop, label))
         return TrainStream(_Items(self.train_codes), prepare=prepare, seed=self.cfg.seed, rank=rank,
                            world_size=world_size, num_workers=num_workers, start_positions=start_positions,
                            worker_offset=worker_offset)
@@ -241,8 +257,8 @@ class MLLMTask(Task):
         for s in range(0, len(mine), bs):
             examples = []
             for i in mine[s:s + bs]:
-                examples += self.examples(torch.from_numpy(self.val_codes.codes(i)[0].astype('int64')),
-                                          self.val_codes.captions(i))
+                item = self.val_codes[i]
+                examples += self.examples(item['codes'], self.val_codes.captions(i), label=item['label'])
             batch = self.to_device(collate(examples), strategy.device)
             _, m = self.model(batch)
             nt = float((batch['labels'] != -100).sum())
@@ -280,7 +296,10 @@ class MLLMTask(Task):
         self.model.load_state_dict(state)
         try:
             self.model.save_pretrained(directory)
-            info = {'question': self.cfg.question, 'draw': self.cfg.draw, 'tasks': list(self.cfg.tasks),
+            names = [s['name'] for s in self.train_codes.manifest['label_sets']]
+            info = {'question': self.cfg.question, 'category_question': self.cfg.category_question,
+                    'category_set': self.cfg.category_set or (names[0] if names else ''),
+                    'classnames': self.classnames, 'draw': self.cfg.draw, 'tasks': list(self.cfg.tasks),
                     'codes': os.path.abspath(self.cfg.data.train)}
             from ...utils.io import atomic_write
             atomic_write(os.path.join(directory, 'training.json'), lambda f: json.dump(info, f, indent=2), mode='w',
