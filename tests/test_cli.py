@@ -81,3 +81,67 @@ def test_output_names_never_collide():
     files = ['a/x.png', 'b/x.png', 'x_1.png', 'c/x.jpg', 'y.png']
     names = _unique_names(files)
     assert len(set(names)) == len(files) and names[2] == 'x_1' and names[0] == 'x' and names[4] == 'y'
+
+
+def _encoded(path):
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def test_encode_in_worker_processes_writes_the_file_of_the_main_process(workdir, capsys):
+    """Images of other sizes (resized by the transform) and formats, read in 2 loader workers: the
+    codes file holds exactly what reading them in the main process gives, files in order."""
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (40, 52, 3), dtype=np.uint8)).save(workdir / 'imgs' / 'im3.jpg')
+    Image.fromarray(rng.integers(0, 256, (128, 64), dtype=np.uint8), 'L').save(workdir / 'imgs' / 'im4.png')
+    common = [str(workdir / 'imgs'), '--model', str(workdir / 'model'), '--batch-size', '2']
+    assert main(['encode', *common, '--out', str(workdir / 'w0.npz'), '--workers', '0']) == 0
+    assert main(['encode', *common, '--out', str(workdir / 'w2.npz'), '--workers', '2']) == 0
+    printed = capsys.readouterr().out
+    assert '5 image(s) in' in printed and 'images/s; model' in printed and '(2 loader worker(s))' in printed
+    a, b = _encoded(workdir / 'w0.npz'), _encoded(workdir / 'w2.npz')
+    assert list(a) == list(b) and all(np.array_equal(a[k], b[k]) for k in a)
+    assert [os.path.basename(f) for f in b['files']] == ['im0.png', 'im1.png', 'im2.png', 'im3.jpg', 'im4.png']
+
+
+@pytest.mark.parametrize('workers', ['0', '2'])
+def test_bad_image_in_worker_processes(workdir, capsys, workers):
+    """In the second of two batches: without --skip-bad one clear error naming it (the one the main
+    process gives) and no codes file; with it the file is listed and the others encoded."""
+    (workdir / 'imgs' / 'im2_corrupt.png').write_bytes(b'\x89PNG broken')
+    out = workdir / 'codes.npz'
+    common = ['encode', str(workdir / 'imgs'), '--model', str(workdir / 'model'), '--out', str(out),
+              '--batch-size', '2', '--workers', workers]
+    assert main(common) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("unitok encode: error: cannot read image '") and err.count('\n') == 1
+    assert "im2_corrupt.png': cannot identify image file" in err
+    assert not out.exists() and not [f for f in os.listdir(workdir) if f.endswith('.tmp')]
+    assert main(common + ['--skip-bad']) == 0
+    z = _encoded(out)
+    assert [os.path.basename(f) for f in z['skipped']] == ['im2_corrupt.png']
+    assert [os.path.basename(f) for f in z['files']] == ['im0.png', 'im1.png', 'im2.png']
+    assert 'skipped 1 unreadable' in capsys.readouterr().out
+
+
+def test_throughput_accounting_on_a_fake_clock():
+    from unitok.utils.throughput import Throughput, ThroughputMeter
+    now = [100.0]
+
+    def loader():                        # 2 s to decode each of 3 batches of 4 images, 0.5 s to shut down
+        for _ in range(3):
+            now[0] += 2
+            yield 4
+        now[0] += 0.5
+    meter = ThroughputMeter(clock=lambda: now[0])
+    for n in meter.wait(loader()):
+        with meter.model(n):
+            now[0] += 3                  # the model
+        now[0] += 1                      # writing outputs: neither
+    t = meter.result()
+    assert (t.images, t.wall, t.model, t.wait) == (12, 18.5, 9.0, 6.5)
+    assert t.images_per_second == 12 / 18.5 and t.model_share == 9 / 18.5 and t.wait_share == 6.5 / 18.5
+    assert t.summary() == '12 image(s) in 18.5 s: 0.6 images/s; model 49% of the time, waiting for data 35%'
+    both = Throughput.combine([t, Throughput(images=8, wall=10.0, model=8.0, wait=1.0)])
+    assert (both.images, both.wall) == (20, 18.5) and both.images_per_second == 20 / 18.5
+    assert abs(both.model_share - (9 / 18.5 + 0.8) / 2) < 1e-12 and abs(both.wait_share - (6.5 / 18.5 + 0.1) / 2) < 1e-12

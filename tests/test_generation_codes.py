@@ -86,6 +86,9 @@ def test_manifest_records_what_the_codes_mean(tokenizer, exported):
     with open(os.path.join(out, 'manifest.json')) as f:
         m = json.load(f)
     assert m == result.manifest and m['complete'] is True
+    speed = result.throughput                  # 7 images through the encoder, timed against the wall clock
+    assert speed.images == result.images == 7 and speed.wall == result.seconds > 0
+    assert 0 < speed.model and 0 < speed.wait and speed.model + speed.wait <= speed.wall
     ident = tokenizer_identity(model)
     assert {k: m['tokenizer'][k] for k in ident} == ident
     assert (m['tokenizer']['num_codebooks'], m['tokenizer']['codebook_size'], m['tokenizer']['grid']) == (8, 512, [4, 4])
@@ -279,7 +282,7 @@ def test_cli_export_codes(tokenizer, tmp_path, capsys):
     assert cli_main(argv) == 0
     printed = capsys.readouterr().out
     assert 'exported 6 image(s)' in printed and '(6, 2, 8, 4, 4) uint16 in 2 shard(s)' in printed
-    assert 'images/s' in printed
+    assert 'images/s' in printed and '6 image(s) in' in printed and '% of the time, waiting for data ' in printed
     assert cli_main(argv) == 0                                       # a finished export: nothing left to do
     assert 'images/s' not in capsys.readouterr().out
     workers = common[:common.index('--out') + 1] + [str(tmp_path / 'workers')] + common[common.index('--out') + 2:]
