@@ -369,7 +369,8 @@ def evaluate_generator(generator, tokenizer, real_source, train_source, cfg: Gen
         tokenizer.train(was[1])
 
 
-def _bar(iterable, desc, total, show):
+def progress_bar(iterable, desc, total, show):
+    """``iterable`` with a tqdm bar (``desc``, ``total`` steps) when ``show``, else as it is."""
     if not show:
         return iterable
     from tqdm.auto import tqdm
@@ -428,7 +429,7 @@ def _evaluate(generator, tokenizer, real_source, train_source, cfg, classnames, 
                 nonlocal nll
                 nll = nll + _nll_sums(generator, codes.view(codes.shape[0], K, h, w), labels.to(device), K)
             yield idx, u8.cpu(), to_uint8_tensor(rec).cpu()
-    for idx, u8, u8_rec in _bar(_rebatch(held_out_pieces(), cfg.batch_size), 'held-out',
+    for idx, u8, u8_rec in progress_bar(_rebatch(held_out_pieces(), cfg.batch_size), 'held-out',
                                 -(-len(mine) // cfg.batch_size), show):
         index.append(idx)
         for n, f in features(u8.to(device)).items():
@@ -452,7 +453,8 @@ def _evaluate(generator, tokenizer, real_source, train_source, cfg, classnames, 
     trows: dict[str, list] = {'label': [], **{f'real_{n}': [] for n in extractors}}
     index = []
     mine = train_idx[rank::world]
-    for idx, x, labels in _bar(read_images(train_source, mine, cfg.batch_size), 'train', -(-len(mine) // cfg.batch_size), show):
+    for idx, x, labels in progress_bar(read_images(train_source, mine, cfg.batch_size), 'train',
+                                       -(-len(mine) // cfg.batch_size), show):
         index.append(idx)
         trows['label'].append(labels)
         for n, f in features(to_uint8_tensor(x.to(device))).items():
@@ -482,7 +484,7 @@ def _evaluate(generator, tokenizer, real_source, train_source, cfg, classnames, 
         srows: dict[str, list] = {'grid': [], **{n: [] for n in extractors}}
         index, grid_index = [], []
         steps = -(-per_scale // max(world, 1) // cfg.batch_size) + 1
-        for idx, u8 in _bar(_rebatch(decoded(), cfg.batch_size), f'samples cfg {scale:g}', steps, show):
+        for idx, u8 in progress_bar(_rebatch(decoded(), cfg.batch_size), f'samples cfg {scale:g}', steps, show):
             index.append(idx)
             for n, f in features(u8.to(device)).items():
                 srows[n].append(f)

@@ -15,7 +15,8 @@ import argparse
 from .features import EXTRACTORS
 
 
-def _scales(text: str) -> tuple[float, ...]:
+def scale_list(text: str) -> tuple[float, ...]:
+    """argparse type: comma-separated guidance scales, ``'1.0,2.0'`` -> ``(1.0, 2.0)``."""
     try:
         values = tuple(float(v) for v in text.split(',') if v.strip())
     except ValueError:
@@ -74,7 +75,7 @@ def register(sub) -> None:
     p.add_argument('--codes-val', help='exported held-out codes for the NLL (default: encode the held-out images)')
     p.add_argument('--out', required=True, help='output directory')
     p.add_argument('--samples-per-class', type=int, default=50)
-    p.add_argument('--cfg', type=_scales, default=(1.0, 1.5, 2.0, 3.0), help='guidance scales, e.g. 1.0,1.5,2.0,3.0')
+    p.add_argument('--cfg', type=scale_list, default=(1.0, 1.5, 2.0, 3.0), help='guidance scales, e.g. 1.0,1.5,2.0,3.0')
     p.add_argument('--temperature', type=float, default=1.0)
     p.add_argument('--top-k', type=int, default=0)
     p.add_argument('--top-p', type=float, default=1.0)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 from .features import EXTRACTORS
-from .generation_cli import _scales
+from .generation_cli import scale_list
 
 
 def run(args) -> int:
@@ -64,7 +64,7 @@ def register(sub) -> None:
     p.add_argument('--codes-train', help='exported training codes for train_name_* (default: the training run\'s)')
     p.add_argument('--out', required=True, help='output directory')
     p.add_argument('--llm', help='another LLM spec for the referenced one (checked against the saved digests)')
-    p.add_argument('--cfg', type=_scales, default=(1.0, 2.0), help='text-to-image guidance scales, e.g. 1.0,2.0')
+    p.add_argument('--cfg', type=scale_list, default=(1.0, 2.0), help='text-to-image guidance scales, e.g. 1.0,2.0')
     p.add_argument('--max-items', type=int, help='held-out items: a fixed class-balanced subset of this size')
     p.add_argument('--train-items', type=int, default=32)
     p.add_argument('--samples-per-item', type=int, default=1)
