@@ -56,7 +56,7 @@ from ..images import to_uint8_tensor
 from ..utils import dataclass_io
 from .evaluator import subset_indices
 from .features import EXTRACTORS, build_extractor
-from .generation import GenEvalConfig, consistency, distribution_metrics
+from .generation import GenEvalConfig, consistency, distribution_metrics, progress_bar
 from .zero_shot import topk_correct
 
 log = logging.getLogger(__name__)
@@ -293,13 +293,6 @@ def _chunks(n: int, size: int) -> list[tuple[int, int]]:
     return [(s, min(s + size, n)) for s in range(0, n, size)]
 
 
-def _bar(iterable, desc, total, show):
-    if not show:
-        return iterable
-    from tqdm.auto import tqdm
-    return tqdm(iterable, desc=desc, total=total)
-
-
 # ---------------------------------------------------------------------- the evaluation
 def evaluate_mllm(model, val_codes, cfg: MLLMEvalConfig | None = None, *, images=None, train_codes=None,
                   train_images=None, progress: bool = False) -> dict:
@@ -362,7 +355,7 @@ def _evaluate(model, val_codes, cfg, images, train_codes, train_images, progress
 
     # ------------------------------------------------------------ held-out real images, reconstructions
     real_u8, rec_u8, zs_logits = [], [], []
-    for s, e in _bar(chunks, 'held-out images', len(chunks), show):
+    for s, e in progress_bar(chunks, 'held-out images', len(chunks), show):
         x = torch.stack([transform(images.read(it['index'])[0]) for it in items[s:e]])
         u8 = to_uint8_tensor(x)
         real_u8.append(u8)
@@ -377,7 +370,7 @@ def _evaluate(model, val_codes, cfg, images, train_codes, train_images, progress
         mix_seed(cfg.seed, 1, it['index']))) for it in items])
     variants = {'image': codes, 'swapped': codes[partner], 'noise': noise}
     predicted = {k: [] for k in variants}
-    for s, e in _bar(chunks, 'LLM classification', len(chunks), show):
+    for s, e in progress_bar(chunks, 'LLM classification', len(chunks), show):
         for k, v in variants.items():
             ll = answer_log_likelihoods(model, v[s:e].to(device), cfg.category_question, classnames)
             predicted[k].append(ll.argmax(1))
@@ -389,7 +382,7 @@ def _evaluate(model, val_codes, cfg, images, train_codes, train_images, progress
     # ------------------------------------------------------------ greedy names
     def names(subset: list[dict], desc: str) -> tuple[list[str], dict]:
         answers = [model.chat(it['codes'], cfg.question, max_new_tokens=cfg.max_new_tokens)
-                   for it in _bar(subset, desc, len(subset), show)]
+                   for it in progress_bar(subset, desc, len(subset), show)]
         scores = {'exact_match': sum(exact_match(a, it['name']) for a, it in zip(answers, subset)) / len(subset),
                   'token_f1': sum(token_f1(a, it['name']) for a, it in zip(answers, subset)) / len(subset)}
         return answers, scores
@@ -423,7 +416,7 @@ def _evaluate(model, val_codes, cfg, images, train_codes, train_images, progress
     sweep, sample_images = [], {}
     for scale in cfg.cfg_scales:
         u8_all, zs_pred = [], []
-        for i, (s, e) in enumerate(_bar(chunks, f'text-to-image cfg {scale:g}', len(chunks), show)):
+        for i, (s, e) in enumerate(progress_bar(chunks, f'text-to-image cfg {scale:g}', len(chunks), show)):
             prompts = [cfg.draw.format(it['name']) for it in items[s:e]]
             sample = model.generate_image(prompts, n=n, cfg_scale=float(scale), temperature=cfg.temperature,
                                           top_k=cfg.top_k, top_p=cfg.top_p, generator=mix_seed(cfg.seed, i))
