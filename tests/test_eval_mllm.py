@@ -12,7 +12,7 @@ pytest.importorskip('transformers')
 import unitok  # noqa: E402
 from unitok.cli import main as cli  # noqa: E402
 from unitok.eval.mllm import (MLLMEvalConfig, MLLMEvalError, answer_log_likelihoods, crossing_derangement,  # noqa: E402
-                              evaluate_mllm, exact_match, token_f1)
+                              evaluate_mllm, exact_match, read_training_info, token_f1)
 from unitok.eval.evaluator import subset_indices  # noqa: E402
 from unitok.generation.codes import CodeDataset, CodeFormatError, ExportConfig, export_codes  # noqa: E402
 from unitok.mllm.data import IGNORE, collate  # noqa: E402
@@ -71,7 +71,7 @@ def test_category_question_adds_a_sequence_answered_with_the_class_name(root):
     from unitok.train.tasks.mllm import MLLMTrainConfig, MLLMTask
     base = dict(out=str(root / 'run'), tokenizer=str(root / 'tokenizer'), llm='tiny-random', precision='fp32')
     over = [f'data.train={root / "train"}', 'model.head_width=32', 'model.head_heads=2', 'model.head_depth=1']
-    task = MLLMTask(MLLMTrainConfig(**base).override(over))
+    task = MLLMTask(MLLMTrainConfig(**base, category_question='Which group is it in?').override(over))
     item = task.train_codes[3]
     codes, captions = item['codes'][0], task.train_codes.captions(3)
     name_seq, cat_seq, gen_seq = task.examples(codes, captions, label=item['label'])
@@ -82,6 +82,13 @@ def test_category_question_adds_a_sequence_answered_with_the_class_name(root):
     assert (task.examples(codes, captions, label=-1)[1]['labels'] == IGNORE).all()   # unlabelled: no target
     off = MLLMTask(MLLMTrainConfig(**base, category_question='').override(over))
     assert len(off.examples(codes, captions, label=item['label'])) == 2
+    # the exported model records the question and the classes; the evaluation takes them from there
+    task.export(task.model.state_dict(), str(root / 'exported'))
+    info = read_training_info(str(root / 'exported'))
+    assert info['classnames'] == task.classnames and info['category_set'] == 'category'
+    resolved = MLLMEvalConfig().resolved(info)
+    assert (resolved.category_question, resolved.label_set) == ('Which group is it in?', 'category')
+    assert resolved.question == 'What is this emoji?' and resolved.draw == 'Draw an emoji of {}.'
 
 
 def test_log_likelihood_classifier_equals_a_hand_computation(root, fitted):
