@@ -35,6 +35,15 @@ from .modules.text import build_text_tower, tokenize
 from .quantizer import MultiCodebookQuantizer, QuantizerOutput
 from .sequence import square_grid
 
+def check_model_dtype(dtype) -> torch.dtype:
+    """``dtype`` if it is a model dtype (float32, bfloat16, float16, float64), else a ValueError."""
+    allowed = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+    if dtype not in allowed:
+        raise ValueError(f'model dtype must be one of torch.float32, torch.bfloat16 (the inference fast '
+                         f'path), torch.float16 or torch.float64; got {dtype!r}')
+    return dtype
+
+
 def check_templates(templates: Sequence[str | Callable[[str], str]]) -> None:
     """Zero-shot prompt templates are callables or strings with exactly one ``{}`` for the class name
     (a template without it would give every class the same prompt)."""
@@ -120,12 +129,52 @@ class UniTok(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str, map_location: str | torch.device = 'cpu',
-                        revision: str | None = None) -> 'UniTok':
+                        revision: str | None = None, dtype: torch.dtype | None = None) -> 'UniTok':
         """Load ``config.json`` + ``model.safetensors`` from a directory or a Hugging Face hub id
         (``owner/name``, at ``revision`` if given), or an official release checkpoint (``.pth``, loaded
-        without executing pickled code). Anything else raises :class:`~unitok.CheckpointError`."""
+        without executing pickled code). Anything else raises :class:`~unitok.CheckpointError`.
+
+        ``dtype=torch.bfloat16`` (or float16) returns the inference fast path: see :meth:`to`."""
         from .checkpoint import load_pretrained
-        return load_pretrained(path_or_hub_id, map_location=map_location, revision=revision)
+        model = load_pretrained(path_or_hub_id, map_location=map_location, revision=revision)
+        return model if dtype is None else model.to(check_model_dtype(dtype))
+
+    # ------------------------------------------------------------------ precision
+    #: Top-level parts that stay float32 when the model is cast to bfloat16/float16: the projections
+    #: into and out of the quantizer, the quantizer (codebooks, nearest-code search) and the CLIP head.
+    FP32_PARTS = ('quant_proj', 'quantizer', 'post_quant_proj', 'fc_norm', 'projection', 'logit_scale')
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Compute dtype of the encoder, decoder and text tower (the inputs are cast to it)."""
+        return self.encoder.pos_embed.dtype
+
+    def to(self, *args, **kwargs) -> 'UniTok':
+        """``nn.Module.to``, except that a bfloat16/float16 dtype is the inference fast path.
+
+        The encoder, decoder and text tower are cast once (weights held in that dtype, no autocast
+        re-cast per call); :attr:`FP32_PARTS` stay float32, their inputs
+        cast up at the boundary, so the quantizer searches float32 latents. Images are cast to
+        :attr:`dtype` by :meth:`encode`/:meth:`reconstruct`, and images and embeddings come back float32.
+        ``to(torch.float32)`` (or ``float()``) casts everything back (the weights keep their bf16 rounding).
+        """
+        device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
+        if dtype is None or dtype not in (torch.bfloat16, torch.float16):
+            return super().to(*args, **kwargs)
+        if device is not None or memory_format is not None:
+            super().to(device=device, non_blocking=non_blocking, memory_format=memory_format)
+        for name, child in self.named_children():
+            if name not in self.FP32_PARTS:
+                child.to(dtype)
+        return self
+
+    def bfloat16(self) -> 'UniTok':
+        """Same as ``to(torch.bfloat16)``: the inference fast path."""
+        return self.to(torch.bfloat16)
+
+    def half(self) -> 'UniTok':
+        """Same as ``to(torch.float16)`` (the fast-path split, in float16)."""
+        return self.to(torch.float16)
 
     def save_pretrained(self, directory: str) -> None:
         """Write ``config.json``, ``model.safetensors`` and a model card ``README.md`` to ``directory``
@@ -209,7 +258,7 @@ class UniTok(nn.Module):
         """Checked images in the parameters' dtype (float16/bfloat16/float64 inputs are cast); under
         autocast only float64 is cast, autocast handles the rest."""
         check_images(images)
-        want = self.logit_scale.dtype
+        want = self.dtype
         if images.dtype != want and (images.dtype == torch.float64
                                      or not torch.is_autocast_enabled(images.device.type)):
             images = images.to(want)
@@ -272,8 +321,8 @@ class UniTok(nn.Module):
         return self._decode_tokens(self._project(self.post_quant_proj, quantized), grid)
 
     def _decode_tokens(self, tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        # tokens: post_quant_proj output (B, Q + h*w, C)
-        return self.decoder(tokens, grid).float()
+        # tokens: post_quant_proj output (B, Q + h*w, C) float32, cast to the decoder's dtype
+        return self.decoder(tokens.to(self.dtype), grid).float()
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
@@ -336,6 +385,8 @@ class UniTok(nn.Module):
     def encode_text(self, texts, normalize: bool = True) -> torch.Tensor:
         """Text embeddings ``(N, E)`` from strings or token ids ``(N, text_context_length)``."""
         features = self.text_encoder(self._text_ids(texts))
+        if self.dtype in (torch.bfloat16, torch.float16):
+            features = features.float()
         return F.normalize(features, dim=-1) if normalize else features
 
     @torch.no_grad()
@@ -378,7 +429,7 @@ class UniTok(nn.Module):
         q: QuantizerOutput = self.quantizer(latents)
         tokens = self._project(self.post_quant_proj, q.quantized)     # (B, Q + h*w, C) float32
         b = images.shape[0] if recon_batch_size is None else min(recon_batch_size, images.shape[0])
-        reconstruction = self.decoder(tokens[:b], grid).float() if b > 0 else None
+        reconstruction = self._decode_tokens(tokens[:b], grid) if b > 0 else None
         image_features = F.normalize(self._image_embedding(tokens), dim=-1)
         text_features = None if texts is None else self.encode_text(texts, normalize=True)
         return UniTokOutput(

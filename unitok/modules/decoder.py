@@ -39,8 +39,12 @@ class Upsample2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, _, H, W = x.shape
         w = self.conv.weight
-        taps = torch.tensor(_PHASE_TAPS, dtype=w.dtype, device=w.device)
-        kernels = torch.einsum('apk,oikl,bql->aboipq', taps, w, taps)                   # (2, 2, O, C, 2, 2)
+        if w.dtype in (torch.bfloat16, torch.float16):   # sum the taps in float32, round once
+            taps = torch.tensor(_PHASE_TAPS, dtype=torch.float32, device=w.device)
+            kernels = torch.einsum('apk,oikl,bql->aboipq', taps, w.float(), taps).to(w.dtype)
+        else:
+            taps = torch.tensor(_PHASE_TAPS, dtype=w.dtype, device=w.device)
+            kernels = torch.einsum('apk,oikl,bql->aboipq', taps, w, taps)               # (2, 2, O, C, 2, 2)
         out = None
         for a in range(2):
             for b in range(2):
