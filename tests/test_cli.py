@@ -141,7 +141,7 @@ def test_throughput_accounting_on_a_fake_clock():
     t = meter.result()
     assert (t.images, t.wall, t.model, t.wait) == (12, 18.5, 9.0, 6.5)
     assert t.images_per_second == 12 / 18.5 and t.model_share == 9 / 18.5 and t.wait_share == 6.5 / 18.5
-    assert t.summary() == '12 image(s) in 18.5 s: 0.6 images/s; model 49% of the time, waiting for data 35%'
+    assert t.summary() == '12 image(s) in 18.5 s: 0.65 images/s; model 49% of the time, waiting for data 35%'
     both = Throughput.combine([t, Throughput(images=8, wall=10.0, model=8.0, wait=1.0)])
     assert (both.images, both.wall) == (20, 18.5) and both.images_per_second == 20 / 18.5
     assert abs(both.model_share - (9 / 18.5 + 0.8) / 2) < 1e-12 and abs(both.wait_share - (6.5 / 18.5 + 0.1) / 2) < 1e-12

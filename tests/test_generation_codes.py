@@ -257,6 +257,9 @@ def test_webdataset_shards_export_in_chunks_and_resume(tokenizer, tmp_path, monk
         image, caption, _ = source.read(i)
         assert torch.equal(ds[j]['codes'][0], model.encode(eval_transform(64)(image)[None])[0])
         assert ds[j]['caption'] == caption and ds[j]['label'] == -1
+    # decoded in 2 loader workers (each decodes every other batch of the plan): the same files
+    export_codes(model, ExportConfig(spec, shard_size=3, batch_size=2, workers=2), str(tmp_path / 'workers'))
+    assert _files(tmp_path / 'workers') == _files(tmp_path / 'full')
     calls, real_encode = [0], model.encode
 
     def failing(x):

@@ -154,7 +154,7 @@ class ExportConfig:
     shard_size: int = 1024                   # images per shard
     limit: int | None = None                 # the first N items only (map-style sources)
     batch_size: int = 32                     # images per encoder call (each with its A views)
-    workers: int = 0                         # DataLoader workers decoding images (map-style sources)
+    workers: int = 0                         # DataLoader worker processes decoding images (0: this process)
 
     def __post_init__(self):
         self.augment = parse_augment(self.augment)
@@ -320,15 +320,18 @@ def _map_batches(source, cfg: ExportConfig, views, label_sets, shards: list[int]
         items = list(range(c * cfg.shard_size, min((c + 1) * cfg.shard_size, n)))
         for s in range(0, len(items), cfg.batch_size):
             plan.append((c, items[s:s + cfg.batch_size], s + cfg.batch_size >= len(items)))
+    from ..data.stream import _worker_init
     loader = torch.utils.data.DataLoader(_MapItems(source, views, label_sets), batch_sampler=[p[1] for p in plan],
-                                         num_workers=cfg.workers, collate_fn=list)
+                                         num_workers=cfg.workers, collate_fn=list,
+                                         worker_init_fn=_worker_init if cfg.workers else None)
     for (c, _, last), batch in zip(plan, loader):
         yield (0, c), batch, last, None
 
 
-def _stream_batches(source, cfg: ExportConfig, views, label_sets, tars: list[int], done):
-    """(shard, batch of item results, last batch of the shard?, end of tar?) for webdataset shards:
-    tar ``t`` in chunks of ``shard_size`` raw samples, resumed after its finished chunks."""
+def _stream_plan(source, cfg: ExportConfig, tars: list[int], done):
+    """(shard, [(position, raw sample)], last batch of the shard?, end of tar?) for webdataset shards:
+    tar ``t`` in chunks of ``shard_size`` raw samples, resumed after its finished chunks. Reading
+    raw samples is cheap; decoding them is left to :func:`_decode_raw`."""
     import itertools
     for t in tars:
         chunk = 0
@@ -339,12 +342,7 @@ def _stream_batches(source, cfg: ExportConfig, views, label_sets, tars: list[int
         while True:
             batch, in_chunk = [], 0
             while pending is not None and in_chunk < cfg.shard_size:
-                key = source.key(pending)
-                try:
-                    image, caption, label = source.decode(pending)
-                    batch.append(('ok', position, key, views(image), _caption_list(caption), []))
-                except (ImageReadError, OSError, ValueError) as e:
-                    batch.append(('error', position, key, _reason(e)))
+                batch.append((position, pending))
                 position, in_chunk, pending = position + 1, in_chunk + 1, next(raw, None)
                 if len(batch) == cfg.batch_size and in_chunk < cfg.shard_size:
                     yield (t, chunk), batch, False, False
@@ -353,6 +351,48 @@ def _stream_batches(source, cfg: ExportConfig, views, label_sets, tars: list[int
             if pending is None:
                 break
             chunk += 1
+
+
+def _decode_raw(source, views, batch: list) -> list[tuple]:
+    """Raw samples -> item results, as :class:`_MapItems` gives them (no labels in shards)."""
+    out = []
+    for position, raw in batch:
+        key = source.key(raw)
+        try:
+            image, caption, _ = source.decode(raw)
+            out.append(('ok', position, key, views(image), _caption_list(caption), []))
+        except (ImageReadError, OSError, ValueError) as e:
+            out.append(('error', position, key, _reason(e)))
+    return out
+
+
+class _StreamItems(torch.utils.data.IterableDataset):
+    """The batches of :func:`_stream_plan`, decoded. Loader worker ``w`` of ``W`` reads the whole plan
+    but decodes (and yields) only batches ``w, w + W, ...``; the DataLoader takes one batch from each
+    worker in turn, so they arrive in plan order."""
+
+    def __init__(self, source, cfg: ExportConfig, views, tars: list[int], done):
+        self.source, self.cfg, self.views, self.tars, self.done = source, cfg, views, tars, done
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for k, (shard, batch, last, end_of_tar) in enumerate(_stream_plan(self.source, self.cfg, self.tars, self.done)):
+            if k % workers == worker:
+                yield shard, _decode_raw(self.source, self.views, batch), last, end_of_tar
+
+
+def _as_is(item):
+    return item
+
+
+def _stream_batches(source, cfg: ExportConfig, views, tars: list[int], done):
+    """(shard, batch of item results, last batch of the shard?, end of tar?) for webdataset shards,
+    decoded in ``cfg.workers`` loader processes."""
+    from ..data.stream import _worker_init
+    yield from torch.utils.data.DataLoader(_StreamItems(source, cfg, views, tars, done), batch_size=None,
+                                           num_workers=cfg.workers, collate_fn=_as_is,
+                                           worker_init_fn=_worker_init if cfg.workers else None)
 
 
 def export_codes(model, cfg: ExportConfig, out: str, progress: bool = False) -> ExportResult:
@@ -375,8 +415,6 @@ def export_codes(model, cfg: ExportConfig, out: str, progress: bool = False) -> 
     if streamed and cfg.limit is not None:
         raise ValueError('limit applies to map-style sources (builtin, folder); for webdataset shards select '
                          'fewer tar files with the brace pattern')
-    if streamed and cfg.workers:
-        log.info('webdataset shards are decoded in the main process; workers=%d ignored', cfg.workers)
     label_sets = _label_sets(source, cfg.data, cfg.split)
     identity = _identity(model, cfg, source, label_sets)
 
@@ -397,8 +435,7 @@ def export_codes(model, cfg: ExportConfig, out: str, progress: bool = False) -> 
     if streamed:
         finished_tars = {t for (t, _), rec in done.items() if rec.get('last')}
         units = [t for t in range(len(source.urls)) if t % world == rank and t not in finished_tars]
-        batches = _stream_batches(source, cfg, ViewTransform(model.config.image_size, cfg.augment), label_sets,
-                                  units, done)
+        batches = _stream_batches(source, cfg, ViewTransform(model.config.image_size, cfg.augment), units, done)
         total = None
     else:
         n = _num_items(source, cfg)

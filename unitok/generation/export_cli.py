@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--limit', type=int, default=None, help='export only the first N items (map-style sources)')
     from ..data.files import default_workers
     p.add_argument('--workers', type=int, default=default_workers(),
-                   help='processes decoding images while the encoder runs (map-style sources; default: one per '
+                   help='processes decoding images while the encoder runs (default: one per '
                         'core beside this process, at most 4; now %(default)s)')
     p.add_argument('--precision', choices=('fp32', 'bf16'), default='fp32', help='encoder precision (default: fp32)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')

@@ -53,7 +53,8 @@ class Throughput:
 
     def summary(self) -> str:
         """One line, e.g. ``120 image(s) in 4.0 s: 30.0 images/s; model 85% of the time, waiting for data 3%``."""
-        return (f'{self.images} image(s) in {self.wall:.1f} s: {self.images_per_second:.1f} images/s; '
+        rate = self.images_per_second
+        return (f'{self.images} image(s) in {self.wall:.1f} s: {rate:.{2 if rate < 10 else 1}f} images/s; '
                 f'model {100 * self.model_share:.0f}% of the time, waiting for data {100 * self.wait_share:.0f}%')
 
 
