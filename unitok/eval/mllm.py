@@ -17,9 +17,10 @@ Understanding
   (class names through the data source's templates).
 * controls, scored with the same classifier against the item's true class:
   ``control_swapped_top1`` -- every image's codes replaced by those of another held-out item of
-  another class (a fixed seeded derangement, :func:`crossing_derangement`): a model that reads the
-  image answers the other item's class, so this sits at or below chance (its agreement with the
-  swapped-in item's class is ``control_swapped_partner_top1``); ``control_noise_top1`` -- uniform
+  another class (a fixed seeded derangement, :func:`crossing_derangement`; the classifier's output on
+  those codes is the partner's own, reused): a model that reads the image answers the other item's
+  class, so this sits at or below chance (its agreement with the swapped-in item's class is
+  ``control_swapped_partner_top1``); ``control_noise_top1`` -- uniform
   random codes (seeded per item): near chance, or at the rate of the class the model falls back to.
 
 Text-to-image, at every guidance scale of ``cfg_scales``: the draw prompt with each item's name,
@@ -368,13 +369,16 @@ def _evaluate(model, val_codes, cfg, images, train_codes, train_images, progress
     partner = crossing_derangement(labels.tolist(), cfg.seed)
     noise = torch.stack([torch.randint(V, (K, *grid), generator=torch.Generator().manual_seed(
         mix_seed(cfg.seed, 1, it['index']))) for it in items])
-    variants = {'image': codes, 'swapped': codes[partner], 'noise': noise}
+    variants = {'image': codes, 'noise': noise}
     predicted = {k: [] for k in variants}
     for s, e in progress_bar(chunks, 'LLM classification', len(chunks), show):
         for k, v in variants.items():
             ll = answer_log_likelihoods(model, v[s:e].to(device), cfg.category_question, classnames)
             predicted[k].append(ll.argmax(1))
     predicted = {k: torch.cat(v) for k, v in predicted.items()}
+    # The swapped control asks the same question of the partner's codes: the classifier's output on
+    # those codes is already known (item j's row), so it is reused rather than computed a second time.
+    predicted['swapped'] = predicted['image'][partner]
 
     def accuracy(pred, truth) -> float:
         return float((pred == truth).double().mean())
