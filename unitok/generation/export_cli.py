@@ -41,7 +41,8 @@ def run(args) -> int:
                        shard_size=args.shard_size, limit=args.limit, batch_size=args.batch_size, workers=args.workers)
     info = D.init_distributed(args.device)
     try:
-        model = UniTok.from_pretrained(args.model).to(info.device)
+        dtype = torch.bfloat16 if args.precision == 'bf16' else None   # bf16: the fast path (fp32 quantizer)
+        model = UniTok.from_pretrained(args.model, dtype=dtype).to(info.device)
         result = export_codes(model, cfg, args.out, progress=True)
         stats = D.all_gather_object((result.images, result.throughput))
     except BaseException:

@@ -1,0 +1,86 @@
+"""The bf16 inference fast path: dtypes of each part, code faithfulness (near-tie rule), loading, CLI."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from unitok import UniTok
+from unitok.cli import main
+from unitok.precision import compare_codes
+
+
+def _dtypes(model):
+    return {n: t.dtype for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_floating_point()}
+
+
+def test_bf16_keeps_quantizer_projections_and_clip_head_fp32(tiny_model):
+    fast = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    assert fast.dtype == torch.bfloat16 and tiny_model.dtype == torch.float32
+    dtypes = _dtypes(fast)
+    kept = {n: d for n, d in dtypes.items() if n.split('.')[0] in UniTok.FP32_PARTS}
+    cast = {n: d for n, d in dtypes.items() if n.split('.')[0] not in UniTok.FP32_PARTS}
+    assert 'quantizer.codebook' in kept and 'quant_proj.attn.zero_k_bias' in kept and 'logit_scale' in kept
+    assert set(kept.values()) == {torch.float32}
+    assert any(n.startswith('decoder.') for n in cast) and any(n.startswith('text_encoder.') for n in cast)
+    assert set(cast.values()) == {torch.bfloat16}
+    assert fast.bfloat16() is fast and set(_dtypes(copy.deepcopy(fast).float()).values()) == {torch.float32}
+
+
+def test_bf16_codes_agree_with_fp32_up_to_near_ties(tiny_model, images64):
+    torch.manual_seed(1)
+    tiny_model.init_weights()
+    fast = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    x = torch.cat([images64, torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(2)) * 2 - 1])
+    result = compare_codes(tiny_model, fast, x)
+    assert result.decisions == 8 * 8 * 16
+    assert result.not_near_ties == 0
+    assert result.near_ties == result.decisions - result.equal
+    assert result.agreement >= 0.9
+    assert 0 < result.max_shift < 0.2
+    codes = fast.encode(x)
+    assert codes.dtype == torch.int64 and codes.shape == (8, 8, 4, 4)
+    rec, rec32 = fast.reconstruct(x), tiny_model.reconstruct(x)
+    assert rec.dtype == torch.float32
+    psnr = -10 * torch.log10(((rec - rec32) / 2).square().mean())
+    assert psnr > 30
+    assert fast.encode_image(x).dtype == torch.float32 and fast.encode_text(['a cat']).dtype == torch.float32
+
+
+def test_compare_codes_flags_a_search_that_is_not_faithful(tiny_model, images64):
+    fast = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    fast.quantizer.nearest_codes = lambda latents: (tiny_model.quantizer.nearest_codes(latents) + 1) % 512
+    result = compare_codes(tiny_model, fast, images64)
+    assert result.equal == 0 and result.not_near_ties > 0.9 * result.decisions
+
+
+def test_from_pretrained_dtype_round_trip(tmp_path, tiny_model, images64):
+    tiny_model.save_pretrained(str(tmp_path))
+    fast = UniTok.from_pretrained(str(tmp_path), dtype=torch.bfloat16)
+    assert fast.dtype == torch.bfloat16 and fast.quantizer.codebook.dtype == torch.float32
+    w = tiny_model.decoder.up_conv4.conv2.weight
+    assert torch.equal(fast.decoder.up_conv4.conv2.weight, w.bfloat16())
+    assert torch.equal(fast.quantizer.codebook, tiny_model.quantizer.codebook)
+    assert UniTok.from_pretrained(str(tmp_path), dtype=torch.float32).dtype == torch.float32
+    with pytest.raises(ValueError, match='model dtype'):
+        UniTok.from_pretrained(str(tmp_path), dtype=torch.int8)
+
+
+def test_cli_precision_bf16_writes_the_precision(tmp_path, tiny_model):
+    tiny_model.save_pretrained(str(tmp_path / 'model'))
+    (tmp_path / 'imgs').mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(tmp_path / 'imgs' / f'im{i}.png')
+    m = str(tmp_path / 'model')
+    for precision in ('fp32', 'bf16'):
+        out = str(tmp_path / f'{precision}.npz')
+        assert main(['encode', str(tmp_path / 'imgs'), '--model', m, '--out', out, '--precision', precision]) == 0
+        with np.load(out) as z:
+            assert str(z['precision']) == precision and z['codes'].shape == (2, 8, 4, 4)
+    assert main(['decode', str(tmp_path / 'bf16.npz'), '--model', m, '--out-dir', str(tmp_path / 'dec'),
+                 '--precision', 'bf16']) == 0
+    assert len(list((tmp_path / 'dec').glob('*.png'))) == 2
+    assert main(['reconstruct', str(tmp_path / 'imgs'), '--model', m, '--out-dir', str(tmp_path / 'rec'),
+                 '--precision', 'bf16']) == 0

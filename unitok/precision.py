@@ -1,0 +1,95 @@
+"""How faithful a reduced-precision model (e.g. the bf16 fast path) is to its float32 reference.
+
+Near-tie rule. Both models search the same float32 codebook exactly (the fast path keeps the quantizer
+and the projections into it float32), so a code can only change because the unit latent moved: let z and
+z' be the reference and fast unit latents of one token in sub-codebook k, j* the reference code and
+j' != j* the fast one. The fast search chose j', so <z', c_j' - c_j*> >= 0, hence the reference
+similarity gap
+
+    gap = <z, c_j*> - <z, c_j'> = <z - z', c_j* - c_j'> + <z', c_j* - c_j'> <= |z - z'| |c_j* - c_j'|
+
+(Cauchy-Schwarz), plus the float32 rounding of the four dot products, each at most gamma_d =
+d u / (1 - d u) with u = 2^-24 for unit vectors. A disagreement is a *near tie* when
+gap <= |z - z'| |c_j* - c_j'| + 4 gamma_d; one that is not would mean that the search itself is not
+faithful. :class:`CodeAgreement` also reports |z - z'| so the bound can be read as a number.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ['CodeAgreement', 'compare_codes', 'near_tie_bound']
+
+_U32 = 2.0 ** -24
+
+
+@dataclass
+class CodeAgreement:
+    """Code agreement of a model with its float32 reference over ``decisions`` (token, sub-codebook) pairs.
+
+    Attributes:
+        decisions: tokens x sub-codebooks compared.
+        equal: decisions with the same code.
+        near_ties: disagreements within the near-tie bound (see the module docstring).
+        not_near_ties: disagreements beyond it (0 when the search is faithful).
+        max_gap: largest reference similarity gap among the disagreements (0 if none).
+        max_shift: largest |z - z'| over all decisions (unit latents of the two models).
+        median_shift: median |z - z'|.
+    """
+    decisions: int
+    equal: int
+    near_ties: int
+    not_near_ties: int
+    max_gap: float
+    max_shift: float
+    median_shift: float
+
+    @property
+    def agreement(self) -> float:
+        """Share of decisions with equal codes."""
+        return self.equal / max(self.decisions, 1)
+
+    def merge(self, other: 'CodeAgreement') -> 'CodeAgreement':
+        """Totals over two batches (the median shift is the decision-weighted mean of the two medians)."""
+        n = self.decisions + other.decisions
+        return CodeAgreement(
+            n, self.equal + other.equal, self.near_ties + other.near_ties,
+            self.not_near_ties + other.not_near_ties, max(self.max_gap, other.max_gap),
+            max(self.max_shift, other.max_shift),
+            (self.median_shift * self.decisions + other.median_shift * other.decisions) / max(n, 1))
+
+
+def near_tie_bound(shift: torch.Tensor, code_distance: torch.Tensor, code_dim: int) -> torch.Tensor:
+    """|z - z'| |c_j* - c_j'| + 4 gamma_d: the largest reference similarity gap a latent shift explains."""
+    gamma = code_dim * _U32 / (1 - code_dim * _U32)
+    return shift * code_distance + 4 * gamma
+
+
+@torch.no_grad()
+def compare_codes(reference, other, images: torch.Tensor) -> CodeAgreement:
+    """Encode ``images`` with the float32 ``reference`` model and with ``other`` (e.g. the same weights
+    after ``to(torch.bfloat16)``) and classify every code disagreement by the near-tie rule."""
+    qr, qo = reference.quantizer, other.quantizer
+    table = qr.normalized_codebooks()                                     # (K, n, d) float32
+    if not torch.equal(table, qo.normalized_codebooks().to(table.device)):
+        raise ValueError('compare_codes needs two models with the same codebooks (the same weights, '
+                         'one of them cast: the fast path keeps the codebooks float32)')
+    lat_r, _ = reference.encode_latents(images)
+    lat_o, _ = other.encode_latents(images.to(other.device))
+    lat_o = lat_o.to(lat_r.device)
+    z_r, z_o = qr._split(lat_r), qr._split(lat_o)                         # (B, L, K, d) unit, float32
+    c_r = qr.nearest_codes(lat_r).transpose(1, 2)                         # (B, L, K)
+    c_o = qo.nearest_codes(lat_o).to(c_r.device).transpose(1, 2)
+    shift = (z_r - z_o).norm(dim=-1)                                      # (B, L, K)
+    differ = c_r != c_o
+    b, l, k = differ.nonzero(as_tuple=True)
+    z = z_r[b, l, k]                                                      # (m, d)
+    best, chosen = table[k, c_r[b, l, k]], table[k, c_o[b, l, k]]         # (m, d)
+    gap = (z * best).sum(-1) - (z * chosen).sum(-1)
+    bound = near_tie_bound(shift[b, l, k], (best - chosen).norm(dim=-1), qr.code_dim)
+    near = int((gap <= bound).sum())
+    return CodeAgreement(
+        decisions=differ.numel(), equal=int((~differ).sum()), near_ties=near,
+        not_near_ties=int(differ.sum()) - near, max_gap=float(gap.max()) if gap.numel() else 0.0,
+        max_shift=float(shift.max()), median_shift=float(shift.median()))
