@@ -54,9 +54,11 @@ def collect_images(paths: list[str]) -> list[str]:
     return files
 
 
-def _load_model(path: str, device: str):
+def _load_model(path: str, device: str, precision: str = 'fp32'):
+    """A model for inference; ``precision='bf16'`` is the fast path (bf16 weights, fp32 quantizer)."""
     from .model import UniTok
-    return UniTok.from_pretrained(path).to(device).eval()
+    dtype = torch.bfloat16 if precision == 'bf16' else None
+    return UniTok.from_pretrained(path, dtype=dtype).to(device).eval()
 
 
 def positive_int(text: str) -> int:
@@ -157,7 +159,7 @@ def cmd_encode(args) -> int:
     from .utils.throughput import ThroughputMeter
     files = collect_images(args.images)
     check_writable_file(args.out, what='codes file')          # before any work
-    model = _load_model(args.model, args.device)
+    model = _load_model(args.model, args.device, args.precision)
     size = args.size or model.config.image_size
     all_codes, kept, skipped = [], [], []
     bar, meter = _progress(None, total=len(files), desc='encode', unit='img'), ThroughputMeter()
@@ -176,7 +178,7 @@ def cmd_encode(args) -> int:
     dtype = np.int16 if model.config.codebook_size <= np.iinfo(np.int16).max + 1 else np.int32
     payload = dict(codes=codes.numpy().astype(dtype), files=np.array(kept), image_size=np.array(size),
                    config=np.array(model.config.to_json()), codebook_digest=np.array(codebook_digest(model)),
-                   skipped=np.array([f for f, _ in skipped], dtype=str))
+                   skipped=np.array([f for f, _ in skipped], dtype=str), precision=np.array(args.precision))
 
     def write(f):
         np.savez_compressed(f, **payload)
@@ -283,7 +285,7 @@ def cmd_decode(args) -> int:
     from .utils.io import check_writable_dir, staged_directory
     check_writable_dir(args.out_dir)                              # before any work
     data = read_codes_file(args.codes)
-    model = _load_model(args.model, args.device)
+    model = _load_model(args.model, args.device, args.precision)
     if args.ignore_mismatch:
         n = model.config.codebook_size
         if int(data.codes.min()) < 0 or int(data.codes.max()) >= n:
@@ -307,7 +309,7 @@ def cmd_reconstruct(args) -> int:
     from .utils.io import check_writable_dir, staged_directory
     files = collect_images(args.images)
     check_writable_dir(args.out_dir)                              # before any work
-    model = _load_model(args.model, args.device)
+    model = _load_model(args.model, args.device, args.precision)
     size = args.size or model.config.image_size
     psnrs, skipped, name_of = [], [], dict(zip(files, _unique_names(files)))
     with staged_directory(args.out_dir) as staging:      # an error leaves no PNG of earlier batches behind
@@ -350,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument('--model', required=True, help='model directory, hub id or official .pth')
         s.add_argument('--device', type=device_arg, default='cuda' if torch.cuda.is_available() else 'cpu')
         s.add_argument('--batch-size', type=positive_int, default=8)
+        s.add_argument('--precision', choices=('fp32', 'bf16'), default='fp32',
+                       help='fp32, or bf16: the fast path (bf16 weights, fp32 quantizer and projections)')
 
     def workers_arg(s):
         from .data.files import default_workers
