@@ -222,7 +222,7 @@ def answer_log_likelihoods(model, codes: torch.Tensor, question: str, answers: S
         T = max(len(t) for t in targets)
         out = torch.zeros(B, C, dtype=torch.float64, device=device)
         for c, t in enumerate(targets):
-            out[:, c] = first[:, t[0]].double()
+            out[:, c] = first[:, int(t[0])].double()
         if T > 1:
             # the inputs after the prefix: every answer but its last token, right-padded (B*C, T-1)
             inputs = torch.zeros(C, T - 1, dtype=torch.long)
@@ -567,13 +567,14 @@ def write_mllm_report(out_dir: str, report: dict, figures: dict | None = None) -
     def img(u8) -> str:
         pil = to_pil(u8[None].float().div(127.5).sub(1))[0]
         return f'<img class="thumb" alt="" src="{png_data_uri(pil)}">'
+    empty = '<i>(empty answer)</i>'
     for j, ex in enumerate(report.get('examples', [])):
         parts = []
         if 'real' in figures and j < len(figures['real']):
             parts.append(img(figures['real'][j]))
-        parts.append(f'<p><b>Q:</b> {esc(ex["question"])}<br><b>A:</b> {esc(ex["answer"])} '
+        parts.append(f'<p><b>Q:</b> {esc(ex["question"])}<br><b>A:</b> {esc(ex["answer"]) or empty} '
                      f'<span class="hint">(truth: {esc(ex["truth"])})</span><br>'
-                     f'<b>Q:</b> {esc(ex["category_question"])}<br><b>A:</b> {esc(ex["category_answer"])} '
+                     f'<b>Q:</b> {esc(ex["category_question"])}<br><b>A:</b> {esc(ex["category_answer"]) or empty} '
                      f'<span class="hint">(log-likelihood pick: {esc(ex["category_predicted"])}; truth: '
                      f'{esc(ex["category_truth"])})</span></p>')
         samples = [f'<figure>{img(v[j])}<figcaption>cfg {s:g}</figcaption></figure>'
