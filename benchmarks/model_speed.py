@@ -1,58 +1,153 @@
-"""Encode/decode wall time of a UniTok preset on this machine, fp32 and bf16 autocast, in one run.
+"""Encode/decode wall time and peak memory of a UniTok preset: fp32, bf16 autocast and the bf16 fast path.
 
-    python benchmarks/model_speed.py --preset unitok-large --batch 1 8
+    nice python benchmarks/model_speed.py --preset unitok-large --batch 1 8
     python benchmarks/model_speed.py --official ~/src/UniTok --official-pythonpath ~/official-deps
+    python benchmarks/model_speed.py --trained runs/genexp/tokenizers/K8_seed0/model   # + code agreement
+    python benchmarks/model_speed.py --device cuda --batch 1 8 64 --compile             # on a GPU
 
-Weights are random (speed does not depend on them). Each figure is the best of ``--repeat`` runs
-after one warm-up. The bf16 rows are printed as a ratio against the fp32 rows of the same run.
+Settings (``--settings``): ``fp32`` (the fp32 model), ``autocast`` (fp32 weights under bf16 autocast),
+``bf16`` (the fast path, ``model.to(torch.bfloat16)``: bf16 weights, quantizer, its projections and the
+CLIP head fp32). Each (setting, batch) runs in a fresh subprocess, so that its peak resident memory
+(``ru_maxrss``; on CUDA also ``torch.cuda.max_memory_allocated``) is its own. Weights are random (speed
+does not depend on them). Each time is the best of ``--repeat`` calls after one warm-up; all ratios are
+between rows of the same run. ``--compile`` also compiles encoder and decoder with ``torch.compile``
+(inductor) in the bf16 setting and prints the compile time (the warm-up call).
 
 ``--official DIR`` (a clone of github.com/FoundationVision/UniTok, released configuration only) also
-times the official ``img_to_idx`` / ``idx_to_img`` in a subprocess with the same threads, batches
-and repeats, and prints our fp32 times as ratios against them. The subprocess sees ``DIR`` and
-``--official-pythonpath`` (where the official code's own dependency pins are installed, e.g. its
-timm) ahead of this environment, so neither code base changes the other's imports.
+times the official ``img_to_idx`` / ``idx_to_img`` in one subprocess per batch with the same threads,
+batches and repeats. The subprocess sees ``DIR`` and ``--official-pythonpath`` (where the official
+code's own dependency pins are installed, e.g. its timm) ahead of this environment.
+
+``--trained DIR`` (a trained model directory, e.g. the demo's tokenizer) measures on real images
+(builtin:emoji val, resized to the model size) how faithful the fast path is to the fp32 model: the
+share of equal codes, the disagreements that are not near ties by the rule of :mod:`unitok.precision`
+(gap of the fp32 similarities <= |z - z'| |c_j* - c_j'| + 4 gamma_d; should be 0), and the PSNR of the
+bf16 reconstructions against the fp32 reconstructions.
 """
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
+import time
 
 import torch
 
 import unitok
 from timing import best_time
 
-# Runs inside the official repository's directory; prints {batch: [encode_s, decode_s]} as JSON.
+BENCH = os.path.dirname(os.path.abspath(__file__))
+
+# Runs inside the official repository's directory; prints {batch: [encode_s, decode_s, peak_rss_mb]}.
 OFFICIAL_TIMER = r'''
-import json, sys, torch
+import json, resource, sys, torch
 sys.path.insert(0, {bench!r})
 from timing import best_time
 from utils.config import Args
 from models.unitok import UniTok
 torch.set_num_threads({threads})
 model = UniTok(Args()).eval()
-out = {{}}
+batch = {batch}
 with torch.no_grad():
-    for batch in {batches!r}:
-        x = torch.rand(batch, 3, 256, 256) * 2 - 1
-        idx = model.img_to_idx(x)
-        out[batch] = [best_time(lambda: model.img_to_idx(x), {repeat}), best_time(lambda: model.idx_to_img(idx), {repeat})]
-print('RESULT ' + json.dumps(out))
+    x = torch.rand(batch, 3, 256, 256) * 2 - 1
+    idx = model.img_to_idx(x)
+    te, td = best_time(lambda: model.img_to_idx(x), {repeat}), best_time(lambda: model.idx_to_img(idx), {repeat})
+print('RESULT ' + json.dumps([te, td, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]))
 '''
 
 
-def official_times(args) -> dict[int, tuple[float, float]]:
-    code = OFFICIAL_TIMER.format(bench=os.path.dirname(os.path.abspath(__file__)), threads=args.threads,
-                                 batches=args.batch, repeat=args.repeat)
+def _result(proc, what):
+    lines = [line for line in proc.stdout.splitlines() if line.startswith('RESULT ')]
+    if proc.returncode or not lines:
+        raise SystemExit(f'{what} failed:\n{proc.stderr[-3000:]}')
+    return json.loads(lines[-1][7:])
+
+
+def official_times(args) -> dict[int, list[float]]:
     path = [os.path.abspath(args.official)] + ([os.path.abspath(args.official_pythonpath)]
                                                if args.official_pythonpath else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(path + [os.environ.get('PYTHONPATH', '')]))
-    proc = subprocess.run([sys.executable, '-c', code], cwd=args.official, env=env, capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith('RESULT ')]
-    if proc.returncode or not lines:
-        raise SystemExit(f'timing the official code in {args.official} failed:\n{proc.stderr[-3000:]}')
-    return {int(b): tuple(t) for b, t in json.loads(lines[-1][7:]).items()}
+    out = {}
+    for batch in args.batch:
+        code = OFFICIAL_TIMER.format(bench=BENCH, threads=args.threads, batch=batch, repeat=args.repeat)
+        proc = subprocess.run([sys.executable, '-c', code], cwd=args.official, env=env, capture_output=True, text=True)
+        out[batch] = _result(proc, f'timing the official code in {args.official}')
+    return out
+
+
+def worker(args) -> None:
+    """One (setting, batch) in this process: prints RESULT [encode_s, decode_s, peak_mb, compile_s]."""
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
+    model = unitok.create_model(args.preset).eval()
+    if args.worker == 'bf16':
+        model.to(torch.bfloat16)
+    model.to(device)
+    compile_s = 0.0
+    if args.compile and args.worker == 'bf16':
+        model.encoder.compile(mode='max-autotune-no-cudagraphs' if device.type == 'cuda' else None)
+        model.decoder.compile()
+    size, batch = model.config.image_size, args.worker_batch
+    x = (torch.rand(batch, 3, size, size) * 2 - 1).to(device)
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.worker == 'autocast')
+    with ctx:
+        t = time.perf_counter()
+        codes = model.encode(x)
+        model.decode(codes)
+        sync()
+        if args.compile and args.worker == 'bf16':
+            compile_s = time.perf_counter() - t
+
+        def timed(fn):
+            def run():
+                fn()
+                sync()
+            return run
+        if device.type == 'cuda':
+            torch.cuda.reset_peak_memory_stats()
+        te = best_time(timed(lambda: model.encode(x)), args.repeat)
+        td = best_time(timed(lambda: model.decode(codes)), args.repeat)
+    peak = (torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == 'cuda'
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print('RESULT ' + json.dumps([te, td, peak, compile_s]))
+
+
+def run_setting(args, setting: str, batch: int) -> list[float]:
+    cmd = [sys.executable, os.path.abspath(__file__), '--worker', setting, '--worker-batch', str(batch),
+           '--preset', args.preset, '--repeat', str(args.repeat), '--threads', str(args.threads),
+           '--device', args.device] + (['--compile'] if args.compile else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    return _result(proc, f'the {setting} run at batch {batch}')
+
+
+def faithfulness(args) -> None:
+    """Code agreement and reconstruction PSNR of the fast path against fp32, on real images."""
+    from unitok.data import open_source
+    from unitok.data.transforms import eval_transform
+    from unitok.precision import compare_codes
+    ref = unitok.UniTok.from_pretrained(args.trained).eval()
+    fast = unitok.UniTok.from_pretrained(args.trained, dtype=torch.bfloat16).eval()
+    source = open_source('builtin:emoji', split='val')
+    size = ref.config.image_size
+    transform = eval_transform(size)
+    n = min(args.images, len(source))
+    images = torch.stack([transform(source.read(i)[0].convert('RGB')) for i in range(n)])
+    total, psnr_sum, count = None, 0.0, 0
+    for i in range(0, n, 32):
+        x = images[i:i + 32]
+        agree = compare_codes(ref, fast, x)
+        total = agree if total is None else total.merge(agree)
+        rec32, rec16 = ref.reconstruct(x), fast.reconstruct(x)
+        psnr_sum += ((rec16 - rec32) / 2).square().flatten(1).mean(1).clamp_min(1e-10).log10().mul(-10).sum().item()
+        count += x.shape[0]
+    print(f'\nfaithfulness on {n} builtin:emoji val images at {size} px through {args.trained}:')
+    print(f'  bf16 codes equal to fp32 codes: {total.agreement:.2%} of {total.decisions} (token, sub-codebook) '
+          f'decisions; {total.near_ties} near ties, {total.not_near_ties} disagreements that are not near ties')
+    print(f'  largest fp32 similarity gap of a disagreement {total.max_gap:.2e}; unit-latent shift |z - z\'| '
+          f'median {total.median_shift:.2e}, max {total.max_shift:.2e}')
+    print(f'  PSNR of bf16 reconstructions against fp32 reconstructions: {psnr_sum / count:.1f} dB (mean)')
 
 
 def main(argv=None):
@@ -61,35 +156,47 @@ def main(argv=None):
     p.add_argument('--batch', type=int, nargs='+', default=[1, 8])
     p.add_argument('--repeat', type=int, default=2)
     p.add_argument('--threads', type=int, default=torch.get_num_threads())
-    p.add_argument('--no-bf16', action='store_true')
+    p.add_argument('--settings', nargs='+', default=['fp32', 'bf16'], choices=['fp32', 'autocast', 'bf16'])
+    p.add_argument('--device', default='cpu', help="'cpu' or 'cuda'")
+    p.add_argument('--compile', action='store_true', help='torch.compile encoder and decoder (bf16 setting)')
     p.add_argument('--official', metavar='DIR', help='clone of the official repository to time as the reference')
     p.add_argument('--official-pythonpath', metavar='DIR', help="where the official code's dependencies live")
+    p.add_argument('--trained', metavar='DIR', help='trained model directory: code agreement and PSNR vs fp32')
+    p.add_argument('--images', type=int, default=256, help='images for --trained (default 256)')
+    p.add_argument('--worker', help=argparse.SUPPRESS)
+    p.add_argument('--worker-batch', type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.worker:
+        return worker(args)
     if args.official and args.preset != 'unitok-large':
         p.error('--official times the released configuration: use --preset unitok-large')
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        p.error('--device cuda: no CUDA device here')
     torch.set_num_threads(args.threads)
+    print(f'{args.preset}, {args.device}, {args.threads} threads; load average {os.getloadavg()[0]:.1f} at start')
     reference = official_times(args) if args.official else {}
-    model = unitok.create_model(args.preset).eval()
-    size = model.config.image_size
-    print(f'{args.preset}: {model.parameter_counts()["total"] / 1e6:.0f} M parameters, {size} px, '
-          f'{args.threads} threads')
+    mem = 'peak CUDA memory' if args.device == 'cuda' else 'peak RSS'
     for batch in args.batch:
-        x = torch.rand(batch, 3, size, size) * 2 - 1
-        codes = model.encode(x)
-        te = best_time(lambda: model.encode(x), args.repeat)
-        td = best_time(lambda: model.decode(codes), args.repeat)
-        print(f'batch {batch:3d} fp32: encode {te:7.3f} s ({te / batch:.3f} s/img)  decode {td:7.3f} s ({td / batch:.3f} s/img)')
+        rows = {s: run_setting(args, s, batch) for s in args.settings}
+        base = rows.get('fp32')
+        for setting, (te, td, peak, compile_s) in rows.items():
+            line = (f'batch {batch:3d} {setting:8s}: encode {te / batch:7.3f} s/img  decode {td / batch:7.3f} s/img  '
+                    f'{mem} {peak:7.0f} MiB')
+            if base and setting != 'fp32':
+                line += f'  | vs fp32 ours: encode x{base[0] / te:.2f} decode x{base[1] / td:.2f}'
+            if batch in reference:
+                oe, od, _ = reference[batch]
+                line += f'  | vs official fp32: encode x{oe / te:.2f} decode x{od / td:.2f}'
+            if compile_s:
+                line += f'  (compile + first call {compile_s:.0f} s)'
+            print(line, flush=True)
         if batch in reference:
-            oe, od = reference[batch]
-            print(f'batch {batch:3d} official fp32: encode {oe:7.3f} s (ours x{oe / te:.2f} faster)  '
-                  f'decode {od:7.3f} s (ours x{od / td:.2f} faster)')
-        if not args.no_bf16:
-            with torch.autocast('cpu', dtype=torch.bfloat16):
-                be = best_time(lambda: model.encode(x), args.repeat)
-                bd = best_time(lambda: model.decode(codes), args.repeat)
-                agree = (model.encode(x) == codes).float().mean().item()
-            print(f'batch {batch:3d} bf16: encode {be:7.3f} s (x{te / be:.2f} vs fp32)  decode {bd:7.3f} s '
-                  f'(x{td / bd:.2f} vs fp32)  codes equal to fp32: {agree:.1%}')
+            oe, od, orss = reference[batch]
+            print(f'batch {batch:3d} official : encode {oe / batch:7.3f} s/img  decode {od / batch:7.3f} s/img  '
+                  f'peak RSS {orss:7.0f} MiB', flush=True)
+    if args.trained:
+        faithfulness(args)
+    print(f'load average {os.getloadavg()[0]:.1f} at the end')
 
 
 if __name__ == '__main__':
