@@ -84,3 +84,18 @@ def test_cli_precision_bf16_writes_the_precision(tmp_path, tiny_model):
     assert len(list((tmp_path / 'dec').glob('*.png'))) == 2
     assert main(['reconstruct', str(tmp_path / 'imgs'), '--model', m, '--out-dir', str(tmp_path / 'rec'),
                  '--precision', 'bf16']) == 0
+
+
+def test_fp32_encoder_tail_keeps_the_original_weights(tmp_path, tiny_model, images64):
+    tiny_model.save_pretrained(str(tmp_path))
+    fast = UniTok.from_pretrained(str(tmp_path), dtype=torch.bfloat16, fp32_encoder_tail=1)
+    last, first = fast.encoder.blocks[-1], fast.encoder.blocks[0]
+    w = tiny_model.encoder.blocks[-1].mlp.w0.weight
+    assert w.bfloat16().float().ne(w).any() and torch.equal(last.mlp.w0.weight, w)   # not rounded to bf16
+    assert {p.dtype for p in last.parameters()} == {torch.float32} == {p.dtype for p in fast.encoder.norm.parameters()}
+    assert {p.dtype for p in first.parameters()} == {torch.bfloat16}
+    assert fast.encode(images64).shape == (2, 8, 4, 4)
+    fast.to(torch.bfloat16)                                   # a later cast keeps the tail
+    assert {p.dtype for p in last.parameters()} == {torch.float32}
+    with pytest.raises(ValueError, match='encoder depth'):
+        fast.keep_encoder_tail_fp32(3)

@@ -120,6 +120,7 @@ class UniTok(nn.Module):
         self.projection = nn.Linear(width, config.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.set_grad_checkpointing(config.grad_checkpointing)
+        self.fp32_encoder_tail = 0          # see keep_encoder_tail_fp32
 
     # ------------------------------------------------------------------ construction / IO
     @classmethod
@@ -129,15 +130,19 @@ class UniTok(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str, map_location: str | torch.device = 'cpu',
-                        revision: str | None = None, dtype: torch.dtype | None = None) -> 'UniTok':
+                        revision: str | None = None, dtype: torch.dtype | None = None,
+                        fp32_encoder_tail: int = 0) -> 'UniTok':
         """Load ``config.json`` + ``model.safetensors`` from a directory or a Hugging Face hub id
         (``owner/name``, at ``revision`` if given), or an official release checkpoint (``.pth``, loaded
         without executing pickled code). Anything else raises :class:`~unitok.CheckpointError`.
 
-        ``dtype=torch.bfloat16`` (or float16) returns the inference fast path: see :meth:`to`."""
+        ``dtype=torch.bfloat16`` (or float16) returns the inference fast path: see :meth:`to`;
+        ``fp32_encoder_tail=n`` keeps the last n encoder blocks float32 (:meth:`keep_encoder_tail_fp32`)."""
         from .checkpoint import load_pretrained
         model = load_pretrained(path_or_hub_id, map_location=map_location, revision=revision)
-        return model if dtype is None else model.to(check_model_dtype(dtype))
+        if dtype is None:
+            return model
+        return model.keep_encoder_tail_fp32(fp32_encoder_tail).to(check_model_dtype(dtype))
 
     # ------------------------------------------------------------------ precision
     #: Top-level parts that stay float32 when the model is cast to bfloat16/float16: the projections
@@ -163,9 +168,43 @@ class UniTok(nn.Module):
             return super().to(*args, **kwargs)
         if device is not None or memory_format is not None:
             super().to(device=device, non_blocking=non_blocking, memory_format=memory_format)
+        depth, tail = len(self.encoder.blocks), self.fp32_encoder_tail
         for name, child in self.named_children():
-            if name not in self.FP32_PARTS:
+            if name in self.FP32_PARTS:
+                continue
+            if name != 'encoder' or not tail:
                 child.to(dtype)
+                continue
+            for sub, part in child.named_children():              # all but the float32 tail
+                if sub == 'blocks':
+                    for block in part[:depth - tail]:
+                        block.to(dtype)
+                elif sub != 'norm':
+                    part.to(dtype)
+            for param in child.parameters(recurse=False):
+                param.data = param.data.to(dtype)
+        return self
+
+    def keep_encoder_tail_fp32(self, blocks: int) -> 'UniTok':
+        """Run the last ``blocks`` encoder transformer blocks and the encoder's final norm in float32
+        in a bfloat16/float16 model (their input cast up), now and after later casts: a fast-path setting
+        whose codes agree more often with the float32 model's, at the cost of those blocks' speed. Call
+        it before the cast (``from_pretrained(..., fp32_encoder_tail=n)`` does) so that the tail keeps
+        its float32 weights; on a model already cast it only runs the tail in float32."""
+        depth = len(self.encoder.blocks)
+        if not isinstance(blocks, int) or isinstance(blocks, bool) or not 0 <= blocks <= depth:
+            raise ValueError(f'blocks must be an int in [0, {depth}] (encoder depth), got {blocks!r}')
+        handle = getattr(self, '_fp32_tail_hook', None)
+        if handle is not None:
+            handle.remove()
+            self._fp32_tail_hook = None
+        self.fp32_encoder_tail = blocks
+        if blocks:
+            for block in self.encoder.blocks[depth - blocks:]:
+                block.float()
+            self.encoder.norm.float()
+            self._fp32_tail_hook = self.encoder.blocks[depth - blocks].register_forward_pre_hook(
+                lambda _module, args: (args[0].float(), *args[1:]))
         return self
 
     def bfloat16(self) -> 'UniTok':
