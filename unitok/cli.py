@@ -407,7 +407,8 @@ def _extra_commands():
     """Sub-commands that live with their subsystems (training, evaluation, demo)."""
     commands = []
     for module in ('unitok.train.cli', 'unitok.eval.cli', 'unitok.demo', 'unitok.generation.export_cli',
-                   'unitok.generation.cli', 'unitok.eval.generation_cli', 'unitok.mllm.cli', 'unitok.eval.mllm_cli'):
+                   'unitok.generation.cli', 'unitok.eval.generation_cli', 'unitok.mllm.cli', 'unitok.eval.mllm_cli',
+                   'unitok.mllm.demo'):
         try:
             mod = __import__(module, fromlist=['register'])
         except ModuleNotFoundError as e:
