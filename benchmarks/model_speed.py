@@ -126,23 +126,29 @@ def faithfulness(args) -> None:
     """Code agreement and reconstruction PSNR of the fast path against fp32, on real images."""
     from unitok.data import open_source
     from unitok.data.transforms import eval_transform
-    from unitok.precision import compare_codes
     ref = unitok.UniTok.from_pretrained(args.trained).eval()
-    fast = unitok.UniTok.from_pretrained(args.trained, dtype=torch.bfloat16).eval()
     source = open_source('builtin:emoji', split='val')
     size = ref.config.image_size
     transform = eval_transform(size)
     n = min(args.images, len(source))
     images = torch.stack([transform(source.read(i)[0].convert('RGB')) for i in range(n)])
+    print(f'\nfaithfulness on {n} builtin:emoji val images at {size} px through {args.trained}:')
+    for tail in args.fp32_tail:
+        fast = unitok.UniTok.from_pretrained(args.trained, dtype=torch.bfloat16, fp32_encoder_tail=tail).eval()
+        faithfulness_row(ref, fast, images, f'bf16, last {tail} encoder block(s) fp32' if tail else 'bf16')
+
+
+def faithfulness_row(ref, fast, images, name: str) -> None:
+    from unitok.precision import compare_codes
     total, psnr_sum, count = None, 0.0, 0
-    for i in range(0, n, 32):
+    for i in range(0, images.shape[0], 32):
         x = images[i:i + 32]
         agree = compare_codes(ref, fast, x)
         total = agree if total is None else total.merge(agree)
         rec32, rec16 = ref.reconstruct(x), fast.reconstruct(x)
         psnr_sum += ((rec16 - rec32) / 2).square().flatten(1).mean(1).clamp_min(1e-10).log10().mul(-10).sum().item()
         count += x.shape[0]
-    print(f'\nfaithfulness on {n} builtin:emoji val images at {size} px through {args.trained}:')
+    print(f' {name}:')
     print(f'  bf16 codes equal to fp32 codes: {total.agreement:.2%} of {total.decisions} (token, sub-codebook) '
           f'decisions; {total.near_ties} near ties, {total.not_near_ties} disagreements that are not near ties')
     print(f'  largest fp32 similarity gap of a disagreement {total.max_gap:.2e}; unit-latent shift |z - z\'| '
@@ -153,7 +159,7 @@ def faithfulness(args) -> None:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--preset', default='unitok-large')
-    p.add_argument('--batch', type=int, nargs='+', default=[1, 8])
+    p.add_argument('--batch', type=int, nargs='*', default=[1, 8], help='batches to time (none: only --trained)')
     p.add_argument('--repeat', type=int, default=2)
     p.add_argument('--threads', type=int, default=torch.get_num_threads())
     p.add_argument('--settings', nargs='+', default=['fp32', 'bf16'], choices=['fp32', 'autocast', 'bf16'])
@@ -163,6 +169,8 @@ def main(argv=None):
     p.add_argument('--official-pythonpath', metavar='DIR', help="where the official code's dependencies live")
     p.add_argument('--trained', metavar='DIR', help='trained model directory: code agreement and PSNR vs fp32')
     p.add_argument('--images', type=int, default=256, help='images for --trained (default 256)')
+    p.add_argument('--fp32-tail', type=int, nargs='+', default=[0],
+                   help='--trained: also the settings that keep the last N encoder blocks fp32 (default 0)')
     p.add_argument('--worker', help=argparse.SUPPRESS)
     p.add_argument('--worker-batch', type=int, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
