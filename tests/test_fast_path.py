@@ -99,3 +99,20 @@ def test_fp32_encoder_tail_keeps_the_original_weights(tmp_path, tiny_model, imag
     assert {p.dtype for p in last.parameters()} == {torch.float32}
     with pytest.raises(ValueError, match='encoder depth'):
         fast.keep_encoder_tail_fp32(3)
+
+
+def test_export_codes_precision_bf16_uses_the_fast_path(tmp_path, tiny_model, monkeypatch):
+    import json
+    tiny_model.save_pretrained(str(tmp_path / 'model'))
+    loaded = []
+    original = UniTok.from_pretrained.__func__
+
+    def spy(cls, *a, **k):
+        loaded.append(k.get('dtype'))
+        return original(cls, *a, **k)
+    monkeypatch.setattr(UniTok, 'from_pretrained', classmethod(spy))
+    assert main(['export-codes', '--model', str(tmp_path / 'model'), '--data', 'builtin:emoji', '--out',
+                 str(tmp_path / 'codes'), '--limit', '4', '--batch-size', '4', '--workers', '0',
+                 '--precision', 'bf16', '--device', 'cpu']) == 0
+    assert loaded == [torch.bfloat16]
+    assert json.loads((tmp_path / 'codes' / 'manifest.json').read_text())['precision'] == 'bf16'
