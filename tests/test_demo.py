@@ -9,7 +9,8 @@ from unitok.cli import main
 
 @pytest.mark.slow
 def test_demo_end_to_end_in_a_few_steps(tmp_path, capsys):
-    assert main(['demo', '--out', str(tmp_path / 'demo'), '--steps', '2']) == 0
+    args = ['demo', '--out', str(tmp_path / 'demo'), '--steps', '2', '--gen-steps', '2', '--gen-limit', '48']
+    assert main(args) == 0
     out = capsys.readouterr().out
     assert 'report.html' in out
     summary = json.loads((tmp_path / 'demo' / 'demo_summary.json').read_text())
@@ -18,8 +19,22 @@ def test_demo_end_to_end_in_a_few_steps(tmp_path, capsys):
     assert report['samples'] == 380 and report['zero_shot_classes'] == 9
     samples = os.listdir(tmp_path / 'demo' / 'samples')
     assert 'codes.npz' in samples and len([s for s in samples if s.endswith('.png')]) == 12
-    # a second run continues the finished training instead of starting over
-    assert main(['demo', '--out', str(tmp_path / 'demo'), '--steps', '2']) == 0
+    # generation: a class-conditional generator on the exported codes, a row of samples per category
+    from PIL import Image
+    from unitok.generation.codes import CodeDataset
+    assert summary['gen_steps'] == 2 and summary['gen_chance'] == pytest.approx(1 / 9)
+    assert 0 <= summary['gen_consistency_zero_shot'] <= 1 and 0 < summary['gen_nll'] < 2 * summary['gen_nll_uniform']
+    assert len(CodeDataset(str(tmp_path / 'demo' / 'codes' / 'train'))) == 48
+    grid = Image.open(summary['gen_grid'])
+    tile = 2 * (128 + 2)                                   # 128 px samples, 2 px padding, shown at 2x
+    assert (grid.width, grid.height) == (8 * tile + 4, 9 * tile + 4)
+    assert [s['title'] for s in report['sections']][0].startswith('Generation')
+    assert 'Generation: samples' in (tmp_path / 'demo' / 'report' / 'report.html').read_text()
+    # a second run continues the finished trainings instead of starting over
+    assert main(args) == 0
+    again = json.loads((tmp_path / 'demo' / 'demo_summary.json').read_text())
+    assert again['gen_nll'] == summary['gen_nll']
+    assert json.loads((tmp_path / 'demo' / 'generator' / 'summary.json').read_text())['step'] == 2
 
 
 def test_builtin_caption_variants_only_for_training():
@@ -54,3 +69,17 @@ def test_demo_continues_an_interrupted_training_instead_of_starting_over(tmp_pat
     ckpt.write_bytes(b'')
     assert main(['demo', '--out', str(out), '--steps', '2']) == 143
     assert calls == [None, 'latest']
+
+
+def test_add_section_puts_a_figure_in_the_report_and_replaces_it_by_title(tmp_path):
+    from PIL import Image
+    from unitok.eval.report import add_section
+    (tmp_path / 'report.json').write_text(json.dumps({'psnr': 20.5, 'meta': {'name': 'tiny'}}))
+    add_section(str(tmp_path), 'Generation: samples', Image.new('RGB', (8, 4), (255, 0, 0)), 'first caption')
+    add_section(str(tmp_path), 'Generation: samples', Image.new('RGB', (6, 6), (0, 255, 0)), 'second caption')
+    report = json.loads((tmp_path / 'report.json').read_text())
+    assert report['psnr'] == 20.5 and len(report['sections']) == 1
+    entry = report['sections'][0]
+    assert entry['caption'] == 'second caption' and Image.open(tmp_path / entry['file']).size == (6, 6)
+    page = (tmp_path / 'report.html').read_text()
+    assert 'second caption' in page and 'first caption' not in page and page.count('<h2>Generation: samples</h2>') == 1

@@ -113,6 +113,29 @@ def write_report(out_dir: str, result, meta: dict) -> dict:
     return report
 
 
+def add_section(out_dir: str, title: str, image, caption: str = '') -> None:
+    """Add (or replace, by title) a figure section to the report in ``out_dir``, e.g. samples of a
+    generator trained on the evaluated tokenizer's codes: the image is kept beside the report as a PNG,
+    the section listed in ``report.json`` (``sections``), and ``report.html`` rendered again."""
+    from PIL import Image
+    path = os.path.join(out_dir, 'report.json')
+    with open(path, encoding='utf-8') as f:
+        report = json.load(f)
+    stem = ''.join(c if c.isalnum() else '_' for c in title.lower())[:60].strip('_')
+    atomic_write(os.path.join(out_dir, f'{stem}.png'), lambda f: image.save(f, format='PNG'))
+    entry = {'title': title, 'file': f'{stem}.png', 'caption': caption}
+    report['sections'] = [s for s in report.get('sections', []) if s['title'] != title] + [entry]
+    atomic_write(path, lambda f: f.write(json.dumps(report, indent=2) + '\n'), mode='w')
+    meta = report.get('meta', {})
+    name = meta.get('name', 'model')
+    figures = {k: Image.open(os.path.join(out_dir, f'{k}.png')).convert('RGB')
+               for k in ('reconstructions', 'codebook_usage') if os.path.isfile(os.path.join(out_dir, f'{k}.png'))}
+    figures['sections'] = [(s['title'], Image.open(os.path.join(out_dir, s['file'])).convert('RGB'), s['caption'])
+                           for s in report['sections']]
+    page = render_html({name: report}, {name: figures}, meta)
+    atomic_write(os.path.join(out_dir, 'report.html'), lambda f: f.write(page), mode='w')
+
+
 def render_html(reports: dict[str, dict], figures: dict[str, dict], meta: dict) -> str:
     with open(TEMPLATE, encoding='utf-8') as f:
         template = string.Template(f.read())
@@ -125,6 +148,9 @@ def render_html(reports: dict[str, dict], figures: dict[str, dict], meta: dict) 
         if 'codebook_usage' in figs:
             sections.append(f'<h2>{html.escape(name)}: codebook usage</h2><img class="plot" '
                             f'alt="codebook usage of {html.escape(name)}" src="{png_data_uri(figs["codebook_usage"])}">')
+        for title, image, caption in figs.get('sections', ()):
+            sections.append(f'<h2>{html.escape(title)}</h2><p>{html.escape(caption)}</p><img class="grid" '
+                            f'alt="{html.escape(title)}" src="{png_data_uri(image)}">')
     skipped = [s for r in reports.values() for s in r.get('skipped_files', [])]
     skipped_html = ('<h2>Skipped files</h2><ul>' + ''.join(f'<li>{html.escape(s)}</li>' for s in skipped[:200])
                     + '</ul>') if skipped else ''
