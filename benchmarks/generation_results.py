@@ -64,6 +64,8 @@ def main(argv=None):
     p.add_argument('--tok-steps', type=int, default=500)
     p.add_argument('--gen-steps', type=int, default=1500)
     p.add_argument('--samples-per-class', type=int, default=40)
+    p.add_argument('--max-train', type=int, default=1800,
+                   help='training images (a fixed class-balanced subset) for the probe and the copy rate')
     p.add_argument('--sweep', default='1.0,1.5,2.0,3.0', help='guidance scales of the main model')
     p.add_argument('--only', nargs='*', help='subset of the generator names: ' + ', '.join(GENERATORS))
     args = p.parse_args(argv)
@@ -109,7 +111,8 @@ def main(argv=None):
                 sweep = args.sweep if name == 'depth' else '1.0'
                 run(unitok + ['eval-gen', '--gen', os.path.join(run_dir, 'model'), '--data', 'builtin:emoji',
                               '--codes-val', codes_dir(kind, 'val'), '--out', os.path.join(run_dir, 'eval'),
-                              '--samples-per-class', str(args.samples_per_class), '--cfg', sweep, '--seed', str(seed)])
+                              '--samples-per-class', str(args.samples_per_class), '--cfg', sweep, '--seed', str(seed),
+                              '--max-train', str(args.max_train)])
                 print(f'{name} seed {seed}: {(time.time() - t) / 60:.1f} min', flush=True)
             with open(report) as f:
                 results.setdefault(name, []).append(json.load(f))
@@ -118,7 +121,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, 'results.json'), 'w') as f:
         json.dump({'seeds': args.seeds, 'tok_seed': args.tok_seed, 'tok_steps': args.tok_steps, 'gen_steps': args.gen_steps,
-                   'samples_per_class': args.samples_per_class, 'recipe': RECIPE,
+                   'samples_per_class': args.samples_per_class, 'max_train': args.max_train, 'recipe': RECIPE,
                    'generators': {n: GENERATORS[n] for n in names}, 'summary': summary,
                    'reports': results}, f, indent=2)
     table = markdown(summary, len(args.seeds))

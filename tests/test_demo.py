@@ -49,7 +49,7 @@ def test_builtin_caption_variants_only_for_training():
 def test_demo_continues_an_interrupted_training_instead_of_starting_over(tmp_path, monkeypatch):
     """The demo hands ``resume='latest'`` to the trainer when its run has a checkpoint (fast: the
     trainer is replaced by a recorder that stops like an interrupted run)."""
-    import unitok.train
+    import unitok.train.loop
     from unitok.train.state import Checkpointer
     calls = []
 
@@ -61,7 +61,7 @@ def test_demo_continues_an_interrupted_training_instead_of_starting_over(tmp_pat
         def fit(self, resume=None):
             calls.append(resume)
             return {'exit': 'signal SIGTERM'}
-    monkeypatch.setattr(unitok.train, 'Trainer', Recorder)
+    monkeypatch.setattr(unitok.train.loop, 'Trainer', Recorder)
     out = tmp_path / 'demo'
     assert main(['demo', '--out', str(out), '--steps', '2']) == 143
     ckpt = out / 'train' / 'checkpoints' / 'step_00000001.pt'

@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import time
 
 import numpy as np
@@ -44,8 +43,7 @@ def run(args) -> int:
     from .eval import EvalConfig, run_evaluation
     from .images import side_by_side
     from .model import UniTok
-    from .train import TrainConfig, Trainer
-    from .train.run import holds_run
+    from .train import TrainConfig, fit_to_end
 
     out = os.path.abspath(args.out)
     t0 = time.time()
@@ -54,14 +52,9 @@ def run(args) -> int:
                       precision=precision, eval_every=max(1, args.steps // 6), image_every=max(1, args.steps // 3),
                       ckpt_every=max(1, args.steps // 4), log_every=25, seed=args.seed)
     cfg = cfg.override(DEMO_OVERRIDES + [f'data.train={args.data}'])
-    trainer = Trainer(cfg)
-    resume = 'latest' if trainer.checkpointer.latest() else None
-    if resume is None and holds_run(cfg.out):
-        # Interrupted before its first checkpoint: nothing to continue from, start that run afresh.
-        shutil.rmtree(cfg.out)
-    print(f'[demo] 1/4 training unitok-tiny on {args.data} for {args.steps} steps ({precision}, '
-          f'{torch.get_num_threads()} threads){", resuming" if resume else ""} -> {cfg.out}', flush=True)
-    summary = trainer.fit(resume=resume)
+    summary = fit_to_end(cfg, lambda resuming: print(
+        f'[demo] 1/4 training unitok-tiny on {args.data} for {args.steps} steps ({precision}, '
+        f'{torch.get_num_threads()} threads){", resuming" if resuming else ""} -> {cfg.out}', flush=True))
     if summary['exit'] != 'finished':
         print('[demo] interrupted; run the same command again to continue')
         return 143
@@ -134,8 +127,7 @@ def demo_generation(tokenizer_dir: str, data: str, out: str, steps: int, seed: i
     from .generation.codes import ExportConfig, export_codes
     from .images import make_grid, to_uint8_tensor
     from .model import UniTok
-    from .train import Trainer
-    from .train.run import holds_run
+    from .train import fit_to_end
     from .train.tasks.generator import GenTrainConfig
 
     tokenizer = UniTok.from_pretrained(tokenizer_dir).eval()
@@ -146,13 +138,9 @@ def demo_generation(tokenizer_dir: str, data: str, out: str, steps: int, seed: i
     cfg = GenTrainConfig(preset='gen-tiny', tokenizer=tokenizer_dir, out=os.path.join(out, 'generator'),
                          steps=steps, precision=precision, eval_every=steps, ckpt_every=max(1, steps // 3), seed=seed)
     cfg = cfg.override(GEN_OVERRIDES + [f'data.train={codes["train"]}', f'data.val={codes["val"]}'])
-    trainer = Trainer(cfg)
-    resume = 'latest' if trainer.checkpointer.latest() else None
-    if resume is None and holds_run(cfg.out):
-        shutil.rmtree(cfg.out)          # interrupted before its first checkpoint: start that run afresh
-    print(f'[demo]     training a class-conditional gen-tiny for {steps} steps{", resuming" if resume else ""} '
-          f'-> {cfg.out}', flush=True)
-    summary = trainer.fit(resume=resume)
+    summary = fit_to_end(cfg, lambda resuming: print(
+        f'[demo]     training a class-conditional gen-tiny for {steps} steps{", resuming" if resuming else ""} '
+        f'-> {cfg.out}', flush=True))
     if summary['exit'] != 'finished':
         return {'exit': summary['exit']}
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import time
 from contextlib import nullcontext
@@ -26,7 +27,7 @@ from ..utils.distributed import DistInfo
 from ..utils.io import atomic_write
 from .ema import EMA
 from .logger import MetricsLogger
-from .run import RunDirectory
+from .run import RunDirectory, holds_run
 from .state import Checkpointer, TrainingState
 from .strategy import build_strategy
 
@@ -253,6 +254,20 @@ class Trainer:
         if self.info.is_main:
             self.task.export(state, directory)
         self.strategy.barrier()
+
+
+def fit_to_end(cfg, announce=None) -> dict:
+    """Train ``cfg``'s run to its last step, the way a re-runnable script wants it: continue from the
+    run's latest checkpoint; a run directory interrupted before its first checkpoint has nothing to
+    continue from and is started afresh. ``announce(resuming: bool)`` is called before training (a
+    progress line). Returns :meth:`Trainer.fit`'s summary (``summary['exit']``: ``'finished'`` or why not)."""
+    trainer = Trainer(cfg)
+    resume = 'latest' if trainer.checkpointer.latest() else None
+    if resume is None and holds_run(cfg.out):
+        shutil.rmtree(cfg.out)
+    if announce is not None:
+        announce(resume is not None)
+    return trainer.fit(resume=resume)
 
 
 def _floats(metrics: dict) -> dict[str, float]:
