@@ -110,7 +110,7 @@ def test_an_interrupted_training_continues_from_its_checkpoint(tmp_path, monkeyp
 def test_without_tokenizer_it_trains_one_with_the_recipe_and_resumes_it(tmp_path, monkeypatch):
     """The default path hands the tokenizer recipe to the trainer, and ``resume='latest'`` once its run
     has a checkpoint (fast: the trainer is replaced by a recorder that stops like an interrupted run)."""
-    import unitok.train
+    import unitok.train.loop
     from unitok.train.state import Checkpointer
     calls = []
 
@@ -122,7 +122,7 @@ def test_without_tokenizer_it_trains_one_with_the_recipe_and_resumes_it(tmp_path
         def fit(self, resume=None):
             calls.append((self.cfg, resume))
             return {'exit': 'signal SIGTERM', 'step': 1}
-    monkeypatch.setattr(unitok.train, 'Trainer', Recorder)
+    monkeypatch.setattr(unitok.train.loop, 'Trainer', Recorder)
     out = tmp_path / 'demo'
     assert main(['demo-mllm', '--out', str(out)]) == 143
     ckpt = out / 'tokenizer' / 'checkpoints' / 'step_00000001.pt'

@@ -81,16 +81,10 @@ class _Stages:
 
 def _fit(cfg, label: str) -> dict:
     """Train ``cfg``'s run to its end, continuing from its last checkpoint; the trainer's summary."""
-    from ..train import Trainer
-    from ..train.run import holds_run
-    trainer = Trainer(cfg)
-    resume = 'latest' if trainer.checkpointer.latest() else None
-    if resume is None and holds_run(cfg.out):
-        # Interrupted before its first checkpoint: nothing to continue from, start that run afresh.
-        shutil.rmtree(cfg.out)
-    print(f'[demo-mllm] {label}: {cfg.steps} steps ({cfg.precision}, {torch.get_num_threads()} threads)'
-          f'{", resuming" if resume else ""} -> {cfg.out}', flush=True)
-    return trainer.fit(resume=resume)
+    from ..train import fit_to_end
+    return fit_to_end(cfg, lambda resuming: print(
+        f'[demo-mllm] {label}: {cfg.steps} steps ({cfg.precision}, {torch.get_num_threads()} threads)'
+        f'{", resuming" if resuming else ""} -> {cfg.out}', flush=True))
 
 
 def _trained(stages: _Stages, name: str, cfg, label: str) -> bool:
