@@ -83,3 +83,4 @@ def test_add_section_puts_a_figure_in_the_report_and_replaces_it_by_title(tmp_pa
     assert entry['caption'] == 'second caption' and Image.open(tmp_path / entry['file']).size == (6, 6)
     page = (tmp_path / 'report.html').read_text()
     assert 'second caption' in page and 'first caption' not in page and page.count('<h2>Generation: samples</h2>') == 1
+    assert 'border-collapse' in page and '$' not in page          # the shared stylesheet, every field filled

@@ -712,11 +712,10 @@ def write_generation_report(out_dir: str, result: GenEvalResult) -> None:
     import html
     import json
     import os
-    import string
 
     from ..images import make_grid
     from ..utils.io import atomic_write
-    from .report import format_value, png_data_uri
+    from .report import format_value, png_data_uri, render_template
     m = result.metrics
     os.makedirs(out_dir, exist_ok=True)
     atomic_write(os.path.join(out_dir, 'report.json'), lambda f: f.write(json.dumps(m, indent=2) + '\n'), mode='w',
@@ -740,10 +739,8 @@ def write_generation_report(out_dir: str, result: GenEvalResult) -> None:
     side_html = '<table>' + ''.join(f'<tr><td class="key">{html.escape(k)}</td><td>{format_value(v)}</td></tr>'
                                     for k, v in side.items()) + '</table>'
     meta = m.get('meta', {})
-    with open(os.path.join(os.path.dirname(__file__), GEN_TEMPLATE), encoding='utf-8') as f:
-        template = string.Template(f.read())
-    page = template.substitute(
-        title=html.escape(f'unitok generator evaluation: {meta.get("generator", "generator")}'),
+    page = render_template(
+        os.path.join(os.path.dirname(__file__), GEN_TEMPLATE), title=html.escape(f'unitok generator evaluation: {meta.get("generator", "generator")}'),
         data=html.escape(str(meta.get('data', ''))), protocol=html.escape(json.dumps(meta.get('protocol', {}))),
         table=_metric_table(m), side=side_html, figures='\n'.join(sections),
         meta=html.escape(json.dumps({k: v for k, v in meta.items() if k != 'protocol'}, indent=1)))

@@ -542,10 +542,9 @@ def write_mllm_report(out_dir: str, report: dict, figures: dict | None = None) -
     """Write ``report.json`` and a self-contained ``report.html`` (understanding table, text-to-image
     table with the floors, example images with question / answer and prompt / sample)."""
     import html
-    import string
 
     from ..utils.io import atomic_write
-    from .report import format_value, png_data_uri
+    from .report import format_value, png_data_uri, render_template
     os.makedirs(out_dir, exist_ok=True)
     atomic_write(os.path.join(out_dir, 'report.json'), lambda f: f.write(json.dumps(report, indent=2) + '\n'),
                  mode='w', what='report')
@@ -581,11 +580,9 @@ def write_mllm_report(out_dir: str, report: dict, figures: dict | None = None) -
                    for s, v in figures.get('samples', {}).items() if j < len(v)]
         parts.append(f'<p><b>Prompt:</b> {esc(ex["prompt"])}</p><div class="row">{"".join(samples)}</div>')
         cards.append(f'<div class="card">{"".join(parts)}</div>')
-    with open(os.path.join(os.path.dirname(__file__), 'mllm_report.html'), encoding='utf-8') as f:
-        template = string.Template(f.read())
     meta = report.get('meta', {})
-    page = template.substitute(
-        title=esc(f'unitok MLLM evaluation: {meta.get("mllm", "model")}'), data=esc(str(meta.get('data', ''))),
+    page = render_template(
+        os.path.join(os.path.dirname(__file__), 'mllm_report.html'), title=esc(f'unitok MLLM evaluation: {meta.get("mllm", "model")}'), data=esc(str(meta.get('data', ''))),
         protocol=esc(json.dumps(report.get('protocol', {}))), understanding=understanding, t2i=t2i,
         examples='\n'.join(cards), meta=esc(json.dumps(meta, indent=1)))
     atomic_write(os.path.join(out_dir, 'report.html'), lambda f: f.write(page), mode='w', what='report')

@@ -13,6 +13,16 @@ from ..utils.io import atomic_write
 from ..images import make_grid
 
 TEMPLATE = os.path.join(os.path.dirname(__file__), 'report.html')
+STYLE = os.path.join(os.path.dirname(__file__), 'report.css')
+
+
+def render_template(path: str, **fields: str) -> str:
+    """The page of the ``string.Template`` file ``path`` filled with ``fields``; its ``$style`` gets the
+    stylesheet that every unitok report shares (``report.css``)."""
+    with open(STYLE, encoding='utf-8') as f:
+        style = f.read()
+    with open(path, encoding='utf-8') as f:
+        return string.Template(f.read()).substitute(style=style, **fields)
 
 LABELS = {
     'psnr': ('PSNR (dB)', 'higher'), 'ssim': ('SSIM', 'higher'), 'lpips': ('LPIPS-VGG', 'lower'),
@@ -137,8 +147,6 @@ def add_section(out_dir: str, title: str, image, caption: str = '') -> None:
 
 
 def render_html(reports: dict[str, dict], figures: dict[str, dict], meta: dict) -> str:
-    with open(TEMPLATE, encoding='utf-8') as f:
-        template = string.Template(f.read())
     sections = []
     for name, figs in figures.items():
         if 'reconstructions' in figs:
@@ -155,8 +163,8 @@ def render_html(reports: dict[str, dict], figures: dict[str, dict], meta: dict) 
     skipped_html = ('<h2>Skipped files</h2><ul>' + ''.join(f'<li>{html.escape(s)}</li>' for s in skipped[:200])
                     + '</ul>') if skipped else ''
     protocol = meta.get('protocol', {})
-    return template.substitute(
-        title=html.escape('unitok evaluation: ' + ' vs '.join(reports)),
+    return render_template(
+        TEMPLATE, title=html.escape('unitok evaluation: ' + ' vs '.join(reports)),
         data=html.escape(str(meta.get('data', ''))),
         protocol=html.escape(json.dumps(protocol)),
         table=_table(reports), figures='\n'.join(sections), skipped=skipped_html,
