@@ -16,7 +16,7 @@ TEMPLATE = os.path.join(os.path.dirname(__file__), 'report.html')
 STYLE = os.path.join(os.path.dirname(__file__), 'report.css')
 
 
-def render_template(path: str, **fields: str) -> str:
+def render_template(path: str, **fields) -> str:
     """The page of the ``string.Template`` file ``path`` filled with ``fields``; its ``$style`` gets the
     stylesheet that every unitok report shares (``report.css``)."""
     with open(STYLE, encoding='utf-8') as f:

@@ -21,7 +21,6 @@ import json
 import os
 import resource
 import shutil
-import string
 import time
 
 import torch
@@ -218,9 +217,7 @@ def _metric_rows(report: dict) -> list[tuple[str, str, object]]:
 
 
 def _render(out: str, summary: dict, report: dict, answers: list[dict], drawings: list[dict]) -> None:
-    from importlib import resources
-
-    from ..eval.report import format_value, png_data_uri
+    from ..eval.report import format_value, png_data_uri, render_template
     from ..utils.io import atomic_write
 
     def img(im, cls='emoji'):
@@ -239,11 +236,10 @@ def _render(out: str, summary: dict, report: dict, answers: list[dict], drawings
                           f'<td>{format_value(v)}</td></tr>' for k, what, v in _metric_rows(report))
     stage_rows = ''.join(f'<tr><td class="key">{e(k)}</td><td>{v["seconds"] / 60:.1f}</td><td>{v["peak_rss_mib"]:.0f}'
                          f'</td></tr>' for k, v in summary['stages'].items())
-    template = string.Template(resources.files('unitok.mllm').joinpath(TEMPLATE).read_text())
-    page = template.substitute(
-        title='UniTok MLLM demo', llm=e(summary['llm']), steps=summary['mllm_steps'],
-        minutes=f'{summary["total_minutes"]:.1f}', rss=f'{summary["peak_rss_mib"]:.0f}', answers=answer_rows,
-        drawings=drawing_rows, metrics=metric_rows, stages=stage_rows, cfg=f'{PAGE_CFG:g}',
+    page = render_template(
+        os.path.join(os.path.dirname(__file__), TEMPLATE), title='UniTok MLLM demo', llm=e(summary['llm']),
+        steps=summary['mllm_steps'], minutes=f'{summary["total_minutes"]:.1f}', rss=f'{summary["peak_rss_mib"]:.0f}',
+        answers=answer_rows, drawings=drawing_rows, metrics=metric_rows, stages=stage_rows, cfg=f'{PAGE_CFG:g}',
         protocol=e(json.dumps(report.get('protocol', {}), default=str)))
     atomic_write(os.path.join(out, 'index.html'), lambda f: f.write(page), mode='w', what='demo page')
 
