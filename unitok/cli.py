@@ -61,26 +61,24 @@ def _load_model(path: str, device: str, precision: str = 'fp32'):
     return UniTok.from_pretrained(path, dtype=dtype).to(device).eval()
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
+def _int_at_least(minimum: int, text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f'expected a positive integer, got {text!r}') from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'must be >= 1, got {value}')
+        raise argparse.ArgumentTypeError(f'expected an integer >= {minimum}, got {text!r}') from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f'must be >= {minimum}, got {value}')
     return value
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _int_at_least(1, text)
 
 
 def non_negative_int(text: str) -> int:
     """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'expected an integer >= 0, got {text!r}') from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f'must be >= 0, got {value}')
-    return value
+    return _int_at_least(0, text)
 
 
 def image_side(text: str) -> int:
