@@ -35,6 +35,7 @@ from .modules.text import build_text_tower, tokenize
 from .quantizer import MultiCodebookQuantizer, QuantizerOutput
 from .sequence import square_grid
 
+
 def check_model_dtype(dtype) -> torch.dtype:
     """``dtype`` if it is a model dtype (float32, bfloat16, float16, float64), else a ValueError."""
     allowed = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
