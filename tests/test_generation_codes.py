@@ -314,6 +314,6 @@ def test_two_processes_write_the_files_of_one(tokenizer, tmp_path):
                               text=True, timeout=600)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert 'exported 11 image(s)' in proc.stdout
-        assert {1: '(1 process(es): 11)', 2: '(2 process(es): 6 + 5)'}[n] in proc.stdout   # shards 0, 2 | 1, 3
+        assert {1: '(1 process(es): 11;', 2: '(2 process(es): 6 + 5;'}[n] in proc.stdout   # shards 0, 2 | 1, 3
     one, two = _files(tmp_path / 'one'), _files(tmp_path / 'two')
     assert len(one) == 4 * 5 + 1 and one == two

@@ -38,7 +38,8 @@ def cached_model(monkeypatch, model_dir, model):
     """The CLI gets the already built tiny model for ``model_dir`` (loading is tested in test_cli.py)."""
     import unitok.cli as cli
     original = cli._load_model
-    monkeypatch.setattr(cli, '_load_model', lambda path, device: model if path == model_dir else original(path, device))
+    monkeypatch.setattr(cli, '_load_model', lambda path, device, precision='fp32':
+                        model if path == model_dir else original(path, device, precision))
 
 
 @pytest.fixture()
