@@ -21,6 +21,10 @@ One command for the generation tables of docs/RESULTS.md. Every stage reuses wha
    control, copy rate, held-out NLL, and the real-vs-real and reconstruction-vs-real floors), with a
    guidance sweep for the main model.
 
+5. a common judge for the joint vs reconstruction-only comparison: the reconstruction-only tokenizer's
+   zero-shot head is untrained, so the same guidance-free samples (eval-gen's seeds) of every generator
+   are also scored by the joint tokenizer's zero-shot head (``consistency_joint_judge``).
+
 It writes ``OUT/results.json`` and ``OUT/results.md`` (mean ± standard deviation over the seeds).
 """
 import argparse
@@ -117,6 +121,17 @@ def main(argv=None):
             with open(report) as f:
                 results.setdefault(name, []).append(json.load(f))
 
+    for name in names:
+        for seed, report in zip(args.seeds, results[name]):
+            path = os.path.join(args.out, 'gen', f'{name}_seed{seed}', 'eval', 'joint_judge.json')
+            if not os.path.isfile(path):
+                value = joint_judge(os.path.join(args.out, 'gen', f'{name}_seed{seed}', 'model'),
+                                    tokenizer_dir(GENERATORS[name][0]), tokenizer_dir('joint'),
+                                    args.samples_per_class, seed)
+                with open(path, 'w') as f:
+                    json.dump(value, f)
+            with open(path) as f:
+                report['joint_judge'] = json.load(f)
     summary = summarise(results)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, 'results.json'), 'w') as f:
@@ -131,6 +146,35 @@ def main(argv=None):
     print(f'total {(time.time() - start) / 60:.1f} min')
 
 
+def joint_judge(gen_dir: str, tokenizer_dir: str, judge_dir: str, per_class: int, seed: int,
+                chunk: int = 16) -> dict:
+    """Guidance-free samples planned as ``unitok eval-gen`` plans them (same chunks and seeds), decoded
+    by the generator's tokenizer, seen as uint8 images, classified by the zero-shot head of the joint
+    tokenizer ``judge_dir``: ``(consistency, shuffled-label control)``."""
+    import torch
+
+    from unitok import UniTok
+    from unitok.data import open_source
+    from unitok.eval.generation import consistency, load_generator, sample_chunks
+    from unitok.generation import generate
+    from unitok.images import to_uint8_tensor
+    generator, tokenizer, info = load_generator(gen_dir, tokenizer_dir)
+    judge = UniTok.from_pretrained(judge_dir).eval()
+    classnames = info['classnames']
+    templates = getattr(open_source('builtin:emoji', 'val'), 'templates', None) or ('a photo of a {}.',)
+    heads = judge.zero_shot_classifier(classnames, list(templates))
+    predicted, requested = [], []
+    with torch.no_grad():
+        for lo, hi, chunk_seed in sample_chunks(len(classnames), per_class, chunk, seed):
+            labels = torch.arange(lo, hi) // per_class
+            images = tokenizer.decode(generate(generator, labels, cfg_scale=1.0, generator=chunk_seed))
+            seen = to_uint8_tensor(images).float().div(127.5).sub(1)
+            predicted.append((judge.encode_image(seen) @ heads.to(seen.dtype)).argmax(1))
+            requested.append(labels)
+    agree, control = consistency(torch.cat(predicted), torch.cat(requested), seed)
+    return {'consistency_joint_judge': agree, 'control_joint_judge': control}
+
+
 def _at(report: dict, scale: float) -> dict:
     return next(m for m in report['sweep'] if m['cfg_scale'] == scale)
 
@@ -142,6 +186,8 @@ def summarise(results: dict[str, list[dict]]) -> dict:
     for name, reports in results.items():
         row = {m: [_at(r, 1.0)[m] for r in reports] for m in METRICS}
         row['nll'] = [r['held_out_nll']['nll'] for r in reports]
+        for key in ('consistency_joint_judge', 'control_joint_judge'):
+            row[key] = [r['joint_judge'][key] for r in reports]
         row['chance'] = reports[0]['chance']
         row['floors'] = {f: {m: [r['floors'][f][m] for r in reports] for m in METRICS[:4]}
                          for f in reports[0]['floors']}
@@ -159,7 +205,7 @@ def _cell(values, fmt='.3f'):
 
 
 def markdown(summary: dict, n_seeds: int) -> str:
-    cols = METRICS + ('nll',)
+    cols = METRICS + ('nll', 'consistency_joint_judge', 'control_joint_judge')
     fmt = {m: FORMATS.get(m, '.3f') for m in cols}
     lines = ['| generator (guidance 1) | ' + ' | '.join(cols) + ' |', '|---|' + '---|' * len(cols)]
     for name, row in summary.items():
