@@ -32,7 +32,7 @@ TOKENIZER_OVERRIDES = [f'model.image_size={TOKENIZER_SIZE}', 'model.num_codebook
                        'model.code_dim=4', 'loss.perceptual=none', 'loss.discriminator=none', 'optim.lr=1e-3',
                        'optim.warmup=0.02', 'data.batch_size=32', 'data.num_workers=1', 'image_every=0']
 TOKENIZER_STEPS = 500
-MLLM_STEPS = 60
+MLLM_STEPS = 300
 MLLM_BATCH = 8                # emoji per step, three sequences each (name, category, drawing)
 MLLM_LR = 2e-3
 EVAL_ITEMS = 144              # held-out emoji evaluated (class-balanced: 16 per category)
