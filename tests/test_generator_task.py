@@ -8,7 +8,7 @@ import torch
 
 import unitok
 from unitok.cli import main as cli
-from train_helpers import sigterm_at
+from train_helpers import kill_9_then_resume, load_params, max_param_diff, run_unitok, sigterm_at
 from unitok.config import ConfigError
 from unitok.generation import GeneratorModel
 from unitok.generation.codes import ExportConfig, export_codes
@@ -66,6 +66,18 @@ def test_generator_resume_after_sigterm_is_exact(exported, tmp_path, monkeypatch
     again.fit(resume='latest')
     for (name, a), b in zip(ref.model.state_dict().items(), again.model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_generator_resume_after_kill_9_is_exact(exported, tmp_path):
+    args = ['train-gen', '--codes', str(exported / 'train'), '--val-codes', str(exported / 'val'), '--tokenizer',
+            str(exported / 'tokenizer'), '--preset', 'gen-tiny', '--steps', '40', '--batch-size', '8',
+            'precision=fp32', 'ckpt_every=2', 'keep_last=100', 'log_every=1', 'eval_every=0', 'image_every=0',
+            'data.num_workers=1', 'threads=1', 'model.dim=64', 'model.num_heads=2', 'model.depth=2', 'optim.lr=3e-3']
+    run_unitok([*args, '--out', str(tmp_path / 'ref')])
+    kill_9_then_resume(args, tmp_path / 'cut', 'step_00000002.pt')
+    a = load_params(str(tmp_path / 'ref' / 'checkpoints' / 'step_00000040.pt'))
+    b = load_params(str(tmp_path / 'cut' / 'checkpoints' / 'step_00000040.pt'))
+    assert max_param_diff(a, b) == 0
 
 
 def test_generate_command_writes_a_grid_and_the_codes(exported, tmp_path):

@@ -9,7 +9,7 @@ import torch
 pytest.importorskip('transformers')
 
 import unitok  # noqa: E402
-from train_helpers import sigterm_at  # noqa: E402
+from train_helpers import kill_9_then_resume, load_params, max_param_diff, run_unitok, sigterm_at  # noqa: E402
 from unitok.checkpoint import CheckpointError  # noqa: E402
 from unitok.config import ConfigError  # noqa: E402
 from unitok.generation.codes import ExportConfig, export_codes  # noqa: E402
@@ -76,6 +76,19 @@ def test_mllm_resume_after_sigterm_is_exact(exported, tmp_path, monkeypatch):
     assert a.keys() == b.keys() and not any(k.startswith('llm.') for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_mllm_resume_after_kill_9_is_exact(exported, tmp_path):
+    args = ['train-mllm', '--codes', str(exported / 'train'), '--val-codes', str(exported / 'val'), '--tokenizer',
+            str(exported / 'tokenizer'), '--llm', 'tiny-random', '--steps', '30', '--batch-size', '4',
+            'precision=fp32', 'ckpt_every=2', 'keep_last=100', 'log_every=1', 'eval_every=0', 'image_every=0',
+            'data.num_workers=1', 'threads=1', 'model.head_width=32', 'model.head_heads=2', 'model.head_depth=1']
+    run_unitok([*args, '--out', str(tmp_path / 'ref')])
+    kill_9_then_resume(args, tmp_path / 'cut', 'step_00000002.pt')
+    a = load_params(str(tmp_path / 'ref' / 'checkpoints' / 'step_00000030.pt'))
+    b = load_params(str(tmp_path / 'cut' / 'checkpoints' / 'step_00000030.pt'))
+    assert a and not any(k.startswith('model.llm.') for k in a)       # the frozen LLM is not checkpointed
+    assert max_param_diff(a, b) == 0
 
 
 def test_stage_two_trains_lora_adapters_from_a_stage_one_model(exported, tmp_path):

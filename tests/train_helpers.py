@@ -41,3 +41,42 @@ def sigterm_at(trainer, step: int, monkeypatch) -> None:
             os.kill(os.getpid(), signal.SIGTERM)
         return loss(phase, batch, at)
     monkeypatch.setattr(trainer.task, 'loss', signalled)
+
+
+def run_unitok(args: list[str], timeout: float = 600) -> str:
+    """``unitok ARGS`` in a subprocess (one thread, offline) to its end; returns its output."""
+    import subprocess
+    import sys
+    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
+    proc = subprocess.run([sys.executable, '-m', 'unitok.cli', *args], env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+def kill_9_then_resume(args: list[str], out, checkpoint: str, timeout: float = 600) -> str:
+    """Run ``unitok ARGS --out OUT`` in a subprocess, SIGKILL it as soon as ``OUT/checkpoints/CHECKPOINT``
+    exists (no handler runs, as after an OOM kill or a lost node), check that it really stopped before
+    its end, then run ``unitok ARGS --out OUT --resume latest`` to the end; returns that run's output."""
+    import subprocess
+    import sys
+    import time
+    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
+
+    def start(extra):
+        return subprocess.Popen([sys.executable, '-m', 'unitok.cli', *args, '--out', str(out), *extra], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = start([])
+    ckpt = os.path.join(str(out), 'checkpoints', checkpoint)
+    deadline = time.time() + timeout
+    while not os.path.exists(ckpt) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert os.path.exists(ckpt), proc.stdout.read() if proc.poll() is not None else 'no checkpoint in time'
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, 'the run ended before it could be killed: make it longer'
+    resumed = start(['--resume', 'latest'])
+    output = resumed.communicate(timeout=timeout)[0]
+    assert resumed.returncode == 0, output
+    assert 'resumed from' in output, output
+    return output

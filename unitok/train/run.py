@@ -4,7 +4,9 @@ run's own configuration.
 * A fresh start into a directory that holds another run (its ``config.yaml``, checkpoints, summary
   or final model) is refused: two runs' checkpoints never mix.
 * A lock file (``flock``) keeps a second concurrent process off the directory; the kernel releases
-  it when the holder dies, kill -9 included.
+  it when the holder dies, kill -9 included. Forked children (data-loader workers) drop their copy of
+  the lock's file descriptor, so that a killed trainer's workers, which notice the death only seconds
+  later, do not keep the directory locked.
 * ``--resume`` takes the configuration saved in the run; explicit settings on the command line are
   applied on top and reported; architecture changes are refused by the task before any weight loads.
 """
@@ -22,6 +24,25 @@ from ..utils.io import OutputError, check_writable_dir
 log = logging.getLogger('unitok.train')
 CONFIG_FILE = 'config.yaml'
 LOCK_FILE = '.lock'
+
+
+_HELD_LOCKS: set[int] = set()          # file descriptors of the run-directory locks this process holds
+
+
+def _drop_locks_in_child() -> None:
+    """After a fork: point the inherited lock descriptors at /dev/null. An ``flock`` belongs to the open
+    file, shared with every forked child until each closes it; without this, loader workers of a
+    trainer killed with SIGKILL would hold its run directory until they exit."""
+    if not _HELD_LOCKS:
+        return
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in _HELD_LOCKS:
+        os.dup2(null, fd)
+    os.close(null)
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_drop_locks_in_child)
 
 
 class RunDirectoryError(RuntimeError):
@@ -66,9 +87,11 @@ class RunDirectory:
         self._lock.truncate()
         self._lock.write(f'{os.getpid()}\n')
         self._lock.flush()
+        _HELD_LOCKS.add(self._lock.fileno())
 
     def release(self) -> None:
         if self._lock is not None:
+            _HELD_LOCKS.discard(self._lock.fileno())
             fcntl.flock(self._lock, fcntl.LOCK_UN)
             self._lock.close()
             self._lock = None
