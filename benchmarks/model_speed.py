@@ -7,7 +7,8 @@
 
 Settings (``--settings``): ``fp32`` (the fp32 model), ``autocast`` (fp32 weights under bf16 autocast),
 ``bf16`` (the fast path, ``model.to(torch.bfloat16)``: bf16 weights, quantizer, its projections and the
-CLIP head fp32). Each (setting, batch) runs in a fresh subprocess, so that its peak resident memory
+CLIP head fp32), ``bf16-convs32`` (the fast path with the encoder's convolutional stages fp32:
+``from_pretrained(..., fp32_encoder_convs=True)``; with ``--trained`` its code agreement is measured too). Each (setting, batch) runs in a fresh subprocess, so that its peak resident memory
 (``ru_maxrss``; on CUDA also ``torch.cuda.max_memory_allocated``) is its own. Weights are random (speed
 does not depend on them). Each time is the best of ``--repeat`` calls after one warm-up; all ratios are
 between rows of the same run. ``--compile`` also compiles encoder and decoder with ``torch.compile``
@@ -82,11 +83,11 @@ def worker(args) -> None:
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
     model = unitok.create_model(args.preset).eval()
-    if args.worker == 'bf16':
-        model.to(torch.bfloat16)
+    if args.worker in ('bf16', 'bf16-convs32'):
+        model.keep_encoder_convs_fp32(args.worker == 'bf16-convs32').to(torch.bfloat16)
     model.to(device)
     compile_s = 0.0
-    if args.compile and args.worker == 'bf16':
+    if args.compile and args.worker.startswith('bf16'):
         model.encoder.compile(mode='max-autotune-no-cudagraphs' if device.type == 'cuda' else None)
         model.decoder.compile()
     size, batch = model.config.image_size, args.worker_batch
@@ -97,7 +98,7 @@ def worker(args) -> None:
         codes = model.encode(x)
         model.decode(codes)
         sync()
-        if args.compile and args.worker == 'bf16':
+        if args.compile and args.worker.startswith('bf16'):
             compile_s = time.perf_counter() - t
 
         def timed(fn):
@@ -136,6 +137,9 @@ def faithfulness(args) -> None:
     for tail in args.fp32_tail:
         fast = unitok.UniTok.from_pretrained(args.trained, dtype=torch.bfloat16, fp32_encoder_tail=tail).eval()
         faithfulness_row(ref, fast, images, f'bf16, last {tail} encoder block(s) fp32' if tail else 'bf16')
+    if 'bf16-convs32' in args.settings:
+        fast = unitok.UniTok.from_pretrained(args.trained, dtype=torch.bfloat16, fp32_encoder_convs=True).eval()
+        faithfulness_row(ref, fast, images, 'bf16-convs32 (bf16, the encoder\'s convolutional stages fp32)')
 
 
 def faithfulness_row(ref, fast, images, name: str) -> None:
@@ -162,7 +166,7 @@ def main(argv=None):
     p.add_argument('--batch', type=int, nargs='*', default=[1, 8], help='batches to time (none: only --trained)')
     p.add_argument('--repeat', type=int, default=2)
     p.add_argument('--threads', type=int, default=torch.get_num_threads())
-    p.add_argument('--settings', nargs='+', default=['fp32', 'bf16'], choices=['fp32', 'autocast', 'bf16'])
+    p.add_argument('--settings', nargs='+', default=['fp32', 'bf16'], choices=['fp32', 'autocast', 'bf16', 'bf16-convs32'])
     p.add_argument('--device', default='cpu', help="'cpu' or 'cuda'")
     p.add_argument('--compile', action='store_true', help='torch.compile encoder and decoder (bf16 setting)')
     p.add_argument('--official', metavar='DIR', help='clone of the official repository to time as the reference')

@@ -101,6 +101,33 @@ def test_fp32_encoder_tail_keeps_the_original_weights(tmp_path, tiny_model, imag
         fast.keep_encoder_tail_fp32(3)
 
 
+def test_fp32_encoder_convs_keep_the_original_weights_and_fp32_inputs(tmp_path, tiny_model, images64):
+    tiny_model.save_pretrained(str(tmp_path))
+    fast = UniTok.from_pretrained(str(tmp_path), dtype=torch.bfloat16, fp32_encoder_convs=True).eval()
+    embed, ref_embed = fast.encoder.patch_embed, tiny_model.encoder.patch_embed
+    assert {p.dtype for p in embed.parameters()} == {torch.float32}
+    assert {p.dtype for p in fast.encoder.blocks.parameters()} == {torch.bfloat16}
+    for (name, a), b in zip(embed.named_parameters(), ref_embed.parameters()):
+        assert torch.equal(a, b), name                                  # the float32 weights, not rounded
+    seen = {}
+    embed.register_forward_pre_hook(lambda m, args: seen.update({'in': args[0].dtype}))    # (returns None)
+    embed.register_forward_hook(lambda m, args, out: seen.update({'out': out.dtype}))
+    codes = fast.encode(images64)
+    assert seen == {'in': torch.float32, 'out': torch.bfloat16}     # float32 stages, bf16 features out
+    assert torch.equal(fast._as_model_dtype(images64), images64)     # images are not rounded to bf16 first
+    assert codes.shape == (2, 8, 4, 4)
+    # The conv stages alone in float32 give their exact float32 features.
+    with torch.no_grad():
+        assert torch.equal(embed(images64), ref_embed(images64).bfloat16())
+    fast.to(torch.bfloat16)                                           # a later cast keeps them float32
+    assert {p.dtype for p in embed.parameters()} == {torch.float32}
+    fast.keep_encoder_convs_fp32(False).to(torch.bfloat16)            # switched off: cast with the rest
+    assert {p.dtype for p in embed.parameters()} == {torch.bfloat16}
+    assert fast.encode(images64).shape == (2, 8, 4, 4)
+    with pytest.raises(ValueError, match='bool'):
+        fast.keep_encoder_convs_fp32(1)
+
+
 def test_export_codes_precision_bf16_uses_the_fast_path(tmp_path, tiny_model, monkeypatch):
     import json
     tiny_model.save_pretrained(str(tmp_path / 'model'))

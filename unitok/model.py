@@ -45,6 +45,20 @@ def check_model_dtype(dtype) -> torch.dtype:
     return dtype
 
 
+def _own_dtype(module: nn.Module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def _float32_input(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook of a part kept in float32 inside a reduced-precision model: its input in its own dtype."""
+    return (args[0].to(_own_dtype(module)), *args[1:])
+
+
+def _output_in_model_dtype(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    """Forward hook of the float32 convolutional stages: their output in the model's dtype (set by ``to``)."""
+    return out.to(module.unitok_output_dtype)
+
+
 def check_templates(templates: Sequence[str | Callable[[str], str]]) -> None:
     """Zero-shot prompt templates are callables or strings with exactly one ``{}`` for the class name
     (a template without it would give every class the same prompt)."""
@@ -122,6 +136,7 @@ class UniTok(nn.Module):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.set_grad_checkpointing(config.grad_checkpointing)
         self.fp32_encoder_tail = 0          # see keep_encoder_tail_fp32
+        self.fp32_encoder_convs = False     # see keep_encoder_convs_fp32
 
     # ------------------------------------------------------------------ construction / IO
     @classmethod
@@ -132,18 +147,21 @@ class UniTok(nn.Module):
     @classmethod
     def from_pretrained(cls, path_or_hub_id: str, map_location: str | torch.device = 'cpu',
                         revision: str | None = None, dtype: torch.dtype | None = None,
-                        fp32_encoder_tail: int = 0) -> 'UniTok':
+                        fp32_encoder_tail: int = 0, fp32_encoder_convs: bool = False) -> 'UniTok':
         """Load ``config.json`` + ``model.safetensors`` from a directory or a Hugging Face hub id
         (``owner/name``, at ``revision`` if given), or an official release checkpoint (``.pth``, loaded
         without executing pickled code). Anything else raises :class:`~unitok.CheckpointError`.
 
         ``dtype=torch.bfloat16`` (or float16) returns the inference fast path: see :meth:`to`;
-        ``fp32_encoder_tail=n`` keeps the last n encoder blocks float32 (:meth:`keep_encoder_tail_fp32`)."""
+        ``fp32_encoder_tail=n`` keeps the last n encoder blocks float32 (:meth:`keep_encoder_tail_fp32`);
+        ``fp32_encoder_convs=True`` keeps the encoder's convolutional stages float32
+        (:meth:`keep_encoder_convs_fp32`: the setting whose codes agree best with the float32 model's)."""
         from .checkpoint import load_pretrained
         model = load_pretrained(path_or_hub_id, map_location=map_location, revision=revision)
         if dtype is None:
             return model
-        return model.keep_encoder_tail_fp32(fp32_encoder_tail).to(check_model_dtype(dtype))
+        model.keep_encoder_tail_fp32(fp32_encoder_tail).keep_encoder_convs_fp32(fp32_encoder_convs)
+        return model.to(check_model_dtype(dtype))
 
     # ------------------------------------------------------------------ precision
     #: Top-level parts that stay float32 when the model is cast to bfloat16/float16: the projections
@@ -166,24 +184,27 @@ class UniTok(nn.Module):
         """
         device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
         if dtype is None or dtype not in (torch.bfloat16, torch.float16):
-            return super().to(*args, **kwargs)
+            super().to(*args, **kwargs)
+            self.encoder.patch_embed.unitok_output_dtype = self.dtype
+            return self
         if device is not None or memory_format is not None:
             super().to(device=device, non_blocking=non_blocking, memory_format=memory_format)
         depth, tail = len(self.encoder.blocks), self.fp32_encoder_tail
         for name, child in self.named_children():
             if name in self.FP32_PARTS:
                 continue
-            if name != 'encoder' or not tail:
+            if name != 'encoder' or not (tail or self.fp32_encoder_convs):
                 child.to(dtype)
                 continue
-            for sub, part in child.named_children():              # all but the float32 tail
+            for sub, part in child.named_children():              # all but the float32 parts
                 if sub == 'blocks':
                     for block in part[:depth - tail]:
                         block.to(dtype)
-                elif sub != 'norm':
+                elif not ((sub == 'norm' and tail) or (sub == 'patch_embed' and self.fp32_encoder_convs)):
                     part.to(dtype)
             for param in child.parameters(recurse=False):
                 param.data = param.data.to(dtype)
+        self.encoder.patch_embed.unitok_output_dtype = dtype
         return self
 
     def keep_encoder_tail_fp32(self, blocks: int) -> 'UniTok':
@@ -204,8 +225,30 @@ class UniTok(nn.Module):
             for block in self.encoder.blocks[depth - blocks:]:
                 block.float()
             self.encoder.norm.float()
-            self._fp32_tail_hook = self.encoder.blocks[depth - blocks].register_forward_pre_hook(
-                lambda _module, args: (args[0].float(), *args[1:]))
+            self._fp32_tail_hook = self.encoder.blocks[depth - blocks].register_forward_pre_hook(_float32_input)
+        return self
+
+    def keep_encoder_convs_fp32(self, enable: bool = True) -> 'UniTok':
+        """Run the encoder's convolutional stages (its patch embedding: the stem, the MbConv stages and
+        the pooling conv) in float32 in a bfloat16/float16 model, now and after later casts; images then
+        enter in float32 and the stages' output is cast to :attr:`dtype` for the transformer blocks.
+
+        The fast-path setting for faithful codes: most bf16 code changes come from the rounding of these
+        stages' weights (measured in docs/RESULTS.md), while they hold about a tenth of the encoder's
+        FLOPs. Call it before the cast (``from_pretrained(..., fp32_encoder_convs=True)`` does) so that
+        they keep their float32 weights; on a model already cast it only runs them in float32."""
+        if not isinstance(enable, bool):
+            raise ValueError(f'enable must be a bool, got {enable!r}')
+        for handle in getattr(self, '_fp32_conv_hooks', ()):
+            handle.remove()
+        self._fp32_conv_hooks = []
+        self.fp32_encoder_convs = enable
+        embed = self.encoder.patch_embed
+        embed.unitok_output_dtype = self.dtype
+        if enable:
+            embed.float()
+            self._fp32_conv_hooks = [embed.register_forward_pre_hook(_float32_input),
+                                     embed.register_forward_hook(_output_in_model_dtype)]
         return self
 
     def bfloat16(self) -> 'UniTok':
@@ -298,7 +341,7 @@ class UniTok(nn.Module):
         """Checked images in the parameters' dtype (float16/bfloat16/float64 inputs are cast); under
         autocast only float64 is cast, autocast handles the rest."""
         check_images(images)
-        want = self.dtype
+        want = _own_dtype(self.encoder.patch_embed)           # float32 when keep_encoder_convs_fp32 holds it
         if images.dtype != want and (images.dtype == torch.float64
                                      or not torch.is_autocast_enabled(images.device.type)):
             images = images.to(want)
