@@ -43,12 +43,15 @@ def sigterm_at(trainer, step: int, monkeypatch) -> None:
     monkeypatch.setattr(trainer.task, 'loss', signalled)
 
 
+# The environment of a `unitok` subprocess in the tests: offline, one thread, unbuffered output.
+CLI_ENV = {**os.environ, 'HF_HUB_OFFLINE': '1', 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
+
+
 def run_unitok(args: list[str], timeout: float = 600) -> str:
     """``unitok ARGS`` in a subprocess (one thread, offline) to its end; returns its output."""
     import subprocess
     import sys
-    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
-    proc = subprocess.run([sys.executable, '-m', 'unitok.cli', *args], env=env, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, '-m', 'unitok.cli', *args], env=CLI_ENV, capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
@@ -61,10 +64,9 @@ def kill_9_then_resume(args: list[str], out, checkpoint: str, timeout: float = 6
     import subprocess
     import sys
     import time
-    env = {**os.environ, 'HF_HUB_OFFLINE': '1', 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
 
     def start(extra):
-        return subprocess.Popen([sys.executable, '-m', 'unitok.cli', *args, '--out', str(out), *extra], env=env,
+        return subprocess.Popen([sys.executable, '-m', 'unitok.cli', *args, '--out', str(out), *extra], env=CLI_ENV,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     proc = start([])
     ckpt = os.path.join(str(out), 'checkpoints', checkpoint)
