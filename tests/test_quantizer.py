@@ -325,3 +325,22 @@ def test_usage_all_reduce_only_when_asked(monkeypatch):
     torch.testing.assert_close(synced.vocab_usage, (local + other_rank) / 100)
     synced.eval()(z)                                                # no usage update: no collective
     assert calls == [group]
+
+
+def test_prepared_codebooks_follow_every_change_of_the_codebook():
+    """nearest_codes keeps the prepared search table between calls; any change of the codebook, also
+    one that bypasses autograd's version counter (``.data``), must be seen by the next call."""
+    torch.manual_seed(3)
+    q = MultiCodebookQuantizer(8, 4096, 8).eval()
+    z = torch.randn(2, 64, 64)
+    assert torch.equal(q.nearest_codes(z), loop_codes(q, z))
+    first = q._search_table()
+    assert q._search_table() is first                                # unchanged codebook: reused
+    with torch.no_grad():
+        q.codebook[:, :2048] = q.codebook[:, 2048:].flip(1)          # in place
+    assert torch.equal(q.nearest_codes(z), loop_codes(q, z))
+    q.codebook.data.copy_(torch.randn(8, 4096, 8))                   # no version bump
+    assert torch.equal(q.nearest_codes(z), loop_codes(q, z))
+    q.load_state_dict({'codebook': torch.randn(8, 4096, 8), 'vocab_usage': torch.zeros(8, 4096)})
+    assert torch.equal(q.nearest_codes(z), loop_codes(q, z))
+    assert q._search_table() is not first

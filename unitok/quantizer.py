@@ -89,6 +89,7 @@ class MultiCodebookQuantizer(nn.Module):
         # Offsets that turn per-sub-codebook ids into rows of the flattened (K*n, d) table.
         self.register_buffer('_offsets', torch.arange(num_codebooks) * codebook_size, persistent=False)
         self.register_load_state_dict_pre_hook(_from_official_layout)
+        self._search_cache: tuple[torch.Tensor, _SearchTable] | None = None
 
     def extra_repr(self) -> str:
         return (f'num_codebooks={self.num_codebooks}, codebook_size={self.codebook_size}, '
@@ -98,6 +99,22 @@ class MultiCodebookQuantizer(nn.Module):
     def normalized_codebooks(self) -> torch.Tensor:
         """Unit-norm code vectors, (K, n, d) float32."""
         return F.normalize(self.codebook.float(), dim=-1)
+
+    @torch.no_grad()
+    def _search_table(self) -> _SearchTable:
+        """The normalised codebooks prepared for the nearest-code search, rebuilt when the codebook changed.
+
+        A copy of the raw codebook is the key: comparing it (~1 MB at released sizes) costs far less than
+        the preparation, and holds whatever changed the codebook (optimizer steps, load_state_dict,
+        sharded all-gathers).
+        """
+        raw = self.codebook.detach()
+        cached = self._search_cache
+        if (cached is None or cached[0].shape != raw.shape or cached[0].dtype != raw.dtype
+                or cached[0].device != raw.device or not torch.equal(cached[0], raw)):
+            cached = (raw.clone(), _SearchTable(F.normalize(raw.float(), dim=-1)))
+            self._search_cache = cached
+        return cached[1]
 
     @torch.no_grad()
     def init_codebooks(self, scale: float = 1.0) -> None:
@@ -120,7 +137,7 @@ class MultiCodebookQuantizer(nn.Module):
             z = self._split(latents)
             B, L = z.shape[:2]
             codes = _nearest(z.view(B * L, self.num_codebooks, self.code_dim).transpose(0, 1),
-                             self.normalized_codebooks())           # (K, N)
+                             self._search_table())                 # (K, N)
         return codes.view(self.num_codebooks, B, L).transpose(0, 1)  # (B, K, L)
 
     def lookup(self, codes: torch.Tensor) -> torch.Tensor:
@@ -150,7 +167,7 @@ class MultiCodebookQuantizer(nn.Module):
             B, L, K, d = z.shape
             table = self.normalized_codebooks()                     # (K, n, d)
             with torch.no_grad():
-                codes = _nearest(z.detach().view(B * L, K, d).transpose(0, 1), table)  # (K, N)
+                codes = _nearest(z.detach().view(B * L, K, d).transpose(0, 1), self._search_table())  # (K, N)
             rows = codes.transpose(0, 1) + self._offsets            # (N, K)
             q = F.embedding(rows, table.view(K * self.codebook_size, d)).view(B, L, K, d)
             commitment = F.mse_loss(q.detach(), z) * self.beta + F.mse_loss(q, z.detach())
@@ -228,30 +245,65 @@ def to_official_layout(state_dict: dict, prefix: str = 'quantizer.') -> dict:
 # fewer than _MIN_SEARCH_TOKENS tokens are answered by the reference computation itself.
 
 _MIN_SEARCH_TOKENS = 16
-_BF16_TILE = 1 << 21            # bf16 distances scored per step of the bf16 route (4 MB)
-_BF16_CHUNK = 1 << 22           # block minima kept per chunk of tokens (8 MB)
+_BF16_TILE = 1 << 23            # bf16 distances scored per step of the bf16 route (16 MB)
 _BF16_BLOCK = 32                # codes per block of the candidate search
 _MAX_CANDIDATE_BLOCKS = 8       # beyond this many candidate blocks a token is scored against every code
 _U32 = 2.0 ** -24               # unit roundoff of float32 (24 significant bits)
 _U16 = 2.0 ** -8                # unit roundoff of bfloat16 (8 significant bits)
 
 
-def _nearest(z: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+class _SearchTable:
+    """Unit code vectors (K, n, d) float32 and the operands the nearest-code search derives from them.
+
+    Each is built on first use and kept: :meth:`MultiCodebookQuantizer._search_table` holds one table
+    until the codebook changes, so tokenizing a dataset prepares the codebooks once.
+    """
+
+    def __init__(self, vectors: torch.Tensor):
+        self.vectors = vectors
+
+    @functools.cached_property
+    def max_norm(self) -> float:
+        return float(self.vectors.norm(dim=-1).amax()) if self.vectors.numel() else 0.0
+
+    @functools.cached_property
+    def bf16_codes(self) -> torch.Tensor:
+        """(K, nb * blk, 3d + 1) bfloat16: [c_hi, c_lo, c_hi, 1] per code, padding codes at distance 4."""
+        K, n, d = self.vectors.shape
+        n_pad = -(-n // _BF16_BLOCK) * _BF16_BLOCK
+        c_hi, c_lo = _bf16_split(self.vectors)
+        out = torch.zeros(K, n_pad, 3 * d + 1, dtype=torch.bfloat16)
+        out[:, :n] = torch.cat([c_hi, c_lo, c_hi, torch.ones(K, n, 1, dtype=torch.bfloat16)], -1)
+        out[:, n:, -1] = 4        # above every real distance (<= 2.01) and every threshold
+        return out
+
+    @functools.cached_property
+    def fp32_blocks(self) -> torch.Tensor:
+        """(d, K * nb, blk) float32: coordinate i of the codes of each block, zero for padding codes."""
+        K, n, d = self.vectors.shape
+        n_blocks = -(-n // _BF16_BLOCK)
+        padded = self.vectors.new_zeros(K, n_blocks * _BF16_BLOCK, d)
+        padded[:, :n] = self.vectors
+        return padded.view(K * n_blocks, _BF16_BLOCK, d).permute(2, 0, 1).contiguous()
+
+
+def _nearest(z: torch.Tensor, table: torch.Tensor | _SearchTable) -> torch.Tensor:
     """argmax_j <z[k, i], table[k, j]> for every k, i: z (K, N, d), table (K, n, d) -> (K, N) int64.
 
     The result is identical to the float32 reference ``(z[k] @ table[k].T).argmax(-1)`` (first index
     among equal maxima). On CPUs with bf16 dot-product units (AVX512-BF16, AMX) and l2-normalised
-    finite inputs it takes the bf16 route (:func:`_nearest_bf16`, about half the time of
-    :func:`_nearest_fp32` at the released sizes, see benchmarks/quantizer.py); otherwise the float32
-    search.
+    finite inputs it takes the bf16 route (:func:`_nearest_bf16`, 10x and more the per-codebook loop at
+    the released sizes, see benchmarks/quantizer.py); otherwise the float32 search.
     """
+    if isinstance(table, torch.Tensor):
+        table = _SearchTable(table)
     K, N, d = z.shape
     with torch.autocast(z.device.type, enabled=False):
         if N < _MIN_SEARCH_TOKENS:
-            return torch.stack([_argmax_rows(z[k], table[k]) for k in range(K)])
+            return torch.stack([_argmax_rows(z[k], table.vectors[k]) for k in range(K)])
         if _bf16_route_applies(z, table):
             return _nearest_bf16(z, table)
-        return _nearest_fp32(z, table)
+        return _nearest_fp32(z, table.vectors)
 
 
 def _argmax_rows(rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -259,17 +311,17 @@ def _argmax_rows(rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return (rows.contiguous() @ table.T).argmax(-1)
 
 
-def _bf16_route_applies(z: torch.Tensor, table: torch.Tensor) -> bool:
-    if z.device.type != 'cpu' or z.dtype != torch.float32 or table.dtype != torch.float32:
+def _bf16_route_applies(z: torch.Tensor, table: _SearchTable) -> bool:
+    if z.device.type != 'cpu' or z.dtype != torch.float32 or table.vectors.dtype != torch.float32:
         return False
     if not (getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)()
             or getattr(torch.cpu, '_is_amx_tile_supported', lambda: False)()):
         return False                            # bf16 GEMMs would be emulated and slower than float32
-    if table.shape[1] < 8 * _BF16_BLOCK:
+    if table.vectors.shape[1] < 8 * _BF16_BLOCK:
         return False                            # small codebooks: the float32 search is as fast
     # The error bound of _nearest_bf16 holds for vectors of norm <= 1 + 2^-10 (l2-normalised, or the
     # zero vector of an all-zero chunk); a NaN or inf anywhere makes the maximum NaN or inf.
-    norm_max = max(float(z.norm(dim=-1).amax()), float(table.norm(dim=-1).amax()))
+    norm_max = max(float(z.norm(dim=-1).amax()), table.max_norm)
     return norm_max <= 1 + 2.0 ** -10 and _gemm_is_fma_chain(z.shape[-1])
 
 
@@ -373,88 +425,127 @@ def _bf16_thresholds(anchor: torch.Tensor, A: float, beta: float) -> tuple[torch
     return ((bits32 + 0xFFFF) >> 16).to(torch.int16), usable
 
 
-def _nearest_bf16(z: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+def _nearest_bf16(z: torch.Tensor, table: _SearchTable) -> torch.Tensor:
     """The bf16 route of :func:`_nearest` (CPU, float32, norms <= 1 + 2^-10): identical codes.
 
     1. Distances D = 1 - <z, c> to all codes are scored by one bf16 GEMM per tile of tokens on the bf16
        units. Each operand is split into bf16 hi + lo parts and the GEMM sums z_hi.c_hi + z_hi.c_lo +
        z_lo.c_hi (width 3d + 1 with the constant), so operand rounding costs ~2^-16 instead of 2^-8; the
        shift to distances puts the values near the best code (~0.1) where bf16 is finest.
-    2. Codes are grouped in blocks of _BF16_BLOCK; only each block's smallest distance is kept. The bf16
-       values are compared as int16 bit patterns, which order like the values for positive numbers
-       (negative distances come out below every positive threshold, as they must). The smallest
-       distance of a token gives its threshold (:func:`_bf16_thresholds`); blocks whose minimum is below
-       it hold every reference maximiser.
-    3. The codes of those blocks are scored again in float32 (error <= 2 gamma_d nu to the reference, see
-       :func:`_fp32_candidates`), which leaves only float32 near-ties; a token with one left gets it,
-       the others are re-scored exactly as the reference does (:func:`_fma_chain_dot`) and take the first
-       code among the float32 maxima. Tokens with more than _MAX_CANDIDATE_BLOCKS candidate blocks
-       (zero latents, collapsed codebooks) or an unusable threshold are scored by the reference float32
-       matmul against all codes.
+    2. The bf16 values are compared as int16 bit patterns, which order like the values for positive
+       numbers (negative distances come out below every positive threshold, as they must). Codes are
+       grouped in blocks of _BF16_BLOCK. While a tile is in cache, each block's smallest distance, the
+       second smallest of those and the distances of the best block are kept. The smallest distance of
+       a token gives its threshold (:func:`_bf16_thresholds`): the codes at or below it hold every
+       reference maximiser.
+    3. A token with exactly one such code (no other in its best block, no other block's minimum at or
+       below the threshold) gets that code: it is the only reference maximiser. That is most tokens;
+       the others are resolved by :func:`_resolve_candidates`.
     """
     K, N, d = z.shape
-    n = table.shape[1]
     blk = _BF16_BLOCK
-    n_blocks = -(-n // blk)
+    codes_op = table.bf16_codes                                                       # (K, nb*blk, 3d+1)
+    n_blocks = codes_op.shape[1] // blk
+    z = z.contiguous()
     z_hi, z_lo = _bf16_split(z)
-    c_hi, c_lo = _bf16_split(table)
-    ones = torch.ones(K, n, 1, dtype=torch.bfloat16)
-    codes_op = torch.cat([c_hi, c_lo, c_hi, ones], -1)                                # (K, n, 3d+1)
-    if n_blocks * blk > n:   # padding codes at distance 4, above every real distance (<= 2.01) and threshold
-        pad = torch.zeros(K, n_blocks * blk - n, 3 * d + 1, dtype=torch.bfloat16)
-        pad[..., -1] = 4
-        codes_op = torch.cat([codes_op, pad], 1)                                      # (K, nb*blk, 3d+1)
-    tokens_op = torch.cat([-z_hi, -z_hi, -z_lo, ones[:, :1].expand(K, N, 1)], -1)   # (K, N, 3d+1)
-    tokens_op = tokens_op.transpose(1, 2).contiguous()                               # (K, 3d+1, N)
+    tokens_op = torch.empty(K, 3 * d + 1, N, dtype=torch.bfloat16)                   # (K, 3d+1, N)
+    tokens_op[:, :d] = tokens_op[:, d:2 * d] = -z_hi.transpose(1, 2)
+    tokens_op[:, 2 * d:3 * d] = -z_lo.transpose(1, 2)
+    tokens_op[:, -1] = 1
     tile = max(16, min(N, _BF16_TILE // (K * n_blocks * blk)))
-    chunk = max(tile, _BF16_CHUNK // (K * n_blocks) // tile * tile)
     buffer = torch.empty(K, n_blocks * blk, tile, dtype=torch.bfloat16)   # reused: fresh pages fault
-    block_min = torch.empty(K, n_blocks, min(N, chunk), dtype=torch.int16)
-    out = torch.empty(K, N, dtype=torch.long)
-    for c in range(0, N, chunk):
-        cn = min(chunk, N - c)
-        for s in range(c, c + cn, tile):
-            t = min(tile, c + cn - s)
-            dist = torch.bmm(codes_op, tokens_op[:, :, s:s + t], out=buffer[:, :, :t])  # (K, nb*blk, t)
-            torch.amin(dist.view(torch.int16).view(K, n_blocks, blk, t), 2, out=block_min[:, :, s - c:s - c + t])
-        out[:, c:c + cn] = _resolve_candidates(z[:, c:c + cn], table, block_min[:, :, :cn])
+    packed = torch.empty(K, n_blocks, tile, dtype=torch.int32)            # see _first_min
+    block_ids = torch.arange(n_blocks, dtype=torch.int32).view(1, n_blocks, 1)
+    bits = max(1, (n_blocks - 1).bit_length())
+    block_min = torch.empty(K, n_blocks, N, dtype=torch.int16)
+    best_block = torch.empty(K, N, dtype=torch.long)
+    second_block = torch.empty(K, N, dtype=torch.int32)     # (smallest minimum of the other blocks) << bits
+    best_dists = torch.empty(K, blk, N, dtype=torch.int16)  # distances of the best block
+    for s in range(0, N, tile):
+        t = min(tile, N - s)
+        dist = torch.bmm(codes_op, tokens_op[:, :, s:s + t], out=buffer[:, :, :t])  # (K, nb*blk, t)
+        dist = dist.view(torch.int16).view(K, n_blocks, blk, t)
+        mins = torch.amin(dist, 2, out=block_min[:, :, s:s + t])                     # (K, nb, t)
+        p = packed[:, :, :t]
+        p.copy_(mins).bitwise_left_shift_(bits).bitwise_or_(block_ids)
+        b = torch.bitwise_and(p.amin(1), (1 << bits) - 1).long()                     # first best block
+        best_block[:, s:s + t] = b
+        torch.amin(p.scatter_(1, b[:, None], torch.iinfo(torch.int32).max), 1, out=second_block[:, s:s + t])
+        torch.gather(dist, 1, b[:, None, None].expand(K, 1, blk, t), out=best_dists[:, None, :, s:s + t])
+    first, smallest, second_in_block = _first_min(best_dists, second=True)           # (K, N)
+    second_block >>= bits
+    thr, usable = _bf16_thresholds(smallest, *_bf16_error_bound(d))                  # (K, N)
+    out = best_block * blk + first
+    hard = (~usable | (second_in_block <= thr) | (second_block <= thr)).view(-1).nonzero().squeeze(1)
+    if len(hard):
+        out.view(-1)[hard] = _resolve_candidates(z, table, block_min, thr, usable, hard)
     return out
 
 
-def _resolve_candidates(z: torch.Tensor, table: torch.Tensor, block_min: torch.Tensor) -> torch.Tensor:
-    """Steps 2-3 of :func:`_nearest_bf16`: z (K, N, d), block minima (K, nb, N) int16 -> codes (K, N)."""
+def _first_min(x: torch.Tensor, second: bool = False) -> tuple[torch.Tensor, ...]:
+    """First index of the minimum along dim 1 (int64), the minimum and, with ``second``, the smallest
+    of the other values (int16): x int16 (K, m, t) -> (K, t) each.
+
+    ``torch.argmin`` over an outer axis, and int16 comparisons, do not vectorise on CPU (4x the time of
+    this); an int32 min-reduction does: each value is packed above its index, (x << bits) | i, which
+    orders like (x, i), so the minimum of the packed values holds the minimum and its first index.
+    """
+    m = x.shape[1]
+    bits = max(1, (m - 1).bit_length())
+    packed = x.int().bitwise_left_shift_(bits).bitwise_or_(torch.arange(m, dtype=torch.int32).view(1, m, 1))
+    low = packed.amin(1)
+    index = (low & ((1 << bits) - 1)).long()
+    if not second:
+        return index, (low >> bits).short()
+    packed.scatter_(1, index[:, None], torch.iinfo(torch.int32).max)
+    return index, (low >> bits).short(), (packed.amin(1) >> bits).short()
+
+
+def _resolve_candidates(z: torch.Tensor, table: _SearchTable, block_min: torch.Tensor, thr: torch.Tensor,
+                        usable: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Codes of the tokens ``rows`` (k * N + i) with several bf16 candidates: (H,) int64.
+
+    The codes of every block whose minimum lies at or below the token's threshold are scored again in
+    float32 (error <= 2 gamma_d nu to the reference, see :func:`_fp32_candidates`), which leaves only
+    float32 near-ties; a token with one left gets it, the others are re-scored exactly as the reference
+    does (:func:`_fma_chain_dot`) and take the first code among the float32 maxima. Tokens with more
+    than _MAX_CANDIDATE_BLOCKS candidate blocks (zero latents, collapsed codebooks) or an unusable
+    threshold are scored by the reference float32 matmul against all codes.
+    """
     K, N, d = z.shape
-    n, blk = table.shape[1], _BF16_BLOCK
-    thr, usable = _bf16_thresholds(block_min.amin(1), *_bf16_error_bound(d))         # (K, N)
-    k_i, b_i, i_i = (block_min <= thr[:, None]).nonzero(as_tuple=True)               # candidate blocks
-    n_cand = torch.bincount(k_i * N + i_i, minlength=K * N).view(K, N)
-    exact = ~usable | (n_cand > _MAX_CANDIDATE_BLOCKS)                                # (K, N)
-    keep = ~exact[k_i, i_i]
-    k_i, b_i, i_i = k_i[keep], b_i[keep], i_i[keep]
-    out = torch.empty(K, N, dtype=torch.long)
-    if len(k_i):
-        pair, code = _fp32_candidates(z, table, k_i, b_i, i_i)
-        out.view(-1)[pair] = code          # right where a token has one candidate left; the rest below
-        multi = torch.bincount(pair, minlength=K * N)[pair] > 1
+    vectors = table.vectors
+    n = vectors.shape[1]
+    k_r = rows // N
+    z_r = z.reshape(K * N, d).index_select(0, rows)                                   # (H, d)
+    cand = block_min[k_r, :, rows - k_r * N] <= thr.view(-1)[rows][:, None]          # (H, nb)
+    exact = ~usable.view(-1)[rows] | (cand.sum(1) > _MAX_CANDIDATE_BLOCKS)           # (H,)
+    h_i, b_i = (cand & ~exact[:, None]).nonzero(as_tuple=True)                       # candidate blocks
+    out = torch.empty(len(rows), dtype=torch.long)
+    if len(h_i):
+        h_i, code = _fp32_candidates(z_r, k_r, table, h_i, b_i)
+        out[h_i] = code          # right where a token has one candidate left; the rest below
+        multi = torch.bincount(h_i, minlength=len(rows))[h_i] > 1
         if multi.any():
-            pair, code = pair[multi], code[multi]
-            sims = _fma_chain_dot(z[pair // N, pair % N], table[pair // N, code])     # reference values
-            best = torch.full((K * N,), -math.inf).scatter_reduce(0, pair, sims, 'amax')
-            winner = sims == best[pair]
-            first = torch.full((K * N,), n, dtype=torch.long).scatter_reduce(0, pair[winner], code[winner], 'amin')
-            out.view(-1)[pair] = first[pair]
-    for k in range(K):
-        rows = exact[k].nonzero().squeeze(1)
-        if len(rows):
-            # Padded to >= 16 rows so the GEMM computes every row as the probed FMA chain.
-            padded = torch.zeros(max(16, -(-len(rows) // 16) * 16), d)
-            padded[:len(rows)] = z[k, rows]
-            out[k, rows] = _argmax_rows(padded, table[k])[:len(rows)]
+            h_i, code = h_i[multi], code[multi]
+            sims = _fma_chain_dot(z_r[h_i], vectors[k_r[h_i], code])                 # reference values
+            best = torch.full((len(rows),), -math.inf).scatter_reduce(0, h_i, sims, 'amax')
+            winner = sims == best[h_i]
+            first = torch.full((len(rows),), n, dtype=torch.long).scatter_reduce(0, h_i[winner], code[winner], 'amin')
+            out[h_i] = first[h_i]
+    if exact.any():
+        for k in range(K):
+            sel = (exact & (k_r == k)).nonzero().squeeze(1)
+            if len(sel):
+                # Padded to >= 16 rows so the GEMM computes every row as the probed FMA chain.
+                padded = torch.zeros(max(16, -(-len(sel) // 16) * 16), d)
+                padded[:len(sel)] = z_r[sel]
+                out[sel] = _argmax_rows(padded, vectors[k])[:len(sel)]
     return out
 
 
-def _fp32_candidates(z, table, k_i, b_i, i_i) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes of the candidate blocks (k_i, b_i) of tokens i_i that can still be a reference maximiser.
+def _fp32_candidates(z_r, k_r, table: _SearchTable, h_i, b_i) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes of the candidate blocks b_i of tokens h_i (rows of z_r, sub-codebooks k_r) that can still
+    be a reference maximiser.
 
     They are scored in float32 in some summation order: the error to the exact z.c is, like the
     reference's, <= gamma_d nu, so 2 gamma_d nu to the reference. With m the best of these scores for
@@ -463,27 +554,24 @@ def _fp32_candidates(z, table, k_i, b_i, i_i) -> tuple[torch.Tensor, torch.Tenso
     rounding (<= 2^-24 |m| <= 6.1e-8) is below the extra 0.4 gamma_d nu (~2e-7), so it stays below
     m - 4 gamma_d nu.
 
-    Returns (pair, code): row k * N + i of each remaining candidate and its code id.
+    Returns (token, code): the row of z_r of each remaining candidate and its code id.
     """
-    K, N, d = z.shape
-    n, blk = table.shape[1], _BF16_BLOCK
-    n_blocks = -(-n // blk)
-    padded = table.new_zeros(K, n_blocks * blk, d)
-    padded[:, :n] = table
-    coords = padded.view(K * n_blocks, blk, d).permute(2, 0, 1).contiguous()        # (d, K*nb, blk)
-    rows = k_i * n_blocks + b_i                                                       # (M,)
-    pair = k_i * N + i_i                                                              # (M,)
-    z_rows = z.reshape(K * N, d).index_select(0, pair).T.contiguous()                 # (d, M)
+    H, d = z_r.shape
+    n, blk = table.vectors.shape[1], _BF16_BLOCK
+    coords = table.fp32_blocks                                                        # (d, K*nb, blk)
+    n_blocks = coords.shape[1] // table.vectors.shape[0]
+    rows = k_r[h_i] * n_blocks + b_i                                                  # (M,)
+    z_rows = z_r.index_select(0, h_i).T.contiguous()                                  # (d, M)
     sims = coords[0].index_select(0, rows).mul_(z_rows[0, :, None])                   # (M, blk)
     for i in range(1, d):
         sims.addcmul_(coords[i].index_select(0, rows), z_rows[i, :, None])
     if n_blocks * blk > n:
         sims[(b_i[:, None] * blk + torch.arange(blk)) >= n] = -math.inf              # padding codes
-    best = torch.full((K * N,), -math.inf).scatter_reduce(0, pair, sims.amax(1), 'amax')
+    best = torch.full((H,), -math.inf).scatter_reduce(0, h_i, sims.amax(1), 'amax')
     gamma = d * _U32 / (1 - d * _U32)
-    thr = best - 1.1 * 4 * gamma * (1 + 2.0 ** -9) ** 2                               # (K*N,) float32
-    row, col = (sims >= thr[pair][:, None]).nonzero(as_tuple=True)
-    return pair[row], b_i[row] * blk + col
+    thr = best - 1.1 * 4 * gamma * (1 + 2.0 ** -9) ** 2                               # (H,) float32
+    row, col = (sims >= thr[h_i][:, None]).nonzero(as_tuple=True)
+    return h_i[row], b_i[row] * blk + col
 
 
 def _nearest_fp32(z: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
