@@ -448,37 +448,43 @@ def _nearest_bf16(z: torch.Tensor, table: _SearchTable) -> torch.Tensor:
     n_blocks = codes_op.shape[1] // blk
     z = z.contiguous()
     z_hi, z_lo = _bf16_split(z)
-    tokens_op = torch.empty(K, 3 * d + 1, N, dtype=torch.bfloat16)                   # (K, 3d+1, N)
-    tokens_op[:, :d] = tokens_op[:, d:2 * d] = -z_hi.transpose(1, 2)
-    tokens_op[:, 2 * d:3 * d] = -z_lo.transpose(1, 2)
-    tokens_op[:, -1] = 1
     tile = max(16, min(N, _BF16_TILE // (K * n_blocks * blk)))
+    n_tiles = -(-N // tile)
+    # Tokens as [-z_hi, -z_hi, -z_lo, 1] per tile, tile-major (n_tiles, K, 3d+1, tile): each GEMM operand
+    # is contiguous (a strided one would be copied by every call).
+    tokens_op = torch.ones(K, 3 * d + 1, n_tiles * tile, dtype=torch.bfloat16)
+    tokens_op[:, :d, :N] = tokens_op[:, d:2 * d, :N] = -z_hi.transpose(1, 2)
+    tokens_op[:, 2 * d:3 * d, :N] = -z_lo.transpose(1, 2)
+    tokens_op = tokens_op.view(K, 3 * d + 1, n_tiles, tile).permute(2, 0, 1, 3).contiguous()
     buffer = torch.empty(K, n_blocks * blk, tile, dtype=torch.bfloat16)   # reused: fresh pages fault
     packed = torch.empty(K, n_blocks, tile, dtype=torch.int32)            # see _first_min
     block_ids = torch.arange(n_blocks, dtype=torch.int32).view(1, n_blocks, 1)
     bits = max(1, (n_blocks - 1).bit_length())
-    block_min = torch.empty(K, n_blocks, N, dtype=torch.int16)
-    best_block = torch.empty(K, N, dtype=torch.long)
-    second_block = torch.empty(K, N, dtype=torch.int32)     # (smallest minimum of the other blocks) << bits
-    best_dists = torch.empty(K, blk, N, dtype=torch.int16)  # distances of the best block
-    for s in range(0, N, tile):
+    # Per-tile results are kept tile-major, (n_tiles, K, ..., tile): every write below is contiguous
+    # (reductions into strided outputs cost a fifth of the search here).
+    block_min = torch.empty(n_tiles, K, n_blocks, tile, dtype=torch.int16)
+    best_block = torch.empty(n_tiles, K, tile, dtype=torch.long)
+    second_block = torch.empty(n_tiles, K, tile, dtype=torch.int32)   # (smallest minimum of the other blocks) << bits
+    best_dists = torch.empty(n_tiles, K, blk, tile, dtype=torch.int16)  # distances of the best block
+    for j, s in enumerate(range(0, N, tile)):
         t = min(tile, N - s)
-        dist = torch.bmm(codes_op, tokens_op[:, :, s:s + t], out=buffer[:, :, :t])  # (K, nb*blk, t)
+        dist = torch.bmm(codes_op, tokens_op[j, :, :, :t], out=buffer[:, :, :t])     # (K, nb*blk, t)
         dist = dist.view(torch.int16).view(K, n_blocks, blk, t)
-        mins = torch.amin(dist, 2, out=block_min[:, :, s:s + t])                     # (K, nb, t)
+        mins = torch.amin(dist, 2, out=block_min[j, :, :, :t])                       # (K, nb, t)
         p = packed[:, :, :t]
         p.copy_(mins).bitwise_left_shift_(bits).bitwise_or_(block_ids)
-        b = torch.bitwise_and(p.amin(1), (1 << bits) - 1).long()                     # first best block
-        best_block[:, s:s + t] = b
-        torch.amin(p.scatter_(1, b[:, None], torch.iinfo(torch.int32).max), 1, out=second_block[:, s:s + t])
-        torch.gather(dist, 1, b[:, None, None].expand(K, 1, blk, t), out=best_dists[:, None, :, s:s + t])
+        b = torch.bitwise_and(p.amin(1), (1 << bits) - 1, out=best_block[j, :, :t])  # first best block
+        torch.amin(p.scatter_(1, b[:, None], torch.iinfo(torch.int32).max), 1, out=second_block[j, :, :t])
+        torch.gather(dist, 1, b[:, None, None].expand(K, 1, blk, t), out=best_dists[j, :, None, :, :t])
+    best_dists = best_dists.permute(1, 2, 0, 3).reshape(K, blk, -1)[..., :N]          # (K, blk, N)
     first, smallest, second_in_block = _first_min(best_dists, second=True)           # (K, N)
-    second_block >>= bits
+    best_block = best_block.transpose(0, 1).reshape(K, -1)[:, :N]                     # (K, N)
+    second_block = second_block.transpose(0, 1).reshape(K, -1)[:, :N] >> bits
     thr, usable = _bf16_thresholds(smallest, *_bf16_error_bound(d))                  # (K, N)
     out = best_block * blk + first
     hard = (~usable | (second_in_block <= thr) | (second_block <= thr)).view(-1).nonzero().squeeze(1)
     if len(hard):
-        out.view(-1)[hard] = _resolve_candidates(z, table, block_min, thr, usable, hard)
+        out.view(-1)[hard] = _resolve_candidates(z, table, block_min, tile, thr, usable, hard)
     return out
 
 
@@ -501,9 +507,12 @@ def _first_min(x: torch.Tensor, second: bool = False) -> tuple[torch.Tensor, ...
     return index, (low >> bits).short(), (packed.amin(1) >> bits).short()
 
 
-def _resolve_candidates(z: torch.Tensor, table: _SearchTable, block_min: torch.Tensor, thr: torch.Tensor,
-                        usable: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def _resolve_candidates(z: torch.Tensor, table: _SearchTable, block_min: torch.Tensor, tile: int,
+                        thr: torch.Tensor, usable: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """Codes of the tokens ``rows`` (k * N + i) with several bf16 candidates: (H,) int64.
+
+    ``block_min`` (N / tile, K, nb, tile) holds the block minima of token i of sub-codebook k at
+    [i // tile, k, :, i % tile].
 
     The codes of every block whose minimum lies at or below the token's threshold are scored again in
     float32 (error <= 2 gamma_d nu to the reference, see :func:`_fp32_candidates`), which leaves only
@@ -517,7 +526,8 @@ def _resolve_candidates(z: torch.Tensor, table: _SearchTable, block_min: torch.T
     n = vectors.shape[1]
     k_r = rows // N
     z_r = z.reshape(K * N, d).index_select(0, rows)                                   # (H, d)
-    cand = block_min[k_r, :, rows - k_r * N] <= thr.view(-1)[rows][:, None]          # (H, nb)
+    i_r = rows - k_r * N
+    cand = block_min[i_r // tile, k_r, :, i_r % tile] <= thr.view(-1)[rows][:, None]  # (H, nb)
     exact = ~usable.view(-1)[rows] | (cand.sum(1) > _MAX_CANDIDATE_BLOCKS)           # (H,)
     h_i, b_i = (cand & ~exact[:, None]).nonzero(as_tuple=True)                       # candidate blocks
     out = torch.empty(len(rows), dtype=torch.long)
