@@ -344,3 +344,24 @@ def test_prepared_codebooks_follow_every_change_of_the_codebook():
     q.load_state_dict({'codebook': torch.randn(8, 4096, 8), 'vocab_usage': torch.zeros(8, 4096)})
     assert torch.equal(q.nearest_codes(z), loop_codes(q, z))
     assert q._search_table() is not first
+
+
+def test_concurrent_searches_on_one_quantizer_are_each_exact():
+    """The bf16 route keeps its work buffers with the prepared table; a search running while another
+    holds them (another thread) must use its own and still return the reference codes."""
+    import threading
+    torch.manual_seed(4)
+    q = MultiCodebookQuantizer(8, 4096, 8).eval()
+    inputs = [torch.randn(2, 128, 64) for _ in range(4)]
+    expected = [loop_codes(q, z) for z in inputs]
+    results = [None] * len(inputs)
+
+    def run(i):
+        for _ in range(3):
+            results[i] = q.nearest_codes(inputs[i])
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(torch.equal(r, e) for r, e in zip(results, expected))
