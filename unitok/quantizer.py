@@ -327,7 +327,7 @@ def _nearest(z: torch.Tensor, table: torch.Tensor | _SearchTable) -> torch.Tenso
 
     The result is identical to the float32 reference ``(z[k] @ table[k].T).argmax(-1)`` (first index
     among equal maxima). On CPUs with bf16 dot-product units (AVX512-BF16, AMX) and l2-normalised
-    finite inputs it takes the bf16 route (:func:`_nearest_bf16`, 10x and more the per-codebook loop at
+    finite inputs it takes the bf16 route (:func:`_nearest_bf16`, about 10x the per-codebook loop at
     the released sizes, see benchmarks/quantizer.py); otherwise the float32 search.
     """
     if isinstance(table, torch.Tensor):
