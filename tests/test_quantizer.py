@@ -365,3 +365,24 @@ def test_concurrent_searches_on_one_quantizer_are_each_exact():
     for t in threads:
         t.join()
     assert all(torch.equal(r, e) for r, e in zip(results, expected))
+
+
+def test_quantizer_copies_and_pickles_with_its_prepared_table():
+    """The prepared search table (with a lock and work buffers) must not break copy.deepcopy (EMA
+    helpers of other libraries) or pickling, and the copy searches exactly."""
+    import copy
+    import pickle
+    torch.manual_seed(5)
+    q = MultiCodebookQuantizer(8, 4096, 8).eval()
+    z = torch.randn(2, 64, 64)
+    q.nearest_codes(z)                                   # table and scratch buffers exist now
+    for clone in (copy.deepcopy(q), pickle.loads(pickle.dumps(q))):
+        assert torch.equal(clone.nearest_codes(z), loop_codes(q, z))
+
+
+def test_long_inputs_are_searched_in_chunks(monkeypatch):
+    monkeypatch.setattr(quantizer_module, '_BF16_CHUNK', 370)
+    torch.manual_seed(6)
+    q = MultiCodebookQuantizer(8, 4096, 8).eval()
+    z = torch.randn(3, 250, 64)                          # 750 tokens: chunks of 370, 370 and 10
+    assert torch.equal(q.nearest_codes(z), loop_codes(q, z))

@@ -248,6 +248,7 @@ def to_official_layout(state_dict: dict, prefix: str = 'quantizer.') -> dict:
 
 _MIN_SEARCH_TOKENS = 16
 _BF16_TILE = 1 << 23            # bf16 distances scored per step of the bf16 route (16 MB)
+_BF16_CHUNK = 1 << 14           # tokens per call of the bf16 route (its block minima: 32 MB at released sizes)
 _BF16_BLOCK = 32                # codes per block of the candidate search
 _MAX_CANDIDATE_BLOCKS = 8       # beyond this many candidate blocks a token is scored against every code
 _U32 = 2.0 ** -24               # unit roundoff of float32 (24 significant bits)
@@ -265,6 +266,12 @@ class _SearchTable:
         self.vectors = vectors
         self._scratch: dict[str, torch.Tensor] = {}
         self._scratch_lock = threading.Lock()
+
+    def __getstate__(self) -> dict:        # copy.deepcopy / pickle of a quantizer: the operands are rebuilt
+        return {'vectors': self.vectors}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state['vectors'])
 
     @contextlib.contextmanager
     def scratch(self):
@@ -337,7 +344,8 @@ def _nearest(z: torch.Tensor, table: torch.Tensor | _SearchTable) -> torch.Tenso
         if N < _MIN_SEARCH_TOKENS:
             return torch.stack([_argmax_rows(z[k], table.vectors[k]) for k in range(K)])
         if _bf16_route_applies(z, table):
-            return _nearest_bf16(z, table)
+            # In chunks of tokens: the route's per-token state (block minima...) stays bounded.
+            return torch.cat([_nearest_bf16(z[:, c:c + _BF16_CHUNK], table) for c in range(0, N, _BF16_CHUNK)], 1)
         return _nearest_fp32(z, table.vectors)
 
 
