@@ -517,8 +517,7 @@ def _nearest_bf16(z: torch.Tensor, table: _SearchTable) -> torch.Tensor:
             dist = torch.bmm(codes_op, tokens_op[j, :, :, :t], out=buffer[:, :, :t])  # (K, nb*blk, t)
             dist = dist.view(torch.int16).view(K, n_blocks, blk, t)
             mins = torch.amin(dist, 2, out=block_min[j, :, :, :t])                   # (K, nb, t)
-            p = packed[:, :, :t]
-            p.copy_(mins).bitwise_left_shift_(bits).bitwise_or_(block_ids)
+            p = torch.add(block_ids, mins, alpha=1 << bits, out=packed[:, :, :t])    # (mins << bits) | id
             b = torch.bitwise_and(p.amin(1), (1 << bits) - 1, out=best_block[j, :, :t])  # best block
             torch.amin(p.scatter_(1, b[:, None], torch.iinfo(torch.int32).max), 1, out=second_block[j, :, :t])
             torch.gather(dist, 1, b[:, None, None].expand(K, 1, blk, t), out=best_dists[j, :, None, :, :t])
@@ -544,7 +543,7 @@ def _first_min(x: torch.Tensor, second: bool = False) -> tuple[torch.Tensor, ...
     """
     m = x.shape[1]
     bits = max(1, (m - 1).bit_length())
-    packed = x.int().bitwise_left_shift_(bits).bitwise_or_(torch.arange(m, dtype=torch.int32).view(1, m, 1))
+    packed = torch.add(torch.arange(m, dtype=torch.int32).view(1, m, 1), x, alpha=1 << bits)   # (x << bits) | i
     low = packed.amin(1)
     index = (low & ((1 << bits) - 1)).long()
     if not second:
