@@ -169,7 +169,9 @@ class MultiCodebookQuantizer(nn.Module):
             B, L, K, d = z.shape
             table = self.normalized_codebooks()                     # (K, n, d)
             with torch.no_grad():
-                codes = _nearest(z.detach().view(B * L, K, d).transpose(0, 1), self._search_table())  # (K, N)
+                # The table normalised above, not the cached one: in training the codebook changes at
+                # every step, so the cache would only add a copy and a comparison.
+                codes = _nearest(z.detach().view(B * L, K, d).transpose(0, 1), table.detach())  # (K, N)
             rows = codes.transpose(0, 1) + self._offsets            # (N, K)
             q = F.embedding(rows, table.view(K * self.codebook_size, d)).view(B, L, K, d)
             commitment = F.mse_loss(q.detach(), z) * self.beta + F.mse_loss(q, z.detach())
