@@ -15,11 +15,8 @@ import torch
 import unitok
 from unitok.data import open_source
 from unitok.data.transforms import eval_transform
+from unitok.model import _float32_input          # the hook keep_encoder_convs_fp32 uses
 from unitok.precision import compare_codes
-
-
-def _float32_input(module, args):
-    return (args[0].float(), *args[1:])
 
 
 def _bfloat16_output(module, args, out):
