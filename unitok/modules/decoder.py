@@ -45,9 +45,8 @@ class Upsample2d(nn.Module):
     def phase_kernels(self) -> torch.Tensor:
         """(2, 2, O, C, 2, 2): the kernel of output phase (a, b) over the low-res input."""
         w = self.conv.weight
-        if w.dtype not in (torch.bfloat16, torch.float16):
-            return _phase_kernels(w)
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if (w.dtype not in (torch.bfloat16, torch.float16) or torch.is_grad_enabled()
+                or torch.compiler.is_compiling()):
             return _phase_kernels(w)
         key = (w.data_ptr(), w._version, w.dtype, w.device, tuple(w.shape))
         if self._kernels is None or self._kernels[0] != key:
