@@ -503,11 +503,13 @@ def _nearest_bf16(z: torch.Tensor, table: _SearchTable) -> torch.Tensor:
     tokens_op[:, 2 * d:3 * d, :N] = -z_lo.transpose(1, 2)
     tokens_op[:, 3 * d] = 1
     tokens_op = tokens_op.view(K, width, n_tiles, tile).permute(2, 0, 1, 3).contiguous()
+    block_ids = torch.arange(n_blocks, dtype=torch.int32).view(1, n_blocks, 1)
+    bits = max(1, (n_blocks - 1).bit_length())
     # Per-tile results are kept tile-major, (n_tiles, K, ..., tile): every write below is contiguous
     # (reductions into strided outputs cost a fifth of the search here).
     block_min = torch.empty(n_tiles, K, n_blocks, tile, dtype=torch.int16)
     best_block = torch.empty(n_tiles, K, tile, dtype=torch.long)
-    second_block = torch.empty(n_tiles, K, tile, dtype=torch.int16)   # smallest minimum of the other blocks
+    second_block = torch.empty(n_tiles, K, tile, dtype=torch.int32)   # (smallest minimum of the other blocks) << bits
     best_dists = torch.empty(n_tiles, K, blk, tile, dtype=torch.int16)  # distances of the best block
     with table.scratch() as get:
         buffer = get('distances', (K, n_blocks * blk, tile), torch.bfloat16)
@@ -517,13 +519,14 @@ def _nearest_bf16(z: torch.Tensor, table: _SearchTable) -> torch.Tensor:
             dist = torch.bmm(codes_op, tokens_op[j, :, :, :t], out=buffer[:, :, :t])  # (K, nb*blk, t)
             dist = dist.view(torch.int16).view(K, n_blocks, blk, t)
             mins = torch.amin(dist, 2, out=block_min[j, :, :, :t])                   # (K, nb, t)
-            b, _, second = _first_min(mins, second=True, work=packed[:, :, :t])        # best block
-            best_block[j, :, :t], second_block[j, :, :t] = b, second
+            p = torch.add(block_ids, mins, alpha=1 << bits, out=packed[:, :, :t])    # (mins << bits) | id
+            b = torch.bitwise_and(p.amin(1), (1 << bits) - 1, out=best_block[j, :, :t])  # best block
+            torch.amin(p.scatter_(1, b[:, None], torch.iinfo(torch.int32).max), 1, out=second_block[j, :, :t])
             torch.gather(dist, 1, b[:, None, None].expand(K, 1, blk, t), out=best_dists[j, :, None, :, :t])
     best_dists = best_dists.permute(1, 2, 0, 3).reshape(K, blk, -1)[..., :N]          # (K, blk, N)
     first, smallest, second_in_block = _first_min(best_dists, second=True)           # (K, N)
     best_block = best_block.transpose(0, 1).reshape(K, -1)[:, :N]                     # (K, N)
-    second_block = second_block.transpose(0, 1).reshape(K, -1)[:, :N]
+    second_block = second_block.transpose(0, 1).reshape(K, -1)[:, :N] >> bits
     thr, usable = _bf16_thresholds(smallest, *_bf16_error_bound(d))                  # (K, N)
     out = best_block * blk + first
     hard = (~usable | (second_in_block <= thr) | (second_block <= thr)).view(-1).nonzero().squeeze(1)
@@ -532,10 +535,9 @@ def _nearest_bf16(z: torch.Tensor, table: _SearchTable) -> torch.Tensor:
     return out
 
 
-def _first_min(x: torch.Tensor, second: bool = False, work: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+def _first_min(x: torch.Tensor, second: bool = False) -> tuple[torch.Tensor, ...]:
     """First index of the minimum along dim 1 (int64), the minimum and, with ``second``, the smallest
-    of the other values (int16): x int16 (K, m, t) -> (K, t) each. ``work``: an int32 tensor shaped
-    like x to pack into (else one is allocated).
+    of the other values (int16): x int16 (K, m, t) -> (K, t) each.
 
     ``torch.argmin`` over an outer axis, and int16 comparisons, do not vectorise on CPU (4x the time of
     this); an int32 min-reduction does: each value is packed above its index, (x << bits) | i, which
@@ -543,8 +545,7 @@ def _first_min(x: torch.Tensor, second: bool = False, work: torch.Tensor | None 
     """
     m = x.shape[1]
     bits = max(1, (m - 1).bit_length())
-    ids = torch.arange(m, dtype=torch.int32).view(1, m, 1)
-    packed = torch.add(ids, x, alpha=1 << bits, out=work)                     # (x << bits) | i
+    packed = torch.add(torch.arange(m, dtype=torch.int32).view(1, m, 1), x, alpha=1 << bits)   # (x << bits) | i
     low = packed.amin(1)
     index = (low & ((1 << bits) - 1)).long()
     if not second:
