@@ -519,6 +519,8 @@ def _nearest_bf16(z: torch.Tensor, table: _SearchTable) -> torch.Tensor:
             dist = torch.bmm(codes_op, tokens_op[j, :, :, :t], out=buffer[:, :, :t])  # (K, nb*blk, t)
             dist = dist.view(torch.int16).view(K, n_blocks, blk, t)
             mins = torch.amin(dist, 2, out=block_min[j, :, :, :t])                   # (K, nb, t)
+            # _first_min's packing, written out so that every result lands in its output slice
+            # (calling _first_min here measured 4-6% slower for the whole search).
             p = torch.add(block_ids, mins, alpha=1 << bits, out=packed[:, :, :t])    # (mins << bits) | id
             b = torch.bitwise_and(p.amin(1), (1 << bits) - 1, out=best_block[j, :, :t])  # best block
             torch.amin(p.scatter_(1, b[:, None], torch.iinfo(torch.int32).max), 1, out=second_block[j, :, :t])
