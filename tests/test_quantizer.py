@@ -31,7 +31,7 @@ def loop_reference(q: MultiCodebookQuantizer, z: torch.Tensor):
 
 
 @pytest.mark.parametrize('K,n,d', [(8, 4096, 8), (4, 300, 16), (1, 64, 32), (3, 17, 5)])
-def test_vectorised_equals_loop_reference(K, n, d):
+def test_vectorised_equals_loop_reference(K, n, d, route):
     torch.manual_seed(K * n + d)
     q = MultiCodebookQuantizer(K, n, d, entropy_loss=True)
     z = torch.randn(3, 37, K * d, requires_grad=True)
@@ -43,6 +43,8 @@ def test_vectorised_equals_loop_reference(K, n, d):
     torch.testing.assert_close(out.losses['commitment'], ref_loss, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(out.losses['entropy'], ref_ent, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out.stats['usage'], ref_usage)
+    if route[0] != 'bf16' or n >= 8 * quantizer_module._BF16_BLOCK:    # smaller codebooks: bf16 -> fp32
+        assert route[1] == [3 * 37, 3 * 37]                           # the forward and nearest_codes
 
 
 def test_ties_pick_the_first_code_like_argmax():
@@ -154,6 +156,30 @@ import math  # noqa: E402
 import unitok.quantizer as quantizer_module  # noqa: E402
 
 
+@pytest.fixture(params=['native', 'bf16', 'fp32'])
+def route(request, monkeypatch):
+    """Forces one route of the nearest-code search (the others are turned off) and records each call
+    of it: (name, list of token counts searched). 'native' is skipped where the kernel cannot run."""
+    name, taken = request.param, []
+
+    def recorded(fn):
+        return lambda z, table, *rest: taken.append(z.shape[1]) or fn(z, table, *rest)
+    if name == 'native':
+        if not quantizer_module._native_search_is_exact(8):
+            pytest.skip('the native kernel is unavailable here (no compiler or no AVX-512)')
+        applies = quantizer_module._native_route_applies
+        monkeypatch.setattr(quantizer_module, '_native_route_applies',
+                            lambda z, table: applies(z, table) and (taken.append(z.shape[1]) or True))
+    else:
+        monkeypatch.setattr(quantizer_module, '_native_route_applies', lambda z, table: False)
+    if name == 'bf16':
+        monkeypatch.setattr(quantizer_module, '_nearest_bf16', recorded(quantizer_module._nearest_bf16))
+    if name == 'fp32':
+        monkeypatch.setattr(quantizer_module, '_bf16_route_applies', lambda z, table: False)
+        monkeypatch.setattr(quantizer_module, '_nearest_fp32', recorded(quantizer_module._nearest_fp32))
+    return name, taken
+
+
 def loop_codes(q: MultiCodebookQuantizer, z: torch.Tensor) -> torch.Tensor:
     """The float32 reference search: one matmul + argmax per sub-codebook, (B, L, K*d) -> (B, K, L)."""
     codes = []
@@ -183,16 +209,18 @@ def near_tie_quantizer(seed: int, groups: int = 1024, spread: float = 1e-3):
 
 
 @pytest.mark.parametrize('seed,spread', [(0, 1e-3), (1, 1e-5), (2, 1e-6)])
-def test_search_equals_float32_loop_on_near_ties(seed, spread, monkeypatch):
+def test_search_equals_float32_loop_on_near_ties(seed, spread, route, monkeypatch):
     q, z = near_tie_quantizer(seed, spread=spread)
     rescored = []
     original = quantizer_module._fma_chain_dot
     monkeypatch.setattr(quantizer_module, '_fma_chain_dot', lambda a, b: rescored.append(len(a)) or original(a, b))
     assert torch.equal(q.nearest_codes(z), loop_codes(q, z))
-    assert sum(rescored) > 100                 # the exact re-scoring of bf16 near-ties was exercised
+    assert route[1] == [600]                   # the forced route searched all 600 tokens
+    if route[0] == 'bf16':
+        assert sum(rescored) > 100             # the exact re-scoring of bf16 near-ties was exercised
 
 
-def test_search_equals_float32_loop_on_exact_ties_and_degenerate_tokens(monkeypatch):
+def test_search_equals_float32_loop_on_exact_ties_and_degenerate_tokens(route, monkeypatch):
     exact_rows = []
     original = quantizer_module._argmax_rows
     monkeypatch.setattr(quantizer_module, '_argmax_rows', lambda r, t: exact_rows.append(len(r)) or original(r, t))
@@ -208,18 +236,22 @@ def test_search_equals_float32_loop_on_exact_ties_and_degenerate_tokens(monkeypa
     codes = q.nearest_codes(z)
     assert torch.equal(codes, loop_codes(q, z))
     assert (codes[0, :, :10] == 7).all() and (codes[0, :, 10:20] == 9).all() and (codes[1, :, :5] == 0).all()
-    assert sum(exact_rows) >= 15 * 8          # the tokens of the 501 ties and the zero tokens went exact
+    assert route[1] == [80]
+    if route[0] == 'bf16':
+        assert sum(exact_rows) >= 15 * 8      # the tokens of the 501 ties and the zero tokens went exact
 
 
 @pytest.mark.parametrize('shape', [(1, 1), (1, 15), (1, 16), (2, 7), (3, 100), (8, 256)])
 @pytest.mark.parametrize('latent_scale,code_scale', [(1.0, 1.0), (1e-3, 50.0), (1e3, 1e-2)])
-def test_search_equals_float32_loop_on_random_data(shape, latent_scale, code_scale):
+def test_search_equals_float32_loop_on_random_data(shape, latent_scale, code_scale, route):
     torch.manual_seed(shape[1])
     q = MultiCodebookQuantizer(8, 4096, 8)
     with torch.no_grad():
         q.codebook.mul_(code_scale)
     z = torch.randn(*shape, 64) * latent_scale
     assert torch.equal(q.nearest_codes(z), loop_codes(q, z))
+    tokens = shape[0] * shape[1]
+    assert route[1] == ([tokens] if tokens >= quantizer_module._MIN_SEARCH_TOKENS else [])
 
 
 def test_fma_chain_dot_rounds_once_per_step():
@@ -327,7 +359,7 @@ def test_usage_all_reduce_only_when_asked(monkeypatch):
     assert calls == [group]
 
 
-def test_prepared_codebooks_follow_every_change_of_the_codebook():
+def test_prepared_codebooks_follow_every_change_of_the_codebook(route):
     """nearest_codes keeps the prepared search table between calls; any change of the codebook, also
     one that bypasses autograd's version counter (``.data``), must be seen by the next call."""
     torch.manual_seed(3)
@@ -346,7 +378,7 @@ def test_prepared_codebooks_follow_every_change_of_the_codebook():
     assert q._search_table() is not first
 
 
-def test_concurrent_searches_on_one_quantizer_are_each_exact():
+def test_concurrent_searches_on_one_quantizer_are_each_exact(route):
     """The bf16 route keeps its work buffers with the prepared table; a search running while another
     holds them (another thread) must use its own and still return the reference codes."""
     import threading
@@ -367,7 +399,7 @@ def test_concurrent_searches_on_one_quantizer_are_each_exact():
     assert all(torch.equal(r, e) for r, e in zip(results, expected))
 
 
-def test_quantizer_copies_and_pickles_with_its_prepared_table():
+def test_quantizer_copies_and_pickles_with_its_prepared_table(route):
     """The prepared search table (with a lock and work buffers) must not break copy.deepcopy (EMA
     helpers of other libraries) or pickling, and the copy searches exactly."""
     import copy
@@ -380,9 +412,11 @@ def test_quantizer_copies_and_pickles_with_its_prepared_table():
         assert torch.equal(clone.nearest_codes(z), loop_codes(q, z))
 
 
-def test_long_inputs_are_searched_in_chunks(monkeypatch):
+@pytest.mark.parametrize('route', ['bf16'], indirect=True)
+def test_long_inputs_are_searched_in_chunks(route, monkeypatch):
     monkeypatch.setattr(quantizer_module, '_BF16_CHUNK', 370)
     torch.manual_seed(6)
     q = MultiCodebookQuantizer(8, 4096, 8).eval()
     z = torch.randn(3, 250, 64)                          # 750 tokens: chunks of 370, 370 and 10
     assert torch.equal(q.nearest_codes(z), loop_codes(q, z))
+    assert route[1] == [370, 370, 10]

@@ -23,6 +23,8 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import native
+
 logger = logging.getLogger(__name__)
 
 # Similarities scored per step of the float32 nearest-code search (K * n * tokens floats, ~8 MB).
@@ -317,6 +319,11 @@ class _SearchTable:
         return out
 
     @functools.cached_property
+    def native_blocks(self) -> torch.Tensor:
+        """(K, ceil(n / 16), d, 16) float32: the layout of the native kernel (:func:`unitok.native.code_blocks`)."""
+        return native.code_blocks(self.vectors)
+
+    @functools.cached_property
     def fp32_blocks(self) -> torch.Tensor:
         """(d, K * nb, blk) float32: coordinate i of the codes of each block, zero for padding codes."""
         K, n, d = self.vectors.shape
@@ -335,9 +342,10 @@ def _nearest(z: torch.Tensor, table: torch.Tensor | _SearchTable) -> torch.Tenso
     """argmax_j <z[k, i], table[k, j]> for every k, i: z (K, N, d), table (K, n, d) -> (K, N) int64.
 
     The result is identical to the float32 reference ``(z[k] @ table[k].T).argmax(-1)`` (first index
-    among equal maxima). On CPUs with bf16 dot-product units (AVX512-BF16, AMX) and l2-normalised
-    finite inputs it takes the bf16 route (:func:`_nearest_bf16`, about 10x the per-codebook loop at
-    the released sizes, see benchmarks/quantizer.py); otherwise the float32 search.
+    among equal maxima). Routes, in order: on x86 CPUs with AVX-512 and a C++ compiler, the fused
+    native kernel (:mod:`unitok.native`, about 30x the per-codebook loop at the released sizes, see
+    benchmarks/quantizer.py); on CPUs with bf16 dot-product units (AVX512-BF16, AMX) and l2-normalised
+    inputs the bf16 route (:func:`_nearest_bf16`, about 10x); otherwise the float32 search.
     """
     if isinstance(table, torch.Tensor):
         table = _SearchTable(table)
@@ -345,6 +353,8 @@ def _nearest(z: torch.Tensor, table: torch.Tensor | _SearchTable) -> torch.Tenso
     with torch.autocast(z.device.type, enabled=False):
         if N < _MIN_SEARCH_TOKENS:
             return torch.stack([_argmax_rows(z[k], table.vectors[k]) for k in range(K)])
+        if _native_route_applies(z, table):
+            return native.nearest_code(z, table.native_blocks)
         if _bf16_route_applies(z, table):
             # In chunks of tokens: the route's per-token state (block minima...) stays bounded.
             return torch.cat([_nearest_bf16(z[:, c:c + _BF16_CHUNK], table) for c in range(0, N, _BF16_CHUNK)], 1)
@@ -354,6 +364,44 @@ def _nearest(z: torch.Tensor, table: torch.Tensor | _SearchTable) -> torch.Tenso
 def _argmax_rows(rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """The reference itself for one sub-codebook: (m, d) rows, (n, d) codes -> (m,) int64."""
     return (rows.contiguous() @ table.T).argmax(-1)
+
+
+def _native_route_applies(z: torch.Tensor, table: _SearchTable) -> bool:
+    if z.device.type != 'cpu' or z.dtype != torch.float32 or table.vectors.dtype != torch.float32:
+        return False
+    if not _native_search_is_exact(z.shape[-1]):
+        return False
+    # Finite and small enough that no product or partial sum of the chain can overflow (a NaN fails too).
+    norm_max = max(float(z.norm(dim=-1).amax()) if z.numel() else 0.0, table.max_norm)
+    return norm_max <= 2.0 ** 30
+
+
+@functools.lru_cache(maxsize=None)
+def _native_search_is_exact(d: int) -> bool:
+    """Whether the native kernel is available and gives the reference's codes for width d here.
+
+    The kernel computes the in-order FMA chain, which is the reference only where
+    :func:`_gemm_is_fma_chain` holds; a probe with exact ties (repeated codes, first index wins), a
+    codebook size that is not a multiple of the kernel's 16-code blocks and token counts that split
+    unevenly across threads then checks the kernel itself on the running machine.
+    """
+    if not native.available() or not _gemm_is_fma_chain(d):
+        return False
+    gen = torch.Generator().manual_seed(1000 + d)
+    with torch.autocast('cpu', enabled=False):
+        for K, N, n in ((3, 37, 45), (2, 301, 300), (1, 16, 17)):
+            codes = F.normalize(torch.randn(K, n, d, generator=gen), dim=-1)
+            codes[:, n // 2] = codes[:, n // 3]                  # exact ties: the earlier index wins
+            codes[:, n - 1] = codes[:, 0]
+            z = F.normalize(torch.randn(K, N, d, generator=gen), dim=-1)
+            z[:, :4] = codes[:, [n // 3, 0, n - 1, n // 2]]       # tokens whose best code is a tie
+            want = torch.stack([_argmax_rows(z[k], codes[k]) for k in range(K)])
+            got = native.nearest_code(z, native.code_blocks(codes))
+            if not torch.equal(got, want):
+                logger.warning('the native nearest-code search disagrees with the float32 reference at '
+                               'width %d on this machine; using the PyTorch search', d)
+                return False
+    return True
 
 
 def _bf16_route_applies(z: torch.Tensor, table: _SearchTable) -> bool:
