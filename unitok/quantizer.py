@@ -4,7 +4,8 @@ A latent token of width ``K * d`` is split into K chunks of width d; chunk k is 
 replaced by the most similar (cosine) l2-normalised code of its own sub-codebook k. With K
 sub-codebooks of n codes the token can take n^K values while each lookup stays small.
 
-The module is standalone (no dependency on the rest of UniTok) and vectorised over sub-codebooks.
+The module is standalone (of the rest of UniTok it uses only :mod:`unitok.native`, an optional compiled
+search kernel) and vectorised over sub-codebooks.
 
 Axis legend used below: B batch, L tokens, K sub-codebooks, n codes per sub-codebook,
 d code width, N = B * L.
@@ -245,8 +246,9 @@ def to_official_layout(state_dict: dict, prefix: str = 'quantizer.') -> dict:
 # The reference is the per-sub-codebook float32 matmul ``(z[k] @ table[k].T).argmax(-1)``. For code
 # widths like ours (d = 8) the CPU GEMM computes every similarity as one fused multiply-add chain over
 # the d coordinates in order, s = fma(z[d-1], c[d-1], ... fma(z[0], c[0], 0)), one rounding per step.
-# The bf16 route reproduces exactly those numbers for the codes it re-scores (:func:`_fma_chain_dot`)
-# and is taken only where :func:`_gemm_is_fma_chain` confirmed that premise on the running machine.
+# The native kernel computes that chain for every code, and the bf16 route for the codes it re-scores
+# (:func:`_fma_chain_dot`); both are taken only where :func:`_gemm_is_fma_chain` confirmed that premise
+# on the running machine.
 # MKL computes the trailing rows of matrices with fewer than 13 rows in another order, so inputs of
 # fewer than _MIN_SEARCH_TOKENS tokens are answered by the reference computation itself.
 
