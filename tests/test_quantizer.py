@@ -420,3 +420,21 @@ def test_long_inputs_are_searched_in_chunks(route, monkeypatch):
     z = torch.randn(3, 250, 64)                          # 750 tokens: chunks of 370, 370 and 10
     assert torch.equal(q.nearest_codes(z), loop_codes(q, z))
     assert route[1] == [370, 370, 10]
+
+
+@pytest.mark.parametrize('where', ['codebook', 'latents'])
+def test_non_finite_values_give_the_reference_codes(where, route):
+    """A NaN or inf (a diverged run) must not send the search down a route whose exactness assumes
+    finite inputs: the codes stay those of the float32 loop (argmax takes a NaN as the maximum)."""
+    torch.manual_seed(7)
+    q = MultiCodebookQuantizer(8, 4096, 8).eval()
+    z = torch.randn(2, 40, 64)
+    with torch.no_grad():
+        if where == 'codebook':
+            q.codebook[:, 1000] = float('nan')
+            q.codebook[3, 200, 0] = float('inf')
+        else:
+            z[0, 3, :8] = float('nan')
+            z[1, 5, 8:16] = float('inf')
+    assert torch.equal(q.nearest_codes(z), loop_codes(q, z))
+    assert route[1] == []                                  # the reference itself answered, not the route

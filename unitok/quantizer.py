@@ -303,6 +303,10 @@ class _SearchTable:
         return kept[:size].view(shape)
 
     @functools.cached_property
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.vectors).all())
+
+    @functools.cached_property
     def max_norm(self) -> float:
         return float(self.vectors.norm(dim=-1).amax()) if self.vectors.numel() else 0.0
 
@@ -353,7 +357,9 @@ def _nearest(z: torch.Tensor, table: torch.Tensor | _SearchTable) -> torch.Tenso
         table = _SearchTable(table)
     K, N, d = z.shape
     with torch.autocast(z.device.type, enabled=False):
-        if N < _MIN_SEARCH_TOKENS:
+        if N < _MIN_SEARCH_TOKENS or not table.finite or not bool(torch.isfinite(z).all()):
+            # Few tokens, or a NaN / inf (a diverged run): the reference itself. Its argmax takes a NaN
+            # as the maximum, which none of the fast routes reproduces.
             return torch.stack([_argmax_rows(z[k], table.vectors[k]) for k in range(K)])
         if _native_route_applies(z, table):
             return native.nearest_code(z, table.native_blocks)
@@ -373,7 +379,7 @@ def _native_route_applies(z: torch.Tensor, table: _SearchTable) -> bool:
         return False
     if not _native_search_is_exact(z.shape[-1]):
         return False
-    # Finite and small enough that no product or partial sum of the chain can overflow (a NaN fails too).
+    # Small enough that no product or partial sum of the chain can overflow (finite: checked by _nearest).
     norm_max = max(float(z.norm(dim=-1).amax()) if z.numel() else 0.0, table.max_norm)
     return norm_max <= 2.0 ** 30
 
