@@ -1,6 +1,7 @@
 """The native nearest-code kernel: exact against the float32 reference, built once, and never in the way
 when it cannot be built (no compiler, a failed or damaged build, turned off)."""
 import logging
+import os
 import stat
 
 import pytest
@@ -198,10 +199,36 @@ def test_turned_off_by_environment(fresh_build, monkeypatch):
 
 
 @needs_kernel
-def test_unusable_cache_folder_builds_in_a_temporary_one(fresh_build, monkeypatch):
-    fresh_build.parent.mkdir(exist_ok=True)
-    fresh_build.write_text('a file where the cache folder should be')
-    assert native.available()
-    assert fresh_build.read_text() == 'a file where the cache folder should be'    # left as it was
+@pytest.mark.parametrize('kind', ['a file', 'read-only'])
+def test_unusable_cache_folder_builds_in_a_temporary_one(fresh_build, kind):
+    if kind == 'a file':
+        fresh_build.parent.mkdir(exist_ok=True)
+        fresh_build.write_text('a file where the cache folder should be')
+    else:
+        fresh_build.mkdir(parents=True)
+        fresh_build.chmod(0o500)
+        if os.access(fresh_build, os.W_OK):
+            pytest.skip('running as a user who can write to read-only folders (root)')
+    try:
+        assert native.available()
+    finally:
+        if kind == 'read-only':
+            fresh_build.chmod(0o700)
+    if kind == 'a file':
+        assert fresh_build.read_text() == 'a file where the cache folder should be'    # left as it was
+    else:
+        assert not any(fresh_build.iterdir())
     z, codes = tied_case(1, 17, 20, 8, seed=1)
     assert torch.equal(native.nearest_code(z, native.code_blocks(codes)), chain_reference(z, codes))
+
+
+@needs_kernel
+def test_stale_temporary_files_of_killed_builds_are_removed(fresh_build):
+    import time
+    fresh_build.mkdir(parents=True)
+    old, recent = fresh_build / '.nearest_code-x.so.a.tmp', fresh_build / '.nearest_code-x.so.b.tmp'
+    old.write_bytes(b'half')
+    recent.write_bytes(b'half')
+    os.utime(old, (time.time() - 7200, time.time() - 7200))
+    assert native.available()
+    assert not old.exists() and recent.exists()            # a recent one may belong to a running build

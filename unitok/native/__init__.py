@@ -21,6 +21,7 @@ kernels are unavailable (logged once) and callers take their PyTorch route.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -30,6 +31,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -63,6 +65,10 @@ def _build(compiler: str, folder: Path) -> Path:
     target = folder / f'{_SOURCE.stem}-{key.hexdigest()[:20]}.so'
     if target.exists():
         return target
+    for stale in folder.glob(f'.{_SOURCE.stem}-*.tmp'):  # left by a build that was killed an hour ago or more
+        with contextlib.suppress(OSError):
+            if time.time() - stale.stat().st_mtime > 3600:
+                stale.unlink()
     fd, tmp = tempfile.mkstemp(prefix=f'.{target.name}.', suffix='.tmp', dir=target.parent)
     os.close(fd)
     try:
@@ -97,13 +103,14 @@ def _library() -> ctypes.CDLL | None:
         logger.info('no C++ compiler found (set CXX); the native nearest-code search is off')
         return None
     try:
+        folder = cache_dir()
         try:
-            folder = cache_dir()
             folder.mkdir(parents=True, exist_ok=True)
+            path = _build(compiler, folder)
         except OSError as err:                         # e.g. a read-only home: build for this process only
-            logger.info('cannot use %s (%s); building the native kernels in a temporary folder', folder, err)
+            logger.info('cannot build in %s (%s); building the native kernels in a temporary folder', folder, err)
             folder = Path(tempfile.mkdtemp(prefix='unitok-native-'))
-        path = _build(compiler, folder)
+            path = _build(compiler, folder)
         try:
             lib = _declare(ctypes.CDLL(str(path)))
         except OSError:                                # a damaged cached file: build it once more
