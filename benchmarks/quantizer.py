@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from timing import timed  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
-from unitok import MultiCodebookQuantizer
-from unitok import native
+from unitok import MultiCodebookQuantizer, native
 from unitok.quantizer import _bf16_route_applies, _native_route_applies, _nearest_bf16, _nearest_fp32
 
 
