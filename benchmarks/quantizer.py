@@ -26,7 +26,8 @@ import torch.nn.functional as F
 
 from timing import timed  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
 from unitok import MultiCodebookQuantizer, native
-from unitok.quantizer import _bf16_route_applies, _native_route_applies, _nearest_bf16, _nearest_fp32
+from unitok.quantizer import (_bf16_route_applies, _native_route_applies, _nearest_bf16, _nearest_fp32,
+                              _norm_max)
 
 
 @torch.no_grad()
@@ -39,36 +40,39 @@ def loop_reference(quantizer: MultiCodebookQuantizer, latents: torch.Tensor) -> 
     return torch.stack(codes, dim=1)                                   # (B, K, L)
 
 
+def split_tokens(quantizer: MultiCodebookQuantizer, latents: torch.Tensor) -> torch.Tensor:
+    """The unit chunks nearest_codes searches: (B, L, K*d) -> (K, B*L, d)."""
+    B, L, _ = latents.shape
+    return quantizer._split(latents).view(B * L, quantizer.num_codebooks, quantizer.code_dim).transpose(0, 1)
+
+
+def as_codes(codes: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """(K, B*L) search output -> (B, K, L), the layout of nearest_codes."""
+    return codes.view(-1, *latents.shape[:2]).transpose(0, 1)
+
+
 @torch.no_grad()
 def previous_search(quantizer: MultiCodebookQuantizer, latents: torch.Tensor) -> torch.Tensor:
     """nearest_codes as it was before the bf16 route: the same normalisation, the float32 search."""
-    B, L, _ = latents.shape
-    K, d = quantizer.num_codebooks, quantizer.code_dim
-    z = quantizer._split(latents).view(B * L, K, d).transpose(0, 1)
-    return _nearest_fp32(z, quantizer.normalized_codebooks()).view(K, B, L).transpose(0, 1)
+    return as_codes(_nearest_fp32(split_tokens(quantizer, latents), quantizer.normalized_codebooks()), latents)
 
 
 def bf16_route_row(quantizer: MultiCodebookQuantizer, latents: torch.Tensor):
-    B, L, _ = latents.shape
-    K, d = quantizer.num_codebooks, quantizer.code_dim
-    z = quantizer._split(latents).view(B * L, K, d).transpose(0, 1)
-    table = quantizer._search_table()
-    if not _bf16_route_applies(z, table):
+    z, table = split_tokens(quantizer, latents), quantizer._search_table()
+    if not _bf16_route_applies(z, table, _norm_max(z, table)):
         return None, 'bf16 route: not taken on this CPU (no AVX512-BF16 / AMX) or these inputs'
 
     @torch.no_grad()
     def search():
-        z = quantizer._split(latents).view(B * L, K, d).transpose(0, 1)
-        return _nearest_bf16(z, quantizer._search_table()).view(K, B, L).transpose(0, 1)
+        return as_codes(_nearest_bf16(split_tokens(quantizer, latents), quantizer._search_table()), latents)
     return search, 'bf16 GEMM + exact re-scoring (before)'
 
 
 def ours_row(quantizer: MultiCodebookQuantizer, latents: torch.Tensor):
-    B, L, _ = latents.shape
-    z = quantizer._split(latents).view(B * L, quantizer.num_codebooks, quantizer.code_dim).transpose(0, 1)
-    table = quantizer._search_table()
-    route = ('native AVX-512' if _native_route_applies(z, table)
-             else 'bf16 route' if _bf16_route_applies(z, table) else 'float32')
+    z, table = split_tokens(quantizer, latents), quantizer._search_table()
+    norm_max = _norm_max(z, table)
+    route = ('native AVX-512' if _native_route_applies(z, table, norm_max)
+             else 'bf16 route' if _bf16_route_applies(z, table, norm_max) else 'float32')
     if not native.available():
         route += ', native kernel unavailable'
     return lambda: quantizer.nearest_codes(latents), f'MultiCodebookQuantizer.nearest_codes ({route})'

@@ -169,13 +169,13 @@ def route(request, monkeypatch):
             pytest.skip('the native kernel is unavailable here (no compiler or no AVX-512)')
         applies = quantizer_module._native_route_applies
         monkeypatch.setattr(quantizer_module, '_native_route_applies',
-                            lambda z, table: applies(z, table) and (taken.append(z.shape[1]) or True))
+                            lambda z, *rest: applies(z, *rest) and (taken.append(z.shape[1]) or True))
     else:
-        monkeypatch.setattr(quantizer_module, '_native_route_applies', lambda z, table: False)
+        monkeypatch.setattr(quantizer_module, '_native_route_applies', lambda *args: False)
     if name == 'bf16':
         monkeypatch.setattr(quantizer_module, '_nearest_bf16', recorded(quantizer_module._nearest_bf16))
     if name == 'fp32':
-        monkeypatch.setattr(quantizer_module, '_bf16_route_applies', lambda z, table: False)
+        monkeypatch.setattr(quantizer_module, '_bf16_route_applies', lambda *args: False)
         monkeypatch.setattr(quantizer_module, '_nearest_fp32', recorded(quantizer_module._nearest_fp32))
     return name, taken
 

@@ -303,10 +303,6 @@ class _SearchTable:
         return kept[:size].view(shape)
 
     @functools.cached_property
-    def finite(self) -> bool:
-        return bool(torch.isfinite(self.vectors).all())
-
-    @functools.cached_property
     def max_norm(self) -> float:
         return float(self.vectors.norm(dim=-1).amax()) if self.vectors.numel() else 0.0
 
@@ -357,13 +353,14 @@ def _nearest(z: torch.Tensor, table: torch.Tensor | _SearchTable) -> torch.Tenso
         table = _SearchTable(table)
     K, N, d = z.shape
     with torch.autocast(z.device.type, enabled=False):
-        if N < _MIN_SEARCH_TOKENS or not table.finite or not bool(torch.isfinite(z).all()):
+        norm_max = _norm_max(z, table) if N >= _MIN_SEARCH_TOKENS else math.inf
+        if not math.isfinite(norm_max):
             # Few tokens, or a NaN / inf (a diverged run): the reference itself. Its argmax takes a NaN
             # as the maximum, which none of the fast routes reproduces.
             return torch.stack([_argmax_rows(z[k], table.vectors[k]) for k in range(K)])
-        if _native_route_applies(z, table):
+        if _native_route_applies(z, table, norm_max):
             return native.nearest_code(z, table.native_blocks)
-        if _bf16_route_applies(z, table):
+        if _bf16_route_applies(z, table, norm_max):
             # In chunks of tokens: the route's per-token state (block minima...) stays bounded.
             return torch.cat([_nearest_bf16(z[:, c:c + _BF16_CHUNK], table) for c in range(0, N, _BF16_CHUNK)], 1)
         return _nearest_fp32(z, table.vectors)
@@ -374,14 +371,20 @@ def _argmax_rows(rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     return (rows.contiguous() @ table.T).argmax(-1)
 
 
-def _native_route_applies(z: torch.Tensor, table: _SearchTable) -> bool:
+def _norm_max(z: torch.Tensor, table: _SearchTable) -> float:
+    """The largest l2 norm of a token chunk or a code; inf if any value is NaN or inf (or a norm overflows)."""
+    z_max = float(z.norm(dim=-1).amax()) if z.numel() else 0.0
+    if not (math.isfinite(z_max) and math.isfinite(table.max_norm)):
+        return math.inf
+    return max(z_max, table.max_norm)
+
+
+def _native_route_applies(z: torch.Tensor, table: _SearchTable, norm_max: float) -> bool:
     if z.device.type != 'cpu' or z.dtype != torch.float32 or table.vectors.dtype != torch.float32:
         return False
     if not _native_search_is_exact(z.shape[-1]):
         return False
-    # Small enough that no product or partial sum of the chain can overflow (finite: checked by _nearest).
-    norm_max = max(float(z.norm(dim=-1).amax()) if z.numel() else 0.0, table.max_norm)
-    return norm_max <= 2.0 ** 30
+    return norm_max <= 2.0 ** 30       # no product or partial sum of the chain can overflow
 
 
 @functools.lru_cache(maxsize=None)
@@ -412,7 +415,7 @@ def _native_search_is_exact(d: int) -> bool:
     return True
 
 
-def _bf16_route_applies(z: torch.Tensor, table: _SearchTable) -> bool:
+def _bf16_route_applies(z: torch.Tensor, table: _SearchTable, norm_max: float) -> bool:
     if z.device.type != 'cpu' or z.dtype != torch.float32 or table.vectors.dtype != torch.float32:
         return False
     if not (getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)()
@@ -421,8 +424,7 @@ def _bf16_route_applies(z: torch.Tensor, table: _SearchTable) -> bool:
     if table.vectors.shape[1] < 8 * _BF16_BLOCK:
         return False                            # small codebooks: the float32 search is as fast
     # The error bound of _nearest_bf16 holds for vectors of norm <= 1 + 2^-10 (l2-normalised, or the
-    # zero vector of an all-zero chunk); a NaN or inf anywhere makes the maximum NaN or inf.
-    norm_max = max(float(z.norm(dim=-1).amax()), table.max_norm)
+    # zero vector of an all-zero chunk).
     return norm_max <= 1 + 2.0 ** -10 and _gemm_is_fma_chain(z.shape[-1])
 
 
