@@ -10,8 +10,8 @@ inputs and reports its time, its speed-up over the loop and how many codes diffe
 - the float32 vectorised search the quantizer used first (tiled bmm + max-reductions);
 - the bf16 route (its search before the native kernel): bf16 GEMM on the CPU's bf16 units, then exact
   float32 re-scoring of the near-ties (must differ in 0 codes);
-- ``MultiCodebookQuantizer.nearest_codes``: the route it takes here (the fused AVX-512 kernel of
-  unitok/native where it builds; the row names it), must differ in 0 codes;
+- ``MultiCodebookQuantizer.nearest_codes``: the route it takes here (the fused AVX-512 or AVX2 kernel
+  of unitok/native where it builds; the row names it), must differ in 0 codes;
 - FAISS ``IndexFlatIP`` (exact inner-product search), one index per sub-codebook;
 - vector-quantize-pytorch ``VectorQuantize`` (cosine similarity, 8 heads, one codebook per head).
 
@@ -71,7 +71,7 @@ def bf16_route_row(quantizer: MultiCodebookQuantizer, latents: torch.Tensor):
 def ours_row(quantizer: MultiCodebookQuantizer, latents: torch.Tensor):
     z, table = split_tokens(quantizer, latents), quantizer._search_table()
     norm_max = _norm_max(z, table)
-    route = ('native AVX-512' if _native_route_applies(z, table, norm_max)
+    route = (f'native {native.isas()[0]}' if _native_route_applies(z, table, norm_max)
              else 'bf16 route' if _bf16_route_applies(z, table, norm_max) else 'float32')
     if not native.available():
         route += ', native kernel unavailable'

@@ -11,7 +11,9 @@ import torch.nn.functional as F
 import unitok.quantizer as quantizer_module
 from unitok import MultiCodebookQuantizer, native
 
-needs_kernel = pytest.mark.skipif(not native.available(), reason='no C++ compiler or no AVX-512 here')
+needs_kernel = pytest.mark.skipif(not native.available(), reason='no C++ compiler, or neither AVX-512 nor AVX2 here')
+# Every instruction set this CPU runs is checked (an AVX-512 machine checks the AVX2 kernel too).
+each_isa = pytest.mark.parametrize('isa', native.isas() or ['none'])
 
 
 def chain_reference(z: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
@@ -39,12 +41,15 @@ def tied_case(K, N, n, d, seed):
 
 
 @needs_kernel
+@each_isa
 @pytest.mark.parametrize('d', [4, 8, 16, 5, 12])             # compiled widths and the run-time width
-@pytest.mark.parametrize('K,N,n', [(3, 13, 33), (2, 40, 16), (1, 3, 300)])
+@pytest.mark.parametrize('K,N,n', [(3, 13, 33), (2, 40, 16), (1, 3, 300), (2, 300, 1100)])
 @pytest.mark.parametrize('threads', [1, 2, 7])
-def test_kernel_is_the_fma_chain_argmax(d, K, N, n, threads):
+def test_kernel_is_the_fma_chain_argmax(d, K, N, n, threads, isa):
+    # (2, 300, 1100): AVX2 token groups of 256 and code chunks of 32 blocks, both with remainders
+    # (69 blocks: two full chunks, then 5 blocks = one unrolled step of 4 and one single block).
     z, codes = tied_case(K, N, n, d, seed=d * 1000 + N)
-    got = native.nearest_code(z, native.code_blocks(codes), num_threads=threads)
+    got = native.nearest_code(z, native.code_blocks(codes), num_threads=threads, isa=isa)
     assert got.dtype == torch.int64 and got.shape == (K, N)
     assert torch.equal(got, chain_reference(z, codes))
     assert (got[:, 0] == 1).all() and (got[:, -1] == n // 3).all()
@@ -52,8 +57,9 @@ def test_kernel_is_the_fma_chain_argmax(d, K, N, n, threads):
 
 
 @needs_kernel
+@each_isa
 @pytest.mark.parametrize('threads', [1, 2, 3, 64])
-def test_kernel_equals_float32_matmul_argmax_at_released_sizes(threads):
+def test_kernel_equals_float32_matmul_argmax_at_released_sizes(threads, isa):
     """8 x 4096 codes of 8 dims, 2000 tokens (not a multiple of the 8-token groups), parts crossing
     sub-codebooks: equal to the per-codebook matmul argmax wherever this BLAS computes the FMA chain."""
     if not quantizer_module._gemm_is_fma_chain(8):
@@ -61,16 +67,30 @@ def test_kernel_equals_float32_matmul_argmax_at_released_sizes(threads):
     torch.manual_seed(threads)
     codes = F.normalize(torch.randn(8, 4096, 8), dim=-1)
     z = F.normalize(torch.randn(8, 2000, 8), dim=-1)
-    got = native.nearest_code(z, native.code_blocks(codes), num_threads=threads)
+    got = native.nearest_code(z, native.code_blocks(codes), num_threads=threads, isa=isa)
     assert torch.equal(got, torch.stack([(z[k] @ codes[k].T).argmax(-1) for k in range(8)]))
 
 
 @needs_kernel
-def test_kernel_handles_empty_inputs_and_non_contiguous_tokens():
+@each_isa
+def test_kernel_handles_empty_inputs_and_non_contiguous_tokens(isa):
     codes = F.normalize(torch.randn(2, 20, 8), dim=-1)
-    assert native.nearest_code(torch.empty(2, 0, 8), native.code_blocks(codes)).shape == (2, 0)
+    assert native.nearest_code(torch.empty(2, 0, 8), native.code_blocks(codes), isa=isa).shape == (2, 0)
     z = F.normalize(torch.randn(30, 2, 8), dim=-1).transpose(0, 1)     # (2, 30, 8) view, as the quantizer passes
-    assert torch.equal(native.nearest_code(z, native.code_blocks(codes)), chain_reference(z, codes))
+    assert torch.equal(native.nearest_code(z, native.code_blocks(codes), isa=isa), chain_reference(z, codes))
+
+
+@needs_kernel
+def test_isas_are_what_this_cpu_runs_and_others_are_refused():
+    flags = open('/proc/cpuinfo').read().split() if os.path.exists('/proc/cpuinfo') else []
+    if flags:
+        want = tuple(isa for isa, has in (('avx512', 'avx512f' in flags), ('avx2', 'avx2' in flags and 'fma' in flags))
+                     if has)
+        assert native.isas() == want
+    codes = native.code_blocks(F.normalize(torch.randn(1, 16, 8), dim=-1))
+    for isa in {'avx512', 'avx2', 'sse'} - set(native.isas()):
+        with pytest.raises(ValueError, match='not one this CPU runs'):
+            native.nearest_code(torch.zeros(1, 4, 8), codes, isa=isa)
 
 
 def test_code_blocks_layout():

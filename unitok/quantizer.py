@@ -344,8 +344,8 @@ def _nearest(z: torch.Tensor, table: torch.Tensor | _SearchTable) -> torch.Tenso
     """argmax_j <z[k, i], table[k, j]> for every k, i: z (K, N, d), table (K, n, d) -> (K, N) int64.
 
     The result is identical to the float32 reference ``(z[k] @ table[k].T).argmax(-1)`` (first index
-    among equal maxima). Routes, in order: on x86 CPUs with AVX-512 and a C++ compiler, the fused
-    native kernel (:mod:`unitok.native`, about 30x the per-codebook loop at the released sizes, see
+    among equal maxima). Routes, in order: on x86 CPUs with AVX-512 or AVX2 and a C++ compiler, the fused
+    native kernel (:mod:`unitok.native`, about 30x the per-codebook loop at the released sizes with AVX-512, 14x with AVX2, see
     benchmarks/quantizer.py); on CPUs with bf16 dot-product units (AVX512-BF16, AMX) and l2-normalised
     inputs the bf16 route (:func:`_nearest_bf16`, about 10x); otherwise the float32 search.
     """
@@ -418,14 +418,19 @@ def _native_search_is_exact(d: int) -> bool:
 def _bf16_route_applies(z: torch.Tensor, table: _SearchTable, norm_max: float) -> bool:
     if z.device.type != 'cpu' or z.dtype != torch.float32 or table.vectors.dtype != torch.float32:
         return False
-    if not (getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)()
-            or getattr(torch.cpu, '_is_amx_tile_supported', lambda: False)()):
+    if not _has_bf16_units():
         return False                            # bf16 GEMMs would be emulated and slower than float32
     if table.vectors.shape[1] < 8 * _BF16_BLOCK:
         return False                            # small codebooks: the float32 search is as fast
     # The error bound of _nearest_bf16 holds for vectors of norm <= 1 + 2^-10 (l2-normalised, or the
     # zero vector of an all-zero chunk).
     return norm_max <= 1 + 2.0 ** -10 and _gemm_is_fma_chain(z.shape[-1])
+
+
+def _has_bf16_units() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 GEMMs are emulated."""
+    return bool(getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)()
+                or getattr(torch.cpu, '_is_amx_tile_supported', lambda: False)())
 
 
 @functools.lru_cache(maxsize=None)

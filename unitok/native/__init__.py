@@ -16,8 +16,10 @@ Building: the shared library is cached in ``$UNITOK_NATIVE_CACHE`` (default
 ``~/.cache/unitok/native``), named by a hash of the source, the flags and the compiler's version, so
 a changed source or compiler builds anew. It is compiled into a temporary file and renamed into place,
 so a concurrent or interrupted build never leaves a half-written library to load. ``UNITOK_NATIVE=0``
-turns the kernels off. Without a compiler, on a CPU without AVX-512, or when a build fails, the
-kernels are unavailable (logged once) and callers take their PyTorch route.
+turns the kernels off. Without a compiler, on a CPU without AVX-512 or AVX2 with FMA, or when a build
+fails, the kernels are unavailable (logged once) and callers take their PyTorch route. The kernel is
+written for both instruction sets (``isas()``: the ones this CPU runs, the widest first); both compute
+the same chain, so they return the same codes.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ['available', 'code_blocks', 'nearest_code', 'cache_dir', 'CODE_BLOCK']
+__all__ = ['available', 'isas', 'code_blocks', 'nearest_code', 'cache_dir', 'CODE_BLOCK']
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +46,8 @@ _SOURCE = Path(__file__).with_name('nearest_code.cpp')
 _FLAGS = ('-O3', '-shared', '-fPIC', '-std=c++17', '-pthread', '-ffp-contract=off')
 _BUILD_TIMEOUT_S = 300
 CODE_BLOCK = 16          # codes per block of the kernel's code layout (one 512-bit register of float32)
-_STATUS = {1: 'this CPU lacks AVX-512F', 2: 'invalid arguments', 3: 'a worker thread could not start'}
+_ISA_CODES = {'avx512': 2, 'avx2': 1}   # the kernel's isa argument
+_STATUS = {1: 'this CPU lacks the instruction set', 2: 'invalid arguments', 3: 'a worker thread could not start'}
 
 
 def cache_dir() -> Path:
@@ -85,10 +88,11 @@ def _build(compiler: str, folder: Path) -> Path:
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.unitok_cpu_has_avx512f.restype = ctypes.c_int
-    lib.unitok_cpu_has_avx512f.argtypes = []
+    for probe in (lib.unitok_cpu_has_avx512f, lib.unitok_cpu_has_avx2):
+        probe.restype = ctypes.c_int
+        probe.argtypes = []
     lib.unitok_nearest_code.restype = ctypes.c_int
-    lib.unitok_nearest_code.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, i64]
+    lib.unitok_nearest_code.argtypes = [ptr, ptr, i64, i64, i64, i64, ptr, i64, i64]
     return lib
 
 
@@ -97,7 +101,7 @@ def _library() -> ctypes.CDLL | None:
     if os.environ.get('UNITOK_NATIVE', '1').strip().lower() in ('0', 'false', 'no', 'off'):
         return None
     if platform.machine().lower() not in ('x86_64', 'amd64'):
-        return None                                    # the kernels are written for AVX-512
+        return None                                    # the kernels are written for AVX-512 and AVX2
     compiler = _compiler()
     if compiler is None:
         logger.info('no C++ compiler found (set CXX); the native nearest-code search is off')
@@ -119,8 +123,8 @@ def _library() -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         logger.warning('building the native nearest-code search failed, using the PyTorch search: %s', err)
         return None
-    if not lib.unitok_cpu_has_avx512f():
-        logger.info('this CPU lacks AVX-512F; the native nearest-code search is off')
+    if not (lib.unitok_cpu_has_avx512f() or lib.unitok_cpu_has_avx2()):
+        logger.info('this CPU lacks AVX-512F and AVX2 with FMA; the native nearest-code search is off')
         return None
     return lib
 
@@ -128,6 +132,16 @@ def _library() -> ctypes.CDLL | None:
 def available() -> bool:
     """Whether the native kernels are built, loaded and runnable on this CPU (builds them on first call)."""
     return _library() is not None
+
+
+def isas() -> tuple[str, ...]:
+    """The kernel's instruction sets this CPU runs, widest first: ``('avx512', 'avx2')``, ``('avx2',)``,
+    or ``()`` when the kernels are unavailable."""
+    lib = _library()
+    if lib is None:
+        return ()
+    return tuple(name for name, probe in (('avx512', lib.unitok_cpu_has_avx512f), ('avx2', lib.unitok_cpu_has_avx2))
+                 if probe())
 
 
 def code_blocks(vectors: torch.Tensor) -> torch.Tensor:
@@ -140,16 +154,23 @@ def code_blocks(vectors: torch.Tensor) -> torch.Tensor:
     return padded.view(K, nb, CODE_BLOCK, d).transpose(2, 3).contiguous()
 
 
-def nearest_code(z: torch.Tensor, blocks: torch.Tensor, num_threads: int | None = None) -> torch.Tensor:
+def nearest_code(z: torch.Tensor, blocks: torch.Tensor, num_threads: int | None = None,
+                 isa: str | None = None) -> torch.Tensor:
     """argmax_j <z[k, i], c[k, j]> per k, i, first index among equal maxima: (K, N, d) -> (K, N) int64.
 
     ``blocks`` is :func:`code_blocks` of the codes. Every similarity is the in-order float32 FMA chain
     over the d coordinates; that equals ``z[k] @ c[k].T`` wherever the CPU GEMM computes that chain
-    (the caller checks it). Raises RuntimeError if the kernels are unavailable.
+    (the caller checks it). ``isa`` picks the instruction set (one of :func:`isas`; default the widest).
+    Raises RuntimeError if the kernels are unavailable.
     """
     lib = _library()
     if lib is None:
         raise RuntimeError('the native kernels are unavailable (see unitok.native.available())')
+    supported = isas()
+    if isa is None:
+        isa = supported[0]
+    elif isa not in supported:
+        raise ValueError(f'isa {isa!r} is not one this CPU runs: {supported}')
     if z.dim() != 3 or blocks.dim() != 4:
         raise ValueError(f'expected z (K, N, d) and blocks (K, nb, d, 16), got {tuple(z.shape)}, '
                          f'{tuple(blocks.shape)}')
@@ -163,7 +184,7 @@ def nearest_code(z: torch.Tensor, blocks: torch.Tensor, num_threads: int | None 
     out = torch.empty(K, N, dtype=torch.int64)
     threads = max(1, num_threads if num_threads is not None else torch.get_num_threads())
     status = lib.unitok_nearest_code(z.data_ptr(), blocks.data_ptr(), K, N, d, blocks.shape[1],
-                                     out.data_ptr(), threads)
+                                     out.data_ptr(), threads, _ISA_CODES[isa])
     if status:
         raise RuntimeError(f'native nearest-code search failed: {_STATUS.get(status, status)}')
     return out
