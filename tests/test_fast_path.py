@@ -143,3 +143,26 @@ def test_export_codes_precision_bf16_uses_the_fast_path(tmp_path, tiny_model, mo
                  '--precision', 'bf16', '--device', 'cpu']) == 0
     assert loaded == [torch.bfloat16]
     assert json.loads((tmp_path / 'codes' / 'manifest.json').read_text())['precision'] == 'bf16'
+
+
+@pytest.mark.parametrize('has_units', [True, False])
+def test_bf16_on_a_device_without_bf16_units_warns(tiny_model, monkeypatch, has_units, recwarn):
+    import unitok.model as model_module
+    seen = []
+    monkeypatch.setattr(model_module, 'bf16_runs_in_hardware', lambda device: seen.append(device) or has_units)
+    fast = copy.deepcopy(tiny_model).to(torch.bfloat16)
+    warned = [w for w in recwarn.list if issubclass(w.category, RuntimeWarning) and 'no bf16 units' in str(w.message)]
+    assert fast.dtype == torch.bfloat16 and seen == [torch.device('cpu')]
+    assert len(warned) == (0 if has_units else 1)
+    assert warned == [] or warned[0].filename == __file__      # points at the caller's line
+    copy.deepcopy(tiny_model).to(torch.float16)                 # float16 and float32 casts do not ask
+    copy.deepcopy(tiny_model).float()
+    assert seen == [torch.device('cpu')]
+
+
+def test_bf16_runs_in_hardware_follows_the_cpu_flags(monkeypatch):
+    from unitok.precision import bf16_runs_in_hardware
+    for avx512_bf16, amx, want in [(False, False, False), (True, False, True), (False, True, True)]:
+        monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda v=amx: v)
+        assert bf16_runs_in_hardware('cpu') is want

@@ -18,6 +18,7 @@ Data flow (shapes for the released model, 256 px)::
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -32,6 +33,7 @@ from .modules.decoder import ViTaminDecoder
 from .modules.encoder import VITAMIN_VARIANTS, build_encoder
 from .modules.projection import build_projection
 from .modules.text import build_text_tower, tokenize
+from .precision import bf16_runs_in_hardware
 from .quantizer import MultiCodebookQuantizer, QuantizerOutput
 from .sequence import square_grid
 
@@ -181,6 +183,8 @@ class UniTok(nn.Module):
         cast up at the boundary, so the quantizer searches float32 latents. Images are cast to
         :attr:`dtype` by :meth:`encode`/:meth:`reconstruct`, and images and embeddings come back float32.
         ``to(torch.float32)`` (or ``float()``) casts everything back (the weights keep their bf16 rounding).
+        A bfloat16 cast on a device without bf16 units (:func:`unitok.precision.bf16_runs_in_hardware`)
+        warns (RuntimeWarning): there the fast path is slower than float32.
         """
         device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
         if dtype is None or dtype not in (torch.bfloat16, torch.float16):
@@ -205,6 +209,11 @@ class UniTok(nn.Module):
             for param in child.parameters(recurse=False):
                 param.data = param.data.to(dtype)
         self.encoder.patch_embed.unitok_output_dtype = dtype
+        where = self.encoder.pos_embed.device
+        if dtype == torch.bfloat16 and not bf16_runs_in_hardware(where):
+            warnings.warn(f'bfloat16 on {where}: this device has no bf16 units (on a CPU: AVX512-BF16 or AMX), so '
+                          'PyTorch emulates bf16 matmuls and the bf16 fast path runs several times slower than '
+                          'float32 here; use float32 (--precision fp32)', RuntimeWarning, stacklevel=2)
         return self
 
     def keep_encoder_tail_fp32(self, blocks: int) -> 'UniTok':

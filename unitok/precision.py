@@ -12,6 +12,8 @@ similarity gap
 d u / (1 - d u) with u = 2^-24 for unit vectors. A disagreement is a *near tie* when
 gap <= |z - z'| |c_j* - c_j'| + 4 gamma_d; one that is not would mean that the search itself is not
 faithful. :class:`CodeAgreement` also reports |z - z'| so the bound can be read as a number.
+
+:func:`bf16_runs_in_hardware` says whether the fast path can be fast on a device at all.
 """
 from __future__ import annotations
 
@@ -19,9 +21,23 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ['CodeAgreement', 'compare_codes', 'near_tie_bound']
+__all__ = ['CodeAgreement', 'compare_codes', 'near_tie_bound', 'bf16_runs_in_hardware']
 
 _U32 = 2.0 ** -24
+
+
+def bf16_runs_in_hardware(device: str | torch.device = 'cpu') -> bool:
+    """Whether bf16 matmuls run on bf16 units of ``device``: on a CPU, AVX512-BF16 or AMX; on CUDA, a
+    GPU with bf16 support. Elsewhere (e.g. an AVX2-only CPU) PyTorch emulates them, and the bf16 fast
+    path is slower than float32: measured on a 2-core AVX2 AMD EPYC, a 1024^3 bf16 matmul ran at
+    about 1 GFLOP/s against 107 in float32 (docs/RESULTS.md, "Fast path on a CPU without bf16 units")."""
+    device = torch.device(device)
+    if device.type == 'cuda':
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == 'cpu':
+        return bool(getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)()
+                    or getattr(torch.cpu, '_is_amx_tile_supported', lambda: False)())
+    return True                                  # other backends: their own business
 
 
 @dataclass
