@@ -36,6 +36,7 @@ import time
 import torch
 
 import unitok
+from unitok.precision import bf16_runs_in_hardware
 from timing import best_time
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
@@ -186,6 +187,9 @@ def main(argv=None):
         p.error('--device cuda: no CUDA device here')
     torch.set_num_threads(args.threads)
     print(f'{args.preset}, {args.device}, {args.threads} threads; load average {os.getloadavg()[0]:.1f} at start')
+    if any(s.startswith('bf16') or s == 'autocast' for s in args.settings) and not bf16_runs_in_hardware(args.device):
+        print(f'note: {args.device} has no bf16 units (on a CPU: AVX512-BF16 or AMX): bf16 matmuls are emulated, '
+              'so the bf16 rows are slower than float32 here')
     reference = official_times(args) if args.official else {}
     mem = 'peak CUDA memory' if args.device == 'cuda' else 'peak RSS'
     for batch in args.batch:

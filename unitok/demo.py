@@ -25,17 +25,12 @@ import time
 import numpy as np
 import torch
 
+from .precision import bf16_runs_in_hardware
 from .utils.io import atomic_write
 
 # 128 px (the 64 px emoji up-sampled): the 16x tokenizer then has an 8x8 token grid.
 DEMO_OVERRIDES = ['model.image_size=128', 'loss.perceptual=none', 'loss.discriminator=none', 'optim.lr=1e-3',
                   'optim.warmup=0.02', 'data.batch_size=32', 'data.num_workers=1']
-
-
-def native_bf16() -> bool:
-    """True when the CPU multiplies bf16 natively (AMX or AVX512-BF16): bf16 autocast then pays off."""
-    checks = ('_is_amx_tile_supported', '_is_avx512_bf16_supported')
-    return any(getattr(torch.cpu, c, lambda: False)() for c in checks)
 
 
 def run(args) -> int:
@@ -47,7 +42,7 @@ def run(args) -> int:
 
     out = os.path.abspath(args.out)
     t0 = time.time()
-    precision = 'bf16' if (native_bf16() or torch.cuda.is_available()) and not args.fp32 else 'fp32'
+    precision = 'bf16' if (bf16_runs_in_hardware('cpu') or torch.cuda.is_available()) and not args.fp32 else 'fp32'
     cfg = TrainConfig(preset='unitok-tiny', out=os.path.join(out, 'train'), steps=args.steps,
                       precision=precision, eval_every=max(1, args.steps // 6), image_every=max(1, args.steps // 3),
                       ckpt_every=max(1, args.steps // 4), log_every=25, seed=args.seed)

@@ -345,7 +345,7 @@ def _nearest(z: torch.Tensor, table: torch.Tensor | _SearchTable) -> torch.Tenso
 
     The result is identical to the float32 reference ``(z[k] @ table[k].T).argmax(-1)`` (first index
     among equal maxima). Routes, in order: on x86 CPUs with AVX-512 or AVX2 and a C++ compiler, the fused
-    native kernel (:mod:`unitok.native`, about 30x the per-codebook loop at the released sizes with AVX-512, 14x with AVX2, see
+    native kernel (:mod:`unitok.native`, about 30x the per-codebook loop at the released sizes with AVX-512, 11-14x with AVX2, see
     benchmarks/quantizer.py); on CPUs with bf16 dot-product units (AVX512-BF16, AMX) and l2-normalised
     inputs the bf16 route (:func:`_nearest_bf16`, about 10x); otherwise the float32 search.
     """

@@ -246,7 +246,7 @@ def _render(out: str, summary: dict, report: dict, answers: list[dict], drawings
 
 # ---------------------------------------------------------------------- the command
 def run(args) -> int:
-    from ..demo import native_bf16
+    from ..precision import bf16_runs_in_hardware
     from ..utils.io import atomic_write, check_writable_dir
     from .model import UniTokMLLM
     for name in ('steps', 'batch_size', 'tokenizer_steps', 'eval_items', 'limit'):
@@ -260,7 +260,7 @@ def run(args) -> int:
     os.makedirs(out, exist_ok=True)
     stages = _Stages(out)
     t0 = time.time()
-    precision = 'bf16' if (native_bf16() or torch.cuda.is_available()) and not args.fp32 else 'fp32'
+    precision = 'bf16' if (bf16_runs_in_hardware('cpu') or torch.cuda.is_available()) and not args.fp32 else 'fp32'
 
     if args.tokenizer:
         tokenizer_dir = os.path.abspath(args.tokenizer)

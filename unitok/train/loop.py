@@ -23,6 +23,7 @@ from contextlib import nullcontext
 import torch
 
 from ..data import DataError, ResumableBatches
+from ..precision import bf16_runs_in_hardware
 from ..utils.distributed import DistInfo
 from ..utils.io import atomic_write
 from .ema import EMA
@@ -152,6 +153,10 @@ class Trainer:
                                wandb_config=cfg.to_dict() if cfg.wandb else None)
         if self.info.is_main:
             log.info('%s; %s; %s', task.describe(), self.strategy.describe(), cfg.precision)
+            if cfg.precision == 'bf16' and not bf16_runs_in_hardware(self.strategy.device):
+                log.warning('precision bf16 on %s, which has no bf16 units (on a CPU: AVX512-BF16 or AMX): PyTorch '
+                            'emulates bf16 matmuls there, several times slower than fp32; consider precision=fp32',
+                            self.strategy.device)
         t_start, window, exit_reason, postfix = time.time(), [], 'finished', {}
         try:
             last_val = self._validate(logger) if self.step == 0 and cfg.eval_every else {}
