@@ -216,3 +216,15 @@ def test_every_phase_gets_its_own_scheduled_learning_rate(tmp_path):
     Trainer(task.cfg, task).fit()
     assert [s for s, _ in task.seen] == [2, 3, 4]
     assert [lr for _, lr in task.seen] == pytest.approx([0.03, 0.04, 0.05])
+
+
+@pytest.mark.parametrize('has_units', [True, False])
+def test_bf16_on_a_device_without_bf16_units_is_warned_about(tmp_path, monkeypatch, caplog, has_units):
+    import unitok.train.loop as loop_module
+    asked = []
+    monkeypatch.setattr(loop_module, 'bf16_runs_in_hardware', lambda device: asked.append(device) or has_units)
+    task = ToyTask(toy(tmp_path, steps=2, precision='bf16'))
+    with caplog.at_level('WARNING', logger='unitok.train'):
+        assert Trainer(task.cfg, task).fit()['exit'] == 'finished'
+    warned = [r for r in caplog.records if 'no bf16 units' in r.getMessage()]
+    assert asked == [torch.device('cpu')] and len(warned) == (0 if has_units else 1)
