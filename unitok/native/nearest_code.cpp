@@ -59,7 +59,6 @@ extern "C" int unitok_cpu_has_avx2() {
 
 namespace {
 
-
 // Tokens [begin, end) of one sub-codebook. D > 0: the code width known at compile time (the block's
 // coordinates stay in registers across the kTokens tokens); D == 0: the width d read at run time.
 template <int D>
