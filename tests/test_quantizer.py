@@ -175,7 +175,7 @@ def route(request, monkeypatch):
     if name == 'bf16':
         # On a CPU without bf16 units the route is not taken (its GEMM would be emulated, slowly); its
         # exactness does not depend on the hardware, so it is checked there too.
-        monkeypatch.setattr(quantizer_module, '_has_bf16_units', lambda: True)
+        monkeypatch.setattr(quantizer_module, 'bf16_runs_in_hardware', lambda device: True)
         monkeypatch.setattr(quantizer_module, '_nearest_bf16', recorded(quantizer_module._nearest_bf16))
     if name == 'fp32':
         monkeypatch.setattr(quantizer_module, '_bf16_route_applies', lambda *args: False)

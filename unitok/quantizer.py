@@ -5,7 +5,7 @@ replaced by the most similar (cosine) l2-normalised code of its own sub-codebook
 sub-codebooks of n codes the token can take n^K values while each lookup stays small.
 
 The module is standalone (of the rest of UniTok it uses only :mod:`unitok.native`, an optional compiled
-search kernel) and vectorised over sub-codebooks.
+search kernel, and the bf16 hardware check of :mod:`unitok.precision`) and vectorised over sub-codebooks.
 
 Axis legend used below: B batch, L tokens, K sub-codebooks, n codes per sub-codebook,
 d code width, N = B * L.
@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import native
+from .precision import bf16_runs_in_hardware
 
 logger = logging.getLogger(__name__)
 
@@ -418,19 +419,13 @@ def _native_search_is_exact(d: int) -> bool:
 def _bf16_route_applies(z: torch.Tensor, table: _SearchTable, norm_max: float) -> bool:
     if z.device.type != 'cpu' or z.dtype != torch.float32 or table.vectors.dtype != torch.float32:
         return False
-    if not _has_bf16_units():
+    if not bf16_runs_in_hardware('cpu'):
         return False                            # bf16 GEMMs would be emulated and slower than float32
     if table.vectors.shape[1] < 8 * _BF16_BLOCK:
         return False                            # small codebooks: the float32 search is as fast
     # The error bound of _nearest_bf16 holds for vectors of norm <= 1 + 2^-10 (l2-normalised, or the
     # zero vector of an all-zero chunk).
     return norm_max <= 1 + 2.0 ** -10 and _gemm_is_fma_chain(z.shape[-1])
-
-
-def _has_bf16_units() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 GEMMs are emulated."""
-    return bool(getattr(torch.cpu, '_is_avx512_bf16_supported', lambda: False)()
-                or getattr(torch.cpu, '_is_amx_tile_supported', lambda: False)())
 
 
 @functools.lru_cache(maxsize=None)

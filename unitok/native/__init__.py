@@ -123,7 +123,7 @@ def _library() -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         logger.warning('building the native nearest-code search failed, using the PyTorch search: %s', err)
         return None
-    if not (lib.unitok_cpu_has_avx512f() or lib.unitok_cpu_has_avx2()):
+    if not _isas(lib):
         logger.info('this CPU lacks AVX-512F and AVX2 with FMA; the native nearest-code search is off')
         return None
     return lib
@@ -138,8 +138,12 @@ def isas() -> tuple[str, ...]:
     """The kernel's instruction sets this CPU runs, widest first: ``('avx512', 'avx2')``, ``('avx2',)``,
     or ``()`` when the kernels are unavailable."""
     lib = _library()
-    if lib is None:
-        return ()
+    return () if lib is None else _isas(lib)
+
+
+@functools.lru_cache(maxsize=None)
+def _isas(lib: ctypes.CDLL) -> tuple[str, ...]:
+    """The library's CPU probes, asked once per loaded library (not at every search)."""
     return tuple(name for name, probe in (('avx512', lib.unitok_cpu_has_avx512f), ('avx2', lib.unitok_cpu_has_avx2))
                  if probe())
 
@@ -166,7 +170,7 @@ def nearest_code(z: torch.Tensor, blocks: torch.Tensor, num_threads: int | None 
     lib = _library()
     if lib is None:
         raise RuntimeError('the native kernels are unavailable (see unitok.native.available())')
-    supported = isas()
+    supported = _isas(lib)
     if isa is None:
         isa = supported[0]
     elif isa not in supported:
