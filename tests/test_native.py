@@ -220,7 +220,10 @@ def test_turned_off_by_environment(fresh_build, monkeypatch):
 
 @needs_kernel
 @pytest.mark.parametrize('kind', ['a file', 'read-only'])
-def test_unusable_cache_folder_builds_in_a_temporary_one(fresh_build, kind):
+def test_unusable_cache_folder_builds_in_a_temporary_one(fresh_build, kind, tmp_path, monkeypatch):
+    scratch = tmp_path / 'scratch'                           # the process's temporary directory
+    scratch.mkdir()
+    monkeypatch.setattr(native.tempfile, 'tempdir', str(scratch))
     if kind == 'a file':
         fresh_build.parent.mkdir(exist_ok=True)
         fresh_build.write_text('a file where the cache folder should be')
@@ -238,6 +241,7 @@ def test_unusable_cache_folder_builds_in_a_temporary_one(fresh_build, kind):
         assert fresh_build.read_text() == 'a file where the cache folder should be'    # left as it was
     else:
         assert not any(fresh_build.iterdir())
+    assert not any(scratch.iterdir())                   # the private build was removed once loaded
     z, codes = tied_case(1, 17, 20, 8, seed=1)
     assert torch.equal(native.nearest_code(z, native.code_blocks(codes)), chain_reference(z, codes))
 

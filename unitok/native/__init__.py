@@ -15,7 +15,9 @@ with one ``g++`` call in about a second instead of a minute, and a ctypes call r
 Building: the shared library is cached in ``$UNITOK_NATIVE_CACHE`` (default
 ``~/.cache/unitok/native``), named by a hash of the source, the flags and the compiler's version, so
 a changed source or compiler builds anew. It is compiled into a temporary file and renamed into place,
-so a concurrent or interrupted build never leaves a half-written library to load. ``UNITOK_NATIVE=0``
+so a concurrent or interrupted build never leaves a half-written library to load. Where that folder
+cannot be written, the library is built in a temporary folder that is removed once it is loaded.
+``UNITOK_NATIVE=0``
 turns the kernels off. Without a compiler, on a CPU without AVX-512 or AVX2 with FMA, or when a build
 fails, the kernels are unavailable (logged once) and callers take their PyTorch route. The kernel is
 written for both instruction sets (``isas()``: the ones this CPU runs, the widest first); both compute
@@ -113,8 +115,7 @@ def _library() -> ctypes.CDLL | None:
             path = _build(compiler, folder)
         except OSError as err:                         # e.g. a read-only home: build for this process only
             logger.info('cannot build in %s (%s); building the native kernels in a temporary folder', folder, err)
-            folder = Path(tempfile.mkdtemp(prefix='unitok-native-'))
-            path = _build(compiler, folder)
+            return _load_private(compiler)
         try:
             lib = _declare(ctypes.CDLL(str(path)))
         except OSError:                                # a damaged cached file: build it once more
@@ -123,6 +124,20 @@ def _library() -> ctypes.CDLL | None:
     except (OSError, RuntimeError, subprocess.SubprocessError) as err:
         logger.warning('building the native nearest-code search failed, using the PyTorch search: %s', err)
         return None
+    return _usable(lib)
+
+
+def _load_private(compiler: str) -> ctypes.CDLL | None:
+    """Build and load the library in a temporary folder that is removed once it is loaded: the loaded
+    mapping outlives the file (POSIX), so nothing is left behind in the temporary directory."""
+    folder = Path(tempfile.mkdtemp(prefix='unitok-native-'))
+    try:
+        return _usable(_declare(ctypes.CDLL(str(_build(compiler, folder)))))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _usable(lib: ctypes.CDLL) -> ctypes.CDLL | None:
     if not _isas(lib):
         logger.info('this CPU lacks AVX-512F and AVX2 with FMA; the native nearest-code search is off')
         return None
