@@ -2,17 +2,22 @@
 import time
 
 
-def timed(fn, repeat: int) -> tuple[float, list[float]]:
-    """(best, all) wall times of ``repeat`` calls after one warm-up call, in seconds."""
-    fn()
+def timed(fn, repeat: int, sync=None) -> tuple[float, list[float]]:
+    """(best, all) wall times of ``repeat`` calls after one warm-up call, in seconds. ``sync`` (e.g.
+    ``torch.cuda.synchronize``) is called after each call, inside its time, so that queued GPU work counts."""
+    def call():
+        fn()
+        if sync is not None:
+            sync()
+    call()
     times = []
     for _ in range(repeat):
         t = time.perf_counter()
-        fn()
+        call()
         times.append(time.perf_counter() - t)
     return min(times), times
 
 
-def best_time(fn, repeat: int) -> float:
-    """Best wall time of ``repeat`` calls after one warm-up call (seconds)."""
-    return timed(fn, repeat)[0]
+def best_time(fn, repeat: int, sync=None) -> float:
+    """Best wall time of ``repeat`` calls after one warm-up call (seconds); ``sync`` as for :func:`timed`."""
+    return timed(fn, repeat, sync)[0]
