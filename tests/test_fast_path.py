@@ -160,6 +160,17 @@ def test_bf16_on_a_device_without_bf16_units_warns(tiny_model, monkeypatch, has_
     assert seen == [torch.device('cpu')]
 
 
+def test_the_bf16_warning_points_at_the_caller_of_each_way_in(tiny_model, tmp_path, monkeypatch):
+    import unitok.model as model_module
+    monkeypatch.setattr(model_module, 'bf16_runs_in_hardware', lambda device: False)
+    tiny_model.save_pretrained(str(tmp_path))
+    for cast in (lambda: copy.deepcopy(tiny_model).bfloat16(),
+                 lambda: UniTok.from_pretrained(str(tmp_path), dtype=torch.bfloat16)):
+        with pytest.warns(RuntimeWarning, match='no bf16 units') as caught:
+            cast()
+        assert [w.filename for w in caught.list] == [__file__]
+
+
 def test_bf16_runs_in_hardware_follows_the_cpu_flags(monkeypatch):
     from unitok.precision import bf16_runs_in_hardware
     for avx512_bf16, amx, want in [(False, False, False), (True, False, True), (False, True, True)]:

@@ -163,7 +163,7 @@ class UniTok(nn.Module):
         if dtype is None:
             return model
         model.keep_encoder_tail_fp32(fp32_encoder_tail).keep_encoder_convs_fp32(fp32_encoder_convs)
-        return model.to(check_model_dtype(dtype))
+        return model.to(check_model_dtype(dtype), _stacklevel=3)     # a warning points at the caller
 
     # ------------------------------------------------------------------ precision
     #: Top-level parts that stay float32 when the model is cast to bfloat16/float16: the projections
@@ -175,7 +175,7 @@ class UniTok(nn.Module):
         """Compute dtype of the encoder, decoder and text tower (the inputs are cast to it)."""
         return self.encoder.pos_embed.dtype
 
-    def to(self, *args, **kwargs) -> 'UniTok':
+    def to(self, *args, _stacklevel: int = 2, **kwargs) -> 'UniTok':
         """``nn.Module.to``, except that a bfloat16/float16 dtype is the inference fast path.
 
         The encoder, decoder and text tower are cast once (weights held in that dtype, no autocast
@@ -213,7 +213,7 @@ class UniTok(nn.Module):
         if dtype == torch.bfloat16 and not bf16_runs_in_hardware(where):
             warnings.warn(f'bfloat16 on {where}: this device has no bf16 units (on a CPU: AVX512-BF16 or AMX), so '
                           'PyTorch emulates bf16 matmuls and the bf16 fast path runs several times slower than '
-                          'float32 here; use float32 (--precision fp32)', RuntimeWarning, stacklevel=2)
+                          'float32 here; use float32 (--precision fp32)', RuntimeWarning, stacklevel=_stacklevel)
         return self
 
     def keep_encoder_tail_fp32(self, blocks: int) -> 'UniTok':
@@ -262,11 +262,11 @@ class UniTok(nn.Module):
 
     def bfloat16(self) -> 'UniTok':
         """Same as ``to(torch.bfloat16)``: the inference fast path."""
-        return self.to(torch.bfloat16)
+        return self.to(torch.bfloat16, _stacklevel=3)
 
     def half(self) -> 'UniTok':
         """Same as ``to(torch.float16)`` (the fast-path split, in float16)."""
-        return self.to(torch.float16)
+        return self.to(torch.float16, _stacklevel=3)
 
     def save_pretrained(self, directory: str) -> None:
         """Write ``config.json``, ``model.safetensors`` and a model card ``README.md`` to ``directory``
