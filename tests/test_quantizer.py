@@ -307,6 +307,134 @@ def test_codes_stay_float32_exact_under_bf16_autocast():
     torch.testing.assert_close(out_eval.quantized, q.lookup(fp32), rtol=0, atol=0)
 
 
+@pytest.fixture
+def matmul_precision():
+    """Sets the process's float32 matmul precision (``torch.set_float32_matmul_precision``) and puts
+    every backend's setting back afterwards."""
+    backends = (torch.backends.cuda.matmul, torch.backends.mkldnn.matmul)
+    saved = [b.fp32_precision for b in backends]
+    yield torch.set_float32_matmul_precision
+    for backend, value in zip(backends, saved):
+        backend.fp32_precision = value
+
+
+class _MatmulPrecisionSpy(torch.overrides.TorchFunctionMode):
+    """Records, for every float32 matmul, the cuBLAS and oneDNN float32 precision in force."""
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, '__name__', '')
+        if name in ('matmul', '__matmul__', 'bmm', 'mm', 'linear', 'baddbmm') and args[0].dtype == torch.float32:
+            self.seen.append((torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize('precision', ['high', 'medium'])
+@pytest.mark.parametrize('tokens', [8, 300])                 # the reference itself; the float32 search
+def test_search_is_ieee_float32_under_a_lower_process_matmul_precision(precision, tokens, matmul_precision,
+                                                                       monkeypatch):
+    """TF32 ('high', CUDA) or bf16 ('medium', oneDNN on CPUs with bf16 units) float32 matmuls asked for by
+    the process (e.g. a LlamaGen-style training script) do not reach the search; its settings come back."""
+    monkeypatch.setattr(quantizer_module, '_native_route_applies', lambda *args: False)
+    monkeypatch.setattr(quantizer_module, '_bf16_route_applies', lambda *args: False)
+    torch.manual_seed(tokens)
+    q = MultiCodebookQuantizer(8, 512, 8)
+    z = torch.randn(1, tokens, 64)
+    want = loop_codes(q, z)                                    # at the default, IEEE float32
+    matmul_precision(precision)
+    before = (torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision)
+    assert before != ('ieee', 'ieee')
+    with _MatmulPrecisionSpy() as spy:
+        codes = q.nearest_codes(z)
+    assert torch.equal(codes, want)
+    assert spy.seen and set(spy.seen) == {('ieee', 'ieee')}
+    assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision) == before
+    assert torch.get_float32_matmul_precision() == precision
+
+
+def test_overlapping_searches_in_two_threads_both_run_ieee_and_restore_the_setting(matmul_precision, monkeypatch):
+    """The precision switch is process-wide: a search that ends while another one in a second thread is
+    still scoring must neither hand that one back to TF32 nor leave IEEE behind when both are done."""
+    import threading
+    monkeypatch.setattr(quantizer_module, '_native_route_applies', lambda *args: False)
+    monkeypatch.setattr(quantizer_module, '_bf16_route_applies', lambda *args: False)
+    first_in, first_done, both_in = threading.Event(), threading.Event(), threading.Barrier(2, timeout=30)
+    original = quantizer_module._nearest_fp32
+
+    def paced(z, table):
+        if threading.current_thread().name == 'first':
+            first_in.set()
+            both_in.wait()
+        else:
+            both_in.wait()
+            assert first_done.wait(30)                 # the first search has left the switch
+        return original(z, table)
+    monkeypatch.setattr(quantizer_module, '_nearest_fp32', paced)
+    q = MultiCodebookQuantizer(8, 512, 8)
+    z = torch.randn(1, 300, 64)
+    want = loop_codes(q, z)
+    matmul_precision('high')
+    seen, codes, errors = {}, {}, []
+
+    def search(name):
+        try:
+            with _MatmulPrecisionSpy() as spy:
+                codes[name] = q.nearest_codes(z)
+            seen[name] = set(spy.seen)
+        except Exception as err:                       # reported below, not lost in the thread
+            errors.append(err)
+        if name == 'first':
+            first_done.set()
+    threads = {name: threading.Thread(target=search, args=(name,), name=name) for name in ('first', 'second')}
+    threads['first'].start()
+    assert first_in.wait(30)
+    threads['second'].start()
+    for thread in threads.values():
+        thread.join(60)
+    assert errors == []
+    assert seen == {'first': {('ieee', 'ieee')}, 'second': {('ieee', 'ieee')}}
+    assert torch.equal(codes['first'], want) and torch.equal(codes['second'], want)
+    assert (torch.backends.cuda.matmul.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision) == ('tf32', 'tf32')
+
+
+def test_search_leaves_a_legacy_tf32_switch_readable(matmul_precision):
+    """A script that sets ``torch.backends.cuda.matmul.allow_tf32`` reads it back unchanged after a
+    search (PyTorch refuses that read once the new per-backend API has changed the setting)."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    q = MultiCodebookQuantizer(2, 64, 8)
+    q.nearest_codes(torch.randn(1, 40, 16))
+    assert torch.backends.cuda.matmul.allow_tf32 is True
+
+
+def test_compiled_quantizer_matches_eager_and_leaves_the_search_untraced(monkeypatch):
+    """torch.compile (as ``TrainConfig.compile`` does) gives the eager codes, losses and gradients, and
+    the search runs eagerly: traced, its cached probes and the native library's build would run again
+    inside the trace (Dynamo ignores functools caches), spawning the compiler from every compiled step."""
+    from unitok import native
+    torch.manual_seed(0)
+    q = MultiCodebookQuantizer(8, 512, 8)
+    z = torch.randn(2, 40, 64, requires_grad=True)
+    want = q(z)
+    want.quantized.square().sum().backward()
+    grad, z.grad = z.grad.clone(), None
+    native.available()                                     # built and loaded once, eagerly
+    spawned = []
+    run = native.subprocess.run
+    monkeypatch.setattr(native.subprocess, 'run', lambda *a, **k: spawned.append(a) or run(*a, **k))
+    torch._dynamo.reset()
+    try:
+        got = torch.compile(q, backend='eager')(z)
+        got.quantized.square().sum().backward()
+    finally:
+        torch._dynamo.reset()
+    assert spawned == []
+    assert torch.equal(got.codes, want.codes)
+    torch.testing.assert_close(got.losses['commitment'], want.losses['commitment'])
+    torch.testing.assert_close(z.grad, grad)
+
+
 def test_commitment_gradients():
     """beta weighs the encoder side: d/dz = 2 beta (z - q) / numel, d/dq = 2 (q - z) / numel, each taken
     through the l2-normalisation of the latent chunk and of the code."""

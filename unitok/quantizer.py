@@ -29,8 +29,12 @@ from .precision import bf16_runs_in_hardware
 
 logger = logging.getLogger(__name__)
 
-# Similarities scored per step of the float32 nearest-code search (K * n * tokens floats, ~8 MB).
+# Similarities scored per step of the float32 nearest-code search (K * n * tokens floats): ~8 MB on a
+# CPU, where a tile should stay in cache; 256 MB on a GPU, where each step is about ten kernel launches
+# and a CPU-sized tile (64 tokens at 8 x 4096 codes) would make the search launch-bound at large batches
+# (the GPU size is reasoned, not measured: no GPU was lent to this project so far).
 _SEARCH_TILE = 1 << 21
+_SEARCH_TILE_GPU = 1 << 26
 
 
 @dataclass
@@ -138,7 +142,8 @@ class MultiCodebookQuantizer(nn.Module):
 
     @torch.no_grad()
     def nearest_codes(self, latents: torch.Tensor) -> torch.Tensor:
-        """Code ids of the most similar codes, (B, L, K*d) -> (B, K, L) int64."""
+        """Code ids of the most similar codes, (B, L, K*d) -> (B, K, L) int64: the float32 argmax (first
+        index among equal maxima), under autocast and whatever ``torch.set_float32_matmul_precision`` says."""
         with torch.autocast(latents.device.type, enabled=False):
             z = self._split(latents)
             B, L = z.shape[:2]
@@ -341,6 +346,10 @@ def _gemm_width(d: int) -> int:
     return -(-(3 * d + 1) // 32) * 32
 
 
+# Not traced by torch.compile (a compiled training step breaks its graph here, as the search's data-
+# dependent routes would anyway): traced, its cached probes and the native library's loading would be
+# re-run inside the trace (Dynamo ignores functools caches), and compiled it has nothing to fuse.
+@torch.compiler.disable
 def _nearest(z: torch.Tensor, table: torch.Tensor | _SearchTable) -> torch.Tensor:
     """argmax_j <z[k, i], table[k, j]> for every k, i: z (K, N, d), table (K, n, d) -> (K, N) int64.
 
@@ -353,7 +362,7 @@ def _nearest(z: torch.Tensor, table: torch.Tensor | _SearchTable) -> torch.Tenso
     if isinstance(table, torch.Tensor):
         table = _SearchTable(table)
     K, N, d = z.shape
-    with torch.autocast(z.device.type, enabled=False):
+    with torch.autocast(z.device.type, enabled=False), _ieee_float32_matmuls():
         norm_max = _norm_max(z, table) if N >= _MIN_SEARCH_TOKENS else math.inf
         if not math.isfinite(norm_max):
             # Few tokens, or a NaN / inf (a diverged run): the reference itself. Its argmax takes a NaN
@@ -365,6 +374,57 @@ def _nearest(z: torch.Tensor, table: torch.Tensor | _SearchTable) -> torch.Tenso
             # In chunks of tokens: the route's per-token state (block minima...) stays bounded.
             return torch.cat([_nearest_bf16(z[:, c:c + _BF16_CHUNK], table) for c in range(0, N, _BF16_CHUNK)], 1)
         return _nearest_fp32(z, table.vectors)
+
+
+_IEEE_LOCK = threading.Lock()
+_IEEE_STATE = {'depth': 0, 'saved': None}        # searches running (any thread), the settings they replaced
+
+
+@functools.lru_cache(maxsize=None)
+def _matmul_backends() -> tuple:
+    """cuBLAS's and oneDNN's float32-precision switches (PyTorch >= 2.9), or () on older versions; asked
+    once (the search runs at every training step)."""
+    backends = (torch.backends.cuda.matmul, getattr(torch.backends.mkldnn, 'matmul', None))
+    try:
+        [b.fp32_precision for b in backends]
+    except AttributeError:
+        return ()
+    return backends
+
+
+@contextlib.contextmanager
+def _ieee_float32_matmuls():
+    """float32 matmuls in IEEE float32 within the search, whatever the process chose for the rest of its
+    work: with TF32 (CUDA; ``torch.set_float32_matmul_precision('high')``, or LlamaGen-style scripts that
+    set ``allow_tf32``) or bf16 (oneDNN on CPUs with bf16 units; ``'medium'``) the similarities keep 10 or
+    8 mantissa bits and the codes could differ from the float32 argmax. The settings are process-wide, so
+    the first of concurrent searches (threads) saves and switches them and the last one restores them."""
+    with _IEEE_LOCK:
+        if _IEEE_STATE['depth'] == 0:
+            backends = _matmul_backends()
+            if backends:
+                saved = [b.fp32_precision for b in backends]
+                for backend in backends:
+                    if backend.fp32_precision != 'ieee':
+                        backend.fp32_precision = 'ieee'
+            else:                                          # PyTorch < 2.9: the one global switch
+                saved = torch.get_float32_matmul_precision()
+                torch.set_float32_matmul_precision('highest')
+            _IEEE_STATE['saved'] = (backends, saved)
+        _IEEE_STATE['depth'] += 1
+    try:
+        yield
+    finally:
+        with _IEEE_LOCK:
+            _IEEE_STATE['depth'] -= 1
+            if _IEEE_STATE['depth'] == 0:
+                backends, saved = _IEEE_STATE['saved']
+                if backends:
+                    for backend, value in zip(backends, saved):
+                        if backend.fp32_precision != value:    # an unchanged one is not written again
+                            backend.fp32_precision = value
+                else:
+                    torch.set_float32_matmul_precision(saved)
 
 
 def _argmax_rows(rows: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -710,7 +770,8 @@ def _nearest_fp32(z: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     # Among positions equal to the maximum, the first one gets the largest weight.
     block_weight = torch.arange(n_blocks, 0, -1, dtype=torch.float32, device=z.device).view(1, n_blocks, 1)
     code_weight = torch.arange(block, 0, -1, dtype=torch.float32, device=z.device).view(1, block, 1)
-    tile = max(1, min(N, _SEARCH_TILE // max(1, K * n)))
+    budget = _SEARCH_TILE if z.device.type == 'cpu' else _SEARCH_TILE_GPU
+    tile = max(1, min(N, budget // max(1, K * n)))
     out = torch.empty(K, N, dtype=torch.long, device=z.device)
     buffer = torch.empty(K, n, tile, device=z.device)   # reused: fresh large allocations page-fault
     for s in range(0, N, tile):
