@@ -177,3 +177,71 @@ def test_bf16_runs_in_hardware_follows_the_cpu_flags(monkeypatch):
         monkeypatch.setattr(torch.cpu, '_is_avx512_bf16_supported', lambda v=avx512_bf16: v)
         monkeypatch.setattr(torch.cpu, '_is_amx_tile_supported', lambda v=amx: v)
         assert bf16_runs_in_hardware('cpu') is want
+
+
+def test_precision_of_names_each_setting(tiny_model):
+    from unitok.precision import INFERENCE_PRECISIONS, check_precision, precision_of
+    assert precision_of(tiny_model) == 'fp32'
+    assert precision_of(copy.deepcopy(tiny_model).bfloat16()) == 'bf16'
+    assert precision_of(copy.deepcopy(tiny_model).keep_encoder_convs_fp32().bfloat16()) == 'bf16-convs32'
+    assert precision_of(copy.deepcopy(tiny_model).keep_encoder_tail_fp32(1).bfloat16()) is None
+    assert precision_of(copy.deepcopy(tiny_model).half()) is None
+    assert list(INFERENCE_PRECISIONS) == ['fp32', 'bf16', 'bf16-convs32']
+    with pytest.raises(ValueError, match="one of 'fp32', 'bf16', 'bf16-convs32'; got 'fp16'"):
+        check_precision('fp16')
+
+
+def test_precision_bf16_convs32_reaches_encode_and_export_codes(tmp_path, tiny_model, monkeypatch):
+    import json
+    from unitok.data import eval_transform, open_source
+    from unitok.generation.codes import CodeDataset
+    from unitok.images import to_tensor
+    m = str(tmp_path / 'model')
+    tiny_model.save_pretrained(m)
+    faithful = UniTok.from_pretrained(m, dtype=torch.bfloat16, fp32_encoder_convs=True).eval()
+    loaded = []
+    original = UniTok.from_pretrained.__func__
+    monkeypatch.setattr(UniTok, 'from_pretrained', classmethod(lambda cls, *a, **k: loaded.append(k) or original(cls, *a, **k)))
+    (tmp_path / 'imgs').mkdir()
+    rng = np.random.default_rng(0)
+    files = [str(tmp_path / 'imgs' / f'im{i}.png') for i in range(3)]
+    for f in files:
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(f)
+    out = str(tmp_path / 'codes.npz')
+    assert main(['encode', str(tmp_path / 'imgs'), '--model', m, '--out', out, '--precision', 'bf16-convs32']) == 0
+    with np.load(out) as z:
+        assert str(z['precision']) == 'bf16-convs32'
+        assert np.array_equal(z['codes'], faithful.encode(to_tensor(files, size=64)).numpy())
+    assert main(['export-codes', '--model', m, '--data', 'builtin:emoji', '--out', str(tmp_path / 'export'),
+                 '--limit', '4', '--batch-size', '4', '--workers', '0', '--precision', 'bf16-convs32',
+                 '--device', 'cpu']) == 0
+    assert loaded == [dict(dtype=torch.bfloat16, fp32_encoder_convs=True)] * 2
+    assert json.loads((tmp_path / 'export' / 'manifest.json').read_text())['precision'] == 'bf16-convs32'
+    source = open_source('builtin:emoji', 'train')
+    x = torch.stack([eval_transform(64)(source.read(i)[0]) for i in range(4)])
+    ds = CodeDataset(str(tmp_path / 'export'))
+    assert torch.equal(torch.stack([ds[i]['codes'][0] for i in range(4)]), faithful.encode(x))
+
+
+def test_export_codes_runs_each_precision_as_the_model_is_set(tmp_path, tiny_model):
+    """No autocast around a cast model (it would run the float32 conv stages in bf16); bf16 autocast
+    around a float32 model asked for 'bf16'; a model in another setting than the one the manifest would
+    record is refused before anything is written."""
+    from unitok.generation.codes import ExportConfig, export_codes
+    faithful = copy.deepcopy(tiny_model).keep_encoder_convs_fp32().bfloat16()
+    seen = []
+    for model, precision in ((faithful, 'bf16-convs32'), (copy.deepcopy(tiny_model), 'bf16'),
+                             (copy.deepcopy(tiny_model).bfloat16(), 'bf16'), (copy.deepcopy(tiny_model), 'fp32')):
+        hook = model.encoder.patch_embed.register_forward_pre_hook(
+            lambda m, args: seen.append(torch.is_autocast_enabled('cpu')))
+        export_codes(model, ExportConfig('builtin:emoji', limit=2, precision=precision), str(tmp_path / str(len(seen))))
+        hook.remove()
+    assert seen == [False, True, False, False]
+    for model, precision in ((tiny_model, 'bf16-convs32'), (faithful, 'bf16'), (faithful, 'fp32'),
+                             (copy.deepcopy(tiny_model).bfloat16(), 'fp32'),
+                             (copy.deepcopy(tiny_model).half(), 'bf16')):
+        with pytest.raises(ValueError, match=f"export precision '{precision}' needs a model in that setting"):
+            export_codes(model, ExportConfig('builtin:emoji', limit=2, precision=precision), str(tmp_path / 'refused'))
+        assert not (tmp_path / 'refused').exists()
+    with pytest.raises(ValueError, match='precision must be one of'):
+        ExportConfig('builtin:emoji', precision='fp16')

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .precision import INFERENCE_PRECISIONS, check_precision
+
 
 # ---------------------------------------------------------------------- helpers
 def _progress(iterable, total=None, desc=None, disable=False, unit='it'):
@@ -55,10 +57,10 @@ def collect_images(paths: list[str]) -> list[str]:
 
 
 def _load_model(path: str, device: str, precision: str = 'fp32'):
-    """A model for inference; ``precision='bf16'`` is the fast path (bf16 weights, fp32 quantizer)."""
+    """A model for inference in a precision of :data:`unitok.precision.INFERENCE_PRECISIONS` (``bf16``: the
+    fast path, bf16 weights and an fp32 quantizer; ``bf16-convs32``: the same with fp32 encoder convs)."""
     from .model import UniTok
-    dtype = torch.bfloat16 if precision == 'bf16' else None
-    return UniTok.from_pretrained(path, dtype=dtype).to(device).eval()
+    return UniTok.from_pretrained(path, **INFERENCE_PRECISIONS[check_precision(precision)]).to(device).eval()
 
 
 def _int_at_least(minimum: int, text: str) -> int:
@@ -341,6 +343,10 @@ def cmd_info(args) -> int:
 
 
 # ---------------------------------------------------------------------- entry point
+PRECISION_HELP = ('fp32 (default); bf16: the fast path (bf16 weights, fp32 quantizer and projections); '
+                  'bf16-convs32: the fast path with the encoder\'s conv stages fp32 (codes closest to fp32)')
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog='unitok', description='UniTok unified image tokenizer')
     sub = p.add_subparsers(dest='command', required=True)
@@ -350,8 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument('--model', required=True, help='model directory, hub id or official .pth')
         s.add_argument('--device', type=device_arg, default='cuda' if torch.cuda.is_available() else 'cpu')
         s.add_argument('--batch-size', type=positive_int, default=8)
-        s.add_argument('--precision', choices=('fp32', 'bf16'), default='fp32',
-                       help='fp32, or bf16: the fast path (bf16 weights, fp32 quantizer and projections)')
+        s.add_argument('--precision', choices=tuple(INFERENCE_PRECISIONS), default='fp32', help=PRECISION_HELP)
 
     def workers_arg(s):
         from .data.files import default_workers

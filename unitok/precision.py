@@ -14,6 +14,7 @@ gap <= |z - z'| |c_j* - c_j'| + 4 gamma_d; one that is not would mean that the s
 faithful. :class:`CodeAgreement` also reports |z - z'| so the bound can be read as a number.
 
 :func:`bf16_runs_in_hardware` says whether the fast path can be fast on a device at all.
+:data:`INFERENCE_PRECISIONS` names the inference settings that the command line and the code exporter take.
 """
 from __future__ import annotations
 
@@ -21,9 +22,38 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ['CodeAgreement', 'compare_codes', 'near_tie_bound', 'bf16_runs_in_hardware']
+__all__ = ['CodeAgreement', 'compare_codes', 'near_tie_bound', 'bf16_runs_in_hardware', 'INFERENCE_PRECISIONS',
+           'check_precision', 'precision_of']
 
 _U32 = 2.0 ** -24
+
+#: Inference precisions by name (``--precision`` of ``unitok encode/decode/reconstruct/export-codes``)
+#: and the :meth:`~unitok.UniTok.from_pretrained` arguments each one stands for. ``bf16`` is the fast
+#: path; ``bf16-convs32`` the fast path with the encoder's convolutional stages kept float32, the
+#: setting whose codes agree with float32's for >= 99% of tokens in docs/RESULTS.md (about 1% more
+#: than ``bf16``, at some encode speed).
+INFERENCE_PRECISIONS: dict[str, dict] = {
+    'fp32': {},
+    'bf16': {'dtype': torch.bfloat16},
+    'bf16-convs32': {'dtype': torch.bfloat16, 'fp32_encoder_convs': True},
+}
+
+
+def check_precision(name: str) -> str:
+    """``name`` if it is a key of :data:`INFERENCE_PRECISIONS`, else a ValueError naming them."""
+    if name not in INFERENCE_PRECISIONS:
+        raise ValueError(f'precision must be one of {", ".join(map(repr, INFERENCE_PRECISIONS))}; got {name!r}')
+    return name
+
+
+def precision_of(model) -> str | None:
+    """The :data:`INFERENCE_PRECISIONS` name of a :class:`~unitok.UniTok`'s current setting, or None for
+    a setting without a name (float16, float64, float32 encoder tail blocks)."""
+    if model.dtype == torch.float32:
+        return 'fp32'
+    if model.dtype != torch.bfloat16 or model.fp32_encoder_tail:
+        return None
+    return 'bf16-convs32' if model.fp32_encoder_convs else 'bf16'
 
 
 def bf16_runs_in_hardware(device: str | torch.device = 'cpu') -> bool:

@@ -44,6 +44,7 @@ import torch
 
 from ..config import UniTokConfig
 from ..images import ImageReadError
+from ..precision import check_precision, precision_of
 from ..utils import distributed as D
 from ..utils.io import atomic_write, check_writable_dir
 from ..utils.throughput import Throughput, ThroughputMeter
@@ -150,7 +151,7 @@ class ExportConfig:
     data: str                                # data spec, see unitok.data.open_source
     split: str = 'train'
     augment: tuple[str, ...] = ()            # extra views after the centre crop: 'flip', 'tencrop'
-    precision: str = 'fp32'                  # 'fp32' | 'bf16' (autocast of the encoder)
+    precision: str = 'fp32'                  # a name of unitok.precision.INFERENCE_PRECISIONS (see export_codes)
     shard_size: int = 1024                   # images per shard
     limit: int | None = None                 # the first N items only (map-style sources)
     batch_size: int = 32                     # images per encoder call (each with its A views)
@@ -158,8 +159,7 @@ class ExportConfig:
 
     def __post_init__(self):
         self.augment = parse_augment(self.augment)
-        if self.precision not in ('fp32', 'bf16'):
-            raise ValueError(f"precision must be 'fp32' or 'bf16', got {self.precision!r}")
+        check_precision(self.precision)
         for name in ('shard_size', 'batch_size'):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
@@ -401,8 +401,18 @@ def export_codes(model, cfg: ExportConfig, out: str, progress: bool = False) -> 
     Call it on every rank under ``torchrun`` (the process group already initialised); each rank
     encodes its share of the shards, rank 0 writes the final manifest. Reruns resume.
     Returns this process's result, with the final manifest on every rank.
+
+    ``cfg.precision`` is recorded in the manifest and must be the model's own setting
+    (:func:`unitok.precision.precision_of`), except that ``'bf16'`` also takes a float32 model, whose encoder
+    then runs under bf16 autocast.
     """
     from ..data import open_source
+    have = precision_of(model)
+    if have != cfg.precision and not (cfg.precision == 'bf16' and have == 'fp32'):
+        raise ValueError(f'export precision {cfg.precision!r} needs a model in that setting: UniTok.from_pretrained('
+                         f'path, **unitok.precision.INFERENCE_PRECISIONS[{cfg.precision!r}]); this model is in '
+                         + (repr(have) if have else f'a setting without a name ({model.dtype})'))
+    autocast = cfg.precision == 'bf16' and have == 'fp32'
     if model.config.num_query:
         raise CodeFormatError(f'export-codes needs a tokenizer without query tokens (its codes are an h x w grid); '
                               f'this one has num_query={model.config.num_query}')
@@ -464,7 +474,7 @@ def export_codes(model, cfg: ExportConfig, out: str, progress: bool = False) -> 
             if ok:
                 with meter.model(len(ok)):
                     x = torch.cat([b[3] for b in ok]).to(device)       # (n * A, 3, S, S)
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == 'bf16'):
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                         codes = model.encode(x)                         # (n * A, K, h, w)
                     codes = codes.view(len(ok), -1, *codes.shape[1:]).cpu().numpy().astype(np.uint16)  # (n, A, K, h, w)
                 rows += [(b[1], b[2], b[4], b[5], c) for b, c in zip(ok, codes)]

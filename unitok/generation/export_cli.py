@@ -13,6 +13,8 @@ import sys
 
 import torch
 
+from ..precision import INFERENCE_PRECISIONS
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--model', required=True, help='tokenizer: model directory, hub id or official .pth')
@@ -28,7 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--workers', type=int, default=default_workers(),
                    help='processes decoding images while the encoder runs (default: one per '
                         'core beside this process, at most 4; now %(default)s)')
-    p.add_argument('--precision', choices=('fp32', 'bf16'), default='fp32', help='encoder precision (default: fp32)')
+    p.add_argument('--precision', choices=tuple(INFERENCE_PRECISIONS), default='fp32',
+                   help='encoder precision: fp32 (default), bf16 (the fast path: bf16 weights, fp32 quantizer) or '
+                        'bf16-convs32 (the fast path with the encoder\'s conv stages fp32: codes closest to fp32)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
 
 
@@ -41,8 +45,7 @@ def run(args) -> int:
                        shard_size=args.shard_size, limit=args.limit, batch_size=args.batch_size, workers=args.workers)
     info = D.init_distributed(args.device)
     try:
-        dtype = torch.bfloat16 if args.precision == 'bf16' else None   # bf16: the fast path (fp32 quantizer)
-        model = UniTok.from_pretrained(args.model, dtype=dtype).to(info.device)
+        model = UniTok.from_pretrained(args.model, **INFERENCE_PRECISIONS[args.precision]).to(info.device)
         result = export_codes(model, cfg, args.out, progress=True)
         stats = D.all_gather_object((result.images, result.throughput))
     except BaseException:
