@@ -19,10 +19,11 @@ def test_bf16_keeps_quantizer_projections_and_clip_head_fp32(tiny_model):
     fast = copy.deepcopy(tiny_model).to(torch.bfloat16)
     assert fast.dtype == torch.bfloat16 and tiny_model.dtype == torch.float32
     dtypes = _dtypes(fast)
-    kept = {n: d for n, d in dtypes.items() if n.split('.')[0] in UniTok.FP32_PARTS}
-    cast = {n: d for n, d in dtypes.items() if n.split('.')[0] not in UniTok.FP32_PARTS}
+    first = ('encoder.patch_embed.backbone.stem.conv1.weight', 'encoder.patch_embed.backbone.stem.conv1.bias')
+    kept = {n: d for n, d in dtypes.items() if n.split('.')[0] in UniTok.FP32_PARTS or n in first}
+    cast = {n: d for n, d in dtypes.items() if n not in kept}
     assert 'quantizer.codebook' in kept and 'quant_proj.attn.zero_k_bias' in kept and 'logit_scale' in kept
-    assert set(kept.values()) == {torch.float32}
+    assert set(kept.values()) == {torch.float32} and all(n in kept for n in first)
     assert any(n.startswith('decoder.') for n in cast) and any(n.startswith('text_encoder.') for n in cast)
     assert set(cast.values()) == {torch.bfloat16}
     assert fast.bfloat16() is fast and set(_dtypes(copy.deepcopy(fast).float()).values()) == {torch.float32}
@@ -86,6 +87,28 @@ def test_cli_precision_bf16_writes_the_precision(tmp_path, tiny_model):
                  '--precision', 'bf16']) == 0
 
 
+def test_the_first_conv_stays_fp32_and_takes_the_images_unrounded(tmp_path, tiny_model, images64):
+    tiny_model.save_pretrained(str(tmp_path))
+    fast = UniTok.from_pretrained(str(tmp_path), dtype=torch.bfloat16).eval()
+    stem, ref_stem = fast.encoder.patch_embed.backbone.stem, tiny_model.encoder.patch_embed.backbone.stem
+    for a, b in zip(stem.conv1.parameters(), ref_stem.conv1.parameters()):
+        assert a.dtype == torch.float32 and torch.equal(a, b)          # the float32 weights, not rounded
+    assert {p.dtype for p in stem.conv2.parameters()} == {torch.bfloat16}
+    seen = {}
+    stem.conv1.register_forward_hook(lambda m, args, out: seen.update(x=args[0], out=out))
+    stem.norm1.register_forward_pre_hook(lambda m, args: seen.update(norm=args[0].dtype))
+    codes = fast.encode(images64)
+    assert torch.equal(seen['x'], images64) and seen['norm'] == torch.bfloat16       # unrounded in, bf16 out
+    with torch.no_grad():
+        assert torch.equal(seen['out'], ref_stem.conv1(images64).bfloat16())   # the float32 conv, rounded once
+    assert codes.shape == (2, 8, 4, 4) and torch.equal(copy.deepcopy(fast).encode(images64), codes)
+    back = copy.deepcopy(fast).to(torch.float32)                        # hooks off, the whole model float32
+    assert back._first_conv_hooks == [] and {p.dtype for p in back.parameters()} == {torch.float32}
+    assert back.encode(images64).shape == (2, 8, 4, 4)
+    fast.to(torch.bfloat16)                                             # a second cast keeps the float32 weights
+    assert torch.equal(stem.conv1.weight, ref_stem.conv1.weight) and len(fast._first_conv_hooks) == 2
+
+
 def test_fp32_encoder_tail_keeps_the_original_weights(tmp_path, tiny_model, images64):
     tiny_model.save_pretrained(str(tmp_path))
     fast = UniTok.from_pretrained(str(tmp_path), dtype=torch.bfloat16, fp32_encoder_tail=1)
@@ -122,7 +145,8 @@ def test_fp32_encoder_convs_keep_the_original_weights_and_fp32_inputs(tmp_path, 
     fast.to(torch.bfloat16)                                           # a later cast keeps them float32
     assert {p.dtype for p in embed.parameters()} == {torch.float32}
     fast.keep_encoder_convs_fp32(False).to(torch.bfloat16)            # switched off: cast with the rest
-    assert {p.dtype for p in embed.parameters()} == {torch.bfloat16}
+    assert {n: p.dtype for n, p in embed.named_parameters() if p.dtype != torch.bfloat16} == {
+        'backbone.stem.conv1.weight': torch.float32, 'backbone.stem.conv1.bias': torch.float32}   # but the first conv
     assert fast.encode(images64).shape == (2, 8, 4, 4)
     with pytest.raises(ValueError, match='bool'):
         fast.keep_encoder_convs_fp32(1)

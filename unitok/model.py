@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Sequence
 
 import torch
@@ -59,6 +60,12 @@ def _float32_input(module: nn.Module, args: tuple) -> tuple:
 def _output_in_model_dtype(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
     """Forward hook of the float32 convolutional stages: their output in the model's dtype (set by ``to``)."""
     return out.to(module.unitok_output_dtype)
+
+
+def _output_like(consumer: nn.Module, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    """Forward hook (``consumer`` bound with functools.partial): the output in the dtype of the module
+    that takes it next, whatever that module's dtype is now."""
+    return out.to(_own_dtype(consumer))
 
 
 def check_templates(templates: Sequence[str | Callable[[str], str]]) -> None:
@@ -172,7 +179,8 @@ class UniTok(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """Compute dtype of the encoder, decoder and text tower (the inputs are cast to it)."""
+        """Compute dtype of the encoder, decoder and text tower (images enter the encoder's first conv,
+        which stays float32 in the fast path: see :meth:`to`)."""
         return self.encoder.pos_embed.dtype
 
     def to(self, *args, _stacklevel: int = 2, **kwargs) -> 'UniTok':
@@ -180,8 +188,10 @@ class UniTok(nn.Module):
 
         The encoder, decoder and text tower are cast once (weights held in that dtype, no autocast
         re-cast per call); :attr:`FP32_PARTS` stay float32, their inputs
-        cast up at the boundary, so the quantizer searches float32 latents. Images are cast to
-        :attr:`dtype` by :meth:`encode`/:meth:`reconstruct`, and images and embeddings come back float32.
+        cast up at the boundary, so the quantizer searches float32 latents. The encoder's first
+        convolution (3 input channels, under 0.1% of the encoder's FLOPs) stays float32 too and takes the
+        images unrounded: measured, that alone removes about a third of the code disagreements with the
+        float32 model, at no measurable cost (docs/RESULTS.md). Images and embeddings come back float32.
         ``to(torch.float32)`` (or ``float()``) casts everything back (the weights keep their bf16 rounding).
         A bfloat16 cast on a device without bf16 units (:func:`unitok.precision.bf16_runs_in_hardware`)
         warns (RuntimeWarning): there the fast path is slower than float32.
@@ -190,9 +200,13 @@ class UniTok(nn.Module):
         if dtype is None or dtype not in (torch.bfloat16, torch.float16):
             super().to(*args, **kwargs)
             self.encoder.patch_embed.unitok_output_dtype = self.dtype
+            if dtype is not None:
+                self._hook_first_conv(False)
             return self
         if device is not None or memory_format is not None:
             super().to(device=device, non_blocking=non_blocking, memory_format=memory_format)
+        first = self.encoder.patch_embed.backbone.stem.conv1
+        kept = [(p, p.data) for p in first.parameters()]          # its weights are not cast (restored below)
         depth, tail = len(self.encoder.blocks), self.fp32_encoder_tail
         for name, child in self.named_children():
             if name in self.FP32_PARTS:
@@ -208,6 +222,9 @@ class UniTok(nn.Module):
                     part.to(dtype)
             for param in child.parameters(recurse=False):
                 param.data = param.data.to(dtype)
+        for param, data in kept:
+            param.data = data
+        self._hook_first_conv(True)
         self.encoder.patch_embed.unitok_output_dtype = dtype
         where = self.encoder.pos_embed.device
         if dtype == torch.bfloat16 and not bf16_runs_in_hardware(where):
@@ -215,6 +232,17 @@ class UniTok(nn.Module):
                           'PyTorch emulates bf16 matmuls and the bf16 fast path runs several times slower than '
                           'float32 here; use float32 (--precision fp32)', RuntimeWarning, stacklevel=_stacklevel)
         return self
+
+    def _hook_first_conv(self, enable: bool) -> None:
+        """Hooks of the encoder's first conv in a reduced-precision model: input in its own dtype (the
+        images, unrounded), output in the dtype of the stem's next layer."""
+        for handle in getattr(self, '_first_conv_hooks', ()):
+            handle.remove()
+        self._first_conv_hooks = []
+        if enable:
+            stem = self.encoder.patch_embed.backbone.stem
+            self._first_conv_hooks = [stem.conv1.register_forward_pre_hook(_float32_input),
+                                      stem.conv1.register_forward_hook(partial(_output_like, stem.norm1))]
 
     def keep_encoder_tail_fp32(self, blocks: int) -> 'UniTok':
         """Run the last ``blocks`` encoder transformer blocks and the encoder's final norm in float32
@@ -350,7 +378,7 @@ class UniTok(nn.Module):
         """Checked images in the parameters' dtype (float16/bfloat16/float64 inputs are cast); under
         autocast only float64 is cast, autocast handles the rest."""
         check_images(images)
-        want = _own_dtype(self.encoder.patch_embed)           # float32 when keep_encoder_convs_fp32 holds it
+        want = _own_dtype(self.encoder.patch_embed)           # the first conv's: float32 in the fast path too
         if images.dtype != want and (images.dtype == torch.float64
                                      or not torch.is_autocast_enabled(images.device.type)):
             images = images.to(want)
