@@ -407,18 +407,18 @@ def export_codes(model, cfg: ExportConfig, out: str, progress: bool = False) -> 
     then runs under bf16 autocast.
     """
     from ..data import open_source
-    have = precision_of(model)
-    if have != cfg.precision and not (cfg.precision == 'bf16' and have == 'fp32'):
-        raise ValueError(f'export precision {cfg.precision!r} needs a model in that setting: UniTok.from_pretrained('
-                         f'path, **unitok.precision.INFERENCE_PRECISIONS[{cfg.precision!r}]); this model is in '
-                         + (repr(have) if have else f'a setting without a name ({model.dtype})'))
-    autocast = cfg.precision == 'bf16' and have == 'fp32'
     if model.config.num_query:
         raise CodeFormatError(f'export-codes needs a tokenizer without query tokens (its codes are an h x w grid); '
                               f'this one has num_query={model.config.num_query}')
     if model.config.codebook_size > 1 << 16:
         raise CodeFormatError(f'codes are stored as uint16, which holds codebooks of at most 65536 codes; '
                               f'this tokenizer has codebook_size={model.config.codebook_size}')
+    have = precision_of(model)
+    if have != cfg.precision and not (cfg.precision == 'bf16' and have == 'fp32'):
+        raise ValueError(f'export precision {cfg.precision!r} needs a model in that setting: UniTok.from_pretrained('
+                         f'path, **unitok.precision.INFERENCE_PRECISIONS[{cfg.precision!r}]); this model is in '
+                         + (repr(have) if have else f'a setting without a name ({model.dtype})'))
+    autocast = cfg.precision == 'bf16' and have == 'fp32'
     rank, world = D.rank_and_world()
     source = open_source(cfg.data, split=cfg.split, resampled=False)
     streamed = not hasattr(source, 'read')
