@@ -5,8 +5,9 @@
 For each setting (``+``-joined submodule names of ``encoder.patch_embed``), the model is loaded in bf16
 (the fast path), the listed submodules get back their float32 weights and run in float32 (input cast
 up, output cast back to bf16), and the codes of held-out builtin:emoji images are compared with the
-float32 model's by :func:`unitok.precision.compare_codes`. The first row is plain bf16. This is how
-``fp32_encoder_convs=True`` (all of the patch embedding) was chosen; see docs/RESULTS.md.
+float32 model's by :func:`unitok.precision.compare_codes`. The first row is the fast path as it loads
+(bf16; since 2026-12-07 with the first conv float32). This is how ``fp32_encoder_convs=True`` (all of
+the patch embedding) and the float32 first conv were chosen; see docs/RESULTS.md.
 """
 import argparse
 
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
         for i in range(0, n, 32):
             agree = compare_codes(ref, model, images[i:i + 32])
             total = agree if total is None else total.merge(agree)
-        print(f'  {" + ".join(parts) or "none (bf16)"}: {total.agreement:.2%} of {total.decisions} codes equal, '
+        print(f'  {" + ".join(parts) or "none (the fast path)"}: {total.agreement:.2%} of {total.decisions} codes equal, '
               f'{total.not_near_ties} disagreements that are not near ties', flush=True)
     return 0
 
