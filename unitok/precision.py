@@ -30,8 +30,8 @@ _U32 = 2.0 ** -24
 #: Inference precisions by name (``--precision`` of ``unitok encode/decode/reconstruct/export-codes``)
 #: and the :meth:`~unitok.UniTok.from_pretrained` arguments each one stands for. ``bf16`` is the fast
 #: path; ``bf16-convs32`` the fast path with the encoder's convolutional stages kept float32, the
-#: setting whose codes agree with float32's for >= 99% of tokens in docs/RESULTS.md (about 1% more
-#: than ``bf16``, at some encode speed).
+#: setting whose codes agree with float32's for >= 99% of tokens in docs/RESULTS.md (0.4-0.7 points more
+#: than ``bf16`` on two trained tokenizers, for 10-70% more encode time, depending on the CPU).
 INFERENCE_PRECISIONS: dict[str, dict] = {
     'fp32': {},
     'bf16': {'dtype': torch.bfloat16},
