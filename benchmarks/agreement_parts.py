@@ -58,7 +58,8 @@ def main(argv=None) -> int:
         for i in range(0, n, 32):
             agree = compare_codes(ref, model, images[i:i + 32])
             total = agree if total is None else total.merge(agree)
-        print(f'  {" + ".join(parts) or "none (the fast path)"}: {total.agreement:.2%} of {total.decisions} codes equal, '
+        name = ' + '.join(parts) or 'none (the fast path)'
+        print(f'  {name}: {total.agreement:.2%} of {total.decisions} codes equal, '
               f'{total.not_near_ties} disagreements that are not near ties', flush=True)
     return 0
 

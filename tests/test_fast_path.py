@@ -225,7 +225,8 @@ def test_precision_bf16_convs32_reaches_encode_and_export_codes(tmp_path, tiny_m
     faithful = UniTok.from_pretrained(m, dtype=torch.bfloat16, fp32_encoder_convs=True).eval()
     loaded = []
     original = UniTok.from_pretrained.__func__
-    monkeypatch.setattr(UniTok, 'from_pretrained', classmethod(lambda cls, *a, **k: loaded.append(k) or original(cls, *a, **k)))
+    monkeypatch.setattr(UniTok, 'from_pretrained',
+                        classmethod(lambda cls, *a, **k: loaded.append(k) or original(cls, *a, **k)))
     (tmp_path / 'imgs').mkdir()
     rng = np.random.default_rng(0)
     files = [str(tmp_path / 'imgs' / f'im{i}.png') for i in range(3)]
@@ -254,11 +255,12 @@ def test_export_codes_runs_each_precision_as_the_model_is_set(tmp_path, tiny_mod
     from unitok.generation.codes import ExportConfig, export_codes
     faithful = copy.deepcopy(tiny_model).keep_encoder_convs_fp32().bfloat16()
     seen = []
-    for model, precision in ((faithful, 'bf16-convs32'), (copy.deepcopy(tiny_model), 'bf16'),
-                             (copy.deepcopy(tiny_model).bfloat16(), 'bf16'), (copy.deepcopy(tiny_model), 'fp32')):
+    for i, (model, precision) in enumerate(((faithful, 'bf16-convs32'), (copy.deepcopy(tiny_model), 'bf16'),
+                                            (copy.deepcopy(tiny_model).bfloat16(), 'bf16'),
+                                            (copy.deepcopy(tiny_model), 'fp32'))):
         hook = model.encoder.patch_embed.register_forward_pre_hook(
             lambda m, args: seen.append(torch.is_autocast_enabled('cpu')))
-        export_codes(model, ExportConfig('builtin:emoji', limit=2, precision=precision), str(tmp_path / str(len(seen))))
+        export_codes(model, ExportConfig('builtin:emoji', limit=2, precision=precision), str(tmp_path / f'ok{i}'))
         hook.remove()
     assert seen == [False, True, False, False]
     for model, precision in ((tiny_model, 'bf16-convs32'), (faithful, 'bf16'), (faithful, 'fp32'),
