@@ -57,15 +57,10 @@ def _float32_input(module: nn.Module, args: tuple) -> tuple:
     return (args[0].to(_own_dtype(module)), *args[1:])
 
 
-def _output_in_model_dtype(module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-    """Forward hook of the float32 convolutional stages: their output in the model's dtype (set by ``to``)."""
-    return out.to(module.unitok_output_dtype)
-
-
-def _output_like(consumer: nn.Module, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-    """Forward hook (``consumer`` bound with functools.partial): the output in the dtype of the module
-    that takes it next, whatever that module's dtype is now."""
-    return out.to(_own_dtype(consumer))
+def _output_like(reference: torch.Tensor, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
+    """Forward hook of a part kept in float32 (``reference`` bound with functools.partial): its output in the
+    dtype that ``reference``, a parameter of what takes the output next, has now."""
+    return out.to(reference.dtype)
 
 
 def check_templates(templates: Sequence[str | Callable[[str], str]]) -> None:
@@ -200,7 +195,6 @@ class UniTok(nn.Module):
         device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
         if dtype is None or dtype not in (torch.bfloat16, torch.float16):
             super().to(*args, **kwargs)
-            self.encoder.patch_embed.unitok_output_dtype = self.dtype
             if dtype is not None:
                 self._hook_first_conv(False)
             return self
@@ -226,7 +220,6 @@ class UniTok(nn.Module):
         for param, data in kept:
             param.data = data
         self._hook_first_conv(True)
-        self.encoder.patch_embed.unitok_output_dtype = dtype
         where = self.encoder.pos_embed.device
         if dtype == torch.bfloat16 and not bf16_runs_in_hardware(where):
             warnings.warn(f'bfloat16 on {where}: this device has no bf16 units (on a CPU: AVX512-BF16 or AMX), so '
@@ -243,7 +236,7 @@ class UniTok(nn.Module):
         if enable:
             stem = self.encoder.patch_embed.backbone.stem
             self._first_conv_hooks = [stem.conv1.register_forward_pre_hook(_float32_input),
-                                      stem.conv1.register_forward_hook(partial(_output_like, stem.norm1))]
+                                      stem.conv1.register_forward_hook(partial(_output_like, stem.norm1.weight))]
 
     def keep_encoder_tail_fp32(self, blocks: int) -> 'UniTok':
         """Run the last ``blocks`` encoder transformer blocks and the encoder's final norm in float32
@@ -282,11 +275,10 @@ class UniTok(nn.Module):
         self._fp32_conv_hooks = []
         self.fp32_encoder_convs = enable
         embed = self.encoder.patch_embed
-        embed.unitok_output_dtype = self.dtype
         if enable:
             embed.float()
             self._fp32_conv_hooks = [embed.register_forward_pre_hook(_float32_input),
-                                     embed.register_forward_hook(_output_in_model_dtype)]
+                                     embed.register_forward_hook(partial(_output_like, self.encoder.pos_embed))]
         return self
 
     def bfloat16(self) -> 'UniTok':
