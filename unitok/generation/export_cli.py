@@ -13,6 +13,7 @@ import sys
 
 import torch
 
+from ..cli import PRECISION_HELP
 from ..precision import INFERENCE_PRECISIONS
 
 
@@ -30,9 +31,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument('--workers', type=int, default=default_workers(),
                    help='processes decoding images while the encoder runs (default: one per '
                         'core beside this process, at most 4; now %(default)s)')
-    p.add_argument('--precision', choices=tuple(INFERENCE_PRECISIONS), default='fp32',
-                   help='encoder precision: fp32 (default), bf16 (the fast path: bf16 weights, fp32 quantizer) or '
-                        'bf16-convs32 (the fast path with the encoder\'s conv stages fp32: codes closest to fp32)')
+    p.add_argument('--precision', choices=tuple(INFERENCE_PRECISIONS), default='fp32', help=PRECISION_HELP)
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
 
 
