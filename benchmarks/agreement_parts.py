@@ -37,8 +37,8 @@ def _bfloat16_output(module, args, out):
 
 def _add_residual(residual: torch.Tensor, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
     """Forward hook: the output plus the same layer applied with the weight's rounding residual (no bias)."""
-    if isinstance(module, nn.Conv2d):
-        return out + F.conv2d(args[0], residual, None, module.stride, module.padding, module.dilation, module.groups)
+    if isinstance(module, nn.Conv2d):            # its own padding, stride, dilation and groups
+        return out + module._conv_forward(args[0], residual, None)
     return out + F.linear(args[0], residual)
 
 
@@ -52,8 +52,6 @@ def fast_model(path: str, parts: list[str], reference_state: dict, weights: str 
         if weights == 'split':
             for sub, layer in module.named_modules():
                 if isinstance(layer, (nn.Conv2d, nn.Linear)) and layer.weight.dtype == torch.bfloat16:
-                    if getattr(layer, 'padding_mode', 'zeros') != 'zeros':
-                        raise SystemExit(f'{prefix}{sub}: padding_mode {layer.padding_mode} is not handled')
                     w = reference_state[f'{prefix}{sub}.weight' if sub else f'{prefix}weight']
                     layer.register_forward_hook(partial(_add_residual, (w - w.bfloat16().float()).bfloat16()))
             continue
