@@ -11,7 +11,7 @@ inputs and reports its time, its speed-up over the loop and how many codes diffe
 - the bf16 route (its search before the native kernel): bf16 GEMM on the CPU's bf16 units, then exact
   float32 re-scoring of the near-ties (must differ in 0 codes);
 - ``MultiCodebookQuantizer.nearest_codes``: the route it takes here (the fused AVX-512 or AVX2 kernel
-  of unitok/native where it builds; the row names it), must differ in 0 codes;
+  of unitok/quantizers/native where it builds; the row names it), must differ in 0 codes;
 - FAISS ``IndexFlatIP`` (exact inner-product search), one index per sub-codebook;
 - vector-quantize-pytorch ``VectorQuantize`` (cosine similarity, 8 heads, one codebook per head).
 
@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 
 from timing import timed  # noqa: E402  (benchmarks/ is on sys.path when run as a script)
-from unitok import MultiCodebookQuantizer, native
-from unitok.quantizer import (_bf16_route_applies, _native_route_applies, _nearest_bf16, _nearest_fp32,
-                              _norm_max)
+from unitok import MultiCodebookQuantizer
+from unitok.quantizers import native
+from unitok.quantizers.search import (_bf16_route_applies, _native_route_applies, _nearest_bf16, _nearest_fp32,
+                                      _norm_max)
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ from . import images
 from .checkpoint import CheckpointError, load_official_checkpoint, official_state_dict, save_official_checkpoint
 from .config import PRESETS, ConfigError, UniTokConfig
 from .model import UniTok, UniTokOutput
-from .quantizer import MultiCodebookQuantizer, QuantizerOutput
+from .quantizers import MultiCodebookQuantizer, QuantizerOutput
 from .sequence import codes_to_sequence, sequence_to_codes
 from .generation import GeneratorConfig, GeneratorModel
 

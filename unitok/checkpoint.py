@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from .config import PRESETS, ConfigError, UniTokConfig
 from .model import UniTok
-from .quantizer import to_official_layout
+from .quantizers import to_official_layout
 from .utils.io import atomic_write
 
 CONFIG_NAME = 'config.json'
@@ -259,8 +259,8 @@ def check_keys(model: UniTok, state: Mapping[str, Any]) -> None:
     """Raise :class:`CheckpointError` naming every missing and unexpected key or wrong shape
     (the official per-sub-codebook quantizer layout is accepted too)."""
     expected = model.state_dict()
-    if not {'quantizer.codebook', 'quantizer.vocab_usage'} & set(state):
-        expected = to_official_layout(expected)
+    if not {k for k in expected if k.startswith('quantizer.')} & set(state):
+        expected = to_official_layout(expected)        # no quantizer key of ours: maybe the official layout
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         def fmt(keys):

@@ -15,6 +15,7 @@ from .utils import dataclass_io
 from .utils.dataclass_io import ConfigError
 
 PROJECTIONS = ('attn', 'linear')
+_DEFAULT_QUANTIZER = 'multi_codebook'
 __all__ = ['ConfigError', 'PRESETS', 'PROJECTIONS', 'UniTokConfig']
 
 
@@ -32,6 +33,7 @@ class UniTokConfig:
     num_query: int = 0                   # learned register/query tokens prepended to the token grid
     drop_path: float = 0.1               # stochastic depth (max rate) in encoder and decoder ViT blocks
     # --- quantizer ---
+    quantizer: str = _DEFAULT_QUANTIZER  # registry name (unitok.quantizers.QUANTIZERS), checked when built
     num_codebooks: int = 8               # K sub-codebooks; the latent is split into K chunks
     codebook_size: int = 4096            # codes per sub-codebook
     code_dim: int = 8                    # width of one code; latent width = num_codebooks * code_dim
@@ -83,6 +85,8 @@ class UniTokConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ConfigError(f'{name} must be a positive integer, got {v!r}')
 
+        if not isinstance(self.quantizer, str) or not self.quantizer:
+            raise ConfigError(f'quantizer must be a registered quantizer name, got {self.quantizer!r}')
         if self.encoder not in VITAMIN_VARIANTS:
             raise ConfigError(f'unknown encoder {self.encoder!r}; choose one of {sorted(VITAMIN_VARIANTS)}')
         for name in ('image_size', 'num_codebooks', 'codebook_size', 'code_dim', 'text_width', 'text_heads',
@@ -114,7 +118,12 @@ class UniTokConfig:
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
-        return dataclass_io.to_dict(self)
+        d = dataclass_io.to_dict(self)
+        # The default quantizer is left out, so the config.json and code identities of tokenizers saved
+        # before the field existed stay the same.
+        if d['quantizer'] == _DEFAULT_QUANTIZER:
+            del d['quantizer']
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = '') -> 'UniTokConfig':

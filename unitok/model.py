@@ -35,7 +35,7 @@ from .modules.encoder import VITAMIN_VARIANTS, build_encoder
 from .modules.projection import build_projection
 from .modules.text import build_text_tower, tokenize
 from .precision import bf16_runs_in_hardware
-from .quantizer import MultiCodebookQuantizer, QuantizerOutput
+from .quantizers import QuantizerOutput, create_quantizer
 from .sequence import square_grid
 
 
@@ -124,9 +124,7 @@ class UniTok(nn.Module):
 
         self.encoder = build_encoder(config.encoder, config.image_size, config.num_query, config.drop_path)
         self.quant_proj = build_projection(config.projection, width, latent, proj_heads)
-        self.quantizer = MultiCodebookQuantizer(
-            config.num_codebooks, config.codebook_size, config.code_dim, beta=config.commitment_beta,
-            entropy_loss=config.entropy_loss, entropy_temperature=config.entropy_temperature)
+        self.quantizer = create_quantizer(config)
         self.post_quant_proj = build_projection(config.projection, latent, width, proj_heads)
         self.decoder = ViTaminDecoder(
             width, conv_dims=(spec.conv_dims[1], spec.conv_dims[0]), depth=config.decoder_depth or spec.depth,
@@ -327,14 +325,12 @@ class UniTok(nn.Module):
                     nn.init.ones_(m.weight)
                 if isinstance(m, (nn.Linear, nn.Conv2d, nn.LayerNorm)) and m.bias is not None:
                     nn.init.zeros_(m.bias)
-        self.quantizer.init_codebooks()
+        self.quantizer.init_weights()
 
     def materialize_non_persistent_buffers(self) -> None:
         """Recreate the buffers that are not in the state dict (after building on the meta device)."""
         device = self.logit_scale.device
-        q = self.quantizer
-        q.usage_updates = torch.zeros((), dtype=torch.long, device=device)
-        q._offsets = torch.arange(q.num_codebooks, device=device) * q.codebook_size
+        self.quantizer.materialize_non_persistent_buffers(device)
         if getattr(self.text_encoder, 'attn_mask', None) is not None:
             self.text_encoder.attn_mask = self.text_encoder.build_causal_mask().to(device)
         left = [name for name, t in [*self.named_parameters(), *self.named_buffers()] if t.is_meta]
@@ -545,9 +541,11 @@ class UniTok(nn.Module):
         reconstruction = self._decode_tokens(tokens[:b], grid) if b > 0 else None
         image_features = F.normalize(self._image_embedding(tokens), dim=-1)
         text_features = None if texts is None else self.encode_text(texts, normalize=True)
+        zero = q.losses['commitment'].new_zeros(())      # for the optional entropy loss and usage statistic
         return UniTokOutput(
             reconstruction=reconstruction, codes=q.codes,
-            quantizer_loss=q.losses['commitment'], entropy_loss=q.losses['entropy'],
-            codebook_usage=q.stats['usage'], image_features=image_features, text_features=text_features,
+            quantizer_loss=q.losses['commitment'], entropy_loss=q.losses.get('entropy', zero),
+            codebook_usage=q.stats.get('usage', zero.new_zeros(self.quantizer.num_codebooks)),
+            image_features=image_features, text_features=text_features,
             logit_scale=self.logit_scale.exp(),
         )

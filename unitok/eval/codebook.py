@@ -37,6 +37,15 @@ class CodebookStats(Metric):
         self.add_state('counts', torch.zeros(num_codebooks, codebook_size, dtype=torch.long), dist_reduce_fx='sum')
         self.add_state('tuples', [], dist_reduce_fx='cat')      # (rows, columns) int64, unique per update
 
+    @classmethod
+    def for_quantizer(cls, quantizer, **kwargs) -> 'CodebookStats':
+        """The statistics of the codes of ``quantizer`` (a :class:`~unitok.quantizers.Quantizer` whose
+        sub-codes share one vocabulary size)."""
+        sizes = set(quantizer.vocab_sizes)
+        if len(sizes) != 1:
+            raise ValueError(f'CodebookStats needs sub-codes of one vocabulary size, got {quantizer.vocab_sizes}')
+        return cls(quantizer.num_codebooks, sizes.pop(), **kwargs)
+
     def update(self, codes: torch.Tensor) -> None:
         """codes: ``(B, K, ...)`` integer code ids."""
         c = codes.detach().to(self.counts.device).long().reshape(codes.shape[0], self.K, -1)    # (B, K, L)

@@ -269,8 +269,8 @@ def _evaluate(model, source, cfg, progress, group, rank, world, sync) -> EvalRes
     if 'zero_shot' in metrics and classnames:
         templates = list(cfg.templates or getattr(source, 'templates', ('a photo of a {}.',)))
         classifier = model.zero_shot_classifier(classnames, templates)
-    codebook = CodebookStats(model.config.num_codebooks, model.config.codebook_size, sync_on_compute=sync,
-                             process_group=group).to(acc) if 'codebook' in metrics else None
+    codebook = CodebookStats.for_quantizer(model.quantizer, sync_on_compute=sync,
+                                           process_group=group).to(acc) if 'codebook' in metrics else None
 
     sums = torch.zeros(_SUMS, dtype=torch.float64, device=acc)
     label_counts = torch.zeros(len(classnames) if classnames else 0, dtype=torch.float64, device=acc)

@@ -130,7 +130,7 @@ class GeneratorModel(nn.Module):
     def init_code_embeddings(self, code_vectors: torch.Tensor, seed: int = 0) -> None:
         """Initialise the input embeddings from the tokenizer's code vectors.
 
-        ``code_vectors``: ``(K, V, d)``, e.g. ``tokenizer.quantizer.normalized_codebooks()``. The
+        ``code_vectors``: ``(K, V, d)``, e.g. ``tokenizer.quantizer.code_table()``. The
         embedding of code v of sub-codebook k is ``code_vectors[k, v] @ P_k`` with a fixed random
         projection ``P_k (d, dim)``, scaled to std ``init_std``: the summed input embedding is then a
         linear image of the quantized latent, so similar latents start with similar embeddings.

@@ -1,7 +1,7 @@
 """The image side of the multimodal LLM: UniTok codes -> LLM input embeddings.
 
-:class:`CodeInput` turns the K sub-codes of a grid position into the tokenizer's code vectors (the
-unit-norm rows of its codebooks, :meth:`~unitok.quantizer.MultiCodebookQuantizer.lookup`) and, when
+:class:`CodeInput` turns the K sub-codes of a grid position into the tokenizer's code vectors (its
+quantizer's :meth:`~unitok.quantizers.Quantizer.code_table`, what ``lookup`` returns) and, when
 given, its post-quantization projection applied to each position alone; both frozen copies taken from the
 tokenizer. The
 :class:`Projector` is a per-token MLP to the LLM width: each position is mapped on its own, so the
@@ -21,7 +21,7 @@ class CodeInput(nn.Module):
     """Sub-codes ``(N, K)`` -> code vectors ``(N, K*d)`` -> (optionally) the post-quant projection.
 
     Args:
-        codebooks: ``(K, V, d)`` code vectors (normalised here, as the quantizer does).
+        codebooks: ``(K, V, d)`` code vectors, the tokenizer quantizer's ``code_table()``.
         post_quant: the tokenizer's ``post_quant_proj`` (copied and frozen) or None.
         post_quant_dim: its output width (required with ``post_quant``).
     """
@@ -30,7 +30,7 @@ class CodeInput(nn.Module):
         super().__init__()
         K, V, d = codebooks.shape
         self.num_codebooks, self.codebook_size, self.code_dim = K, V, d
-        self.register_buffer('table', F.normalize(codebooks.detach().float(), dim=-1).reshape(K * V, d).clone())
+        self.register_buffer('table', codebooks.detach().float().reshape(K * V, d).clone())
         self.register_buffer('offsets', torch.arange(K) * V, persistent=False)
         self.post_quant = copy.deepcopy(post_quant).requires_grad_(False) if post_quant is not None else None
         self.out_dim = post_quant_dim if post_quant is not None else K * d

@@ -160,7 +160,7 @@ class UniTokMLLM(nn.Module):
                                    llm_dim=model.config.hidden_size, base_vocab=base_vocab, image_token_ids=ids,
                                    llm_ref=ref, tokenizer_ref={'path': path, **tokenizer_identity(tokenizer),
                                                                'config': tc.to_dict()}), **overrides})
-        code_input = CodeInput(tokenizer.quantizer.codebook.detach(), tokenizer.post_quant_proj if post_quant else None,
+        code_input = CodeInput(tokenizer.quantizer.code_table().detach(), tokenizer.post_quant_proj if post_quant else None,
                                width)
         mllm = cls(cfg, model, text_tok, code_input, image_tokenizer=tokenizer)
         if cfg.lora_rank:

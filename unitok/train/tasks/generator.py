@@ -118,7 +118,7 @@ class GeneratorTask(Task):
         if cfg.init_code_embeddings:
             if self.tokenizer is None:
                 raise ConfigError('init_code_embeddings needs the tokenizer (--tokenizer)')
-            self.model.init_code_embeddings(self.tokenizer.quantizer.normalized_codebooks().detach(), seed=cfg.seed)
+            self.model.init_code_embeddings(self.tokenizer.quantizer.code_table().detach(), seed=cfg.seed)
 
     def _model_config(self) -> GeneratorConfig:
         ds, overrides = self.train_codes, dict(self.cfg.model)

@@ -67,7 +67,7 @@ class TokenizerTask(Task):
                 raise CheckpointError(f'--init {cfg.init}: its architecture differs from preset {cfg.preset} + overrides')
             model.config = model_cfg
             model.set_grad_checkpointing(cfg.grad_checkpointing)
-            model.quantizer.use_entropy_loss = model_cfg.entropy_loss
+            model.quantizer.configure_training(model_cfg)
         else:
             model = UniTok(model_cfg)
             model.init_weights()
@@ -249,10 +249,10 @@ class TokenizerTask(Task):
         model.save_pretrained(directory)
 
     def extra_state(self) -> dict:
-        return {'usage_updates': int(self.model.quantizer.usage_updates)}
+        return self.model.quantizer.extra_state()
 
     def load_extra_state(self, state: dict) -> None:
-        self.model.quantizer.usage_updates.fill_(state['usage_updates'])
+        self.model.quantizer.load_extra_state(state)
 
     def check_resume(self, saved_config: dict) -> None:
         saved = TrainConfig.from_dict(saved_config).model_config()

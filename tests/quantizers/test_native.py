@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import unitok.quantizer as quantizer_module
-from unitok import MultiCodebookQuantizer, native
+from search_routes import quantizer_module
+from unitok import MultiCodebookQuantizer
+from unitok.quantizers import native
 
 needs_kernel = pytest.mark.skipif(not native.available(), reason='no C++ compiler, or neither AVX-512 nor AVX2 here')
 # Every instruction set this CPU runs is checked (an AVX-512 machine checks the AVX2 kernel too).
@@ -206,7 +207,7 @@ def test_failed_build_warns_leaves_nothing_and_falls_back(fresh_build, monkeypat
                     'for a; do [ "$prev" = -o ] && printf half > "$a"; prev=$a; done\nexit 1\n')
     fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
     monkeypatch.setenv('CXX', str(fake))
-    with caplog.at_level(logging.WARNING, logger='unitok.native'):
+    with caplog.at_level(logging.WARNING, logger='unitok.quantizers.native'):
         search_is_exact_without_kernel()
     assert 'failed' in caplog.text
     assert not any(fresh_build.iterdir())                     # the half-written output was removed

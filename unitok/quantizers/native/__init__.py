@@ -1,13 +1,10 @@
 """Native CPU kernels: C++ sources in this folder, compiled on first use and loaded with :mod:`ctypes`.
 
-Why hand-written: the nearest-code search of :mod:`unitok.quantizer` (8 sub-codebooks of 4096 codes
-of 8 dims, a few thousand tokens) is bound by memory traffic when built from library operations: a
-GEMM writes every similarity out (134 MB of bf16 distances at batch 8 for the bf16 route) and a
-second pass reads them back for the argmax. Measured on this project's 2-core host in
-benchmarks/quantizer.py: FAISS ``IndexFlatIP`` (per sub-codebook) 1.9x the per-codebook PyTorch
-loop, vector-quantize-pytorch's multi-head ``VectorQuantize`` 0.4x, our bf16 + exact re-scoring
-route about 10x. No maintained library offers a fused exact multi-codebook argmax on CPU; the kernel
-in ``nearest_code.cpp`` keeps every similarity in registers.
+Why hand-written: the nearest-code search of :mod:`unitok.quantizers.search` is bound by memory
+traffic when built from library operations (a GEMM writes every similarity out and a second pass
+reads them back for the argmax), and no maintained library offers a fused exact multi-codebook argmax
+on CPU; the kernel in ``nearest_code.cpp`` keeps every similarity in registers. docs/RESULTS.md
+compares it with FAISS, vector-quantize-pytorch and the PyTorch routes.
 
 Why ctypes and not ``torch.utils.cpp_extension``: the kernel needs no PyTorch headers, so it builds
 with one ``g++`` call in about a second instead of a minute, and a ctypes call releases the GIL.
@@ -17,11 +14,10 @@ Building: the shared library is cached in ``$UNITOK_NATIVE_CACHE`` (default
 a changed source or compiler builds anew. It is compiled into a temporary file and renamed into place,
 so a concurrent or interrupted build never leaves a half-written library to load. Where that folder
 cannot be written, the library is built in a temporary folder that is removed once it is loaded.
-``UNITOK_NATIVE=0``
-turns the kernels off. Without a compiler, on a CPU without AVX-512 or AVX2 with FMA, or when a build
-fails, the kernels are unavailable (logged once) and callers take their PyTorch route. The kernel is
-written for both instruction sets (``isas()``: the ones this CPU runs, the widest first); both compute
-the same chain, so they return the same codes.
+``UNITOK_NATIVE=0`` turns the kernels off. Without a compiler, on a CPU without AVX-512 or AVX2 with
+FMA, or when a build fails, the kernels are unavailable (logged once) and callers take their PyTorch
+route. The kernel is written for both instruction sets (``isas()``: the ones this CPU runs, the
+widest first); both compute the same chain, so they return the same codes.
 """
 from __future__ import annotations
 
@@ -184,7 +180,7 @@ def nearest_code(z: torch.Tensor, blocks: torch.Tensor, num_threads: int | None 
     """
     lib = _library()
     if lib is None:
-        raise RuntimeError('the native kernels are unavailable (see unitok.native.available())')
+        raise RuntimeError('the native kernels are unavailable (see unitok.quantizers.native.available())')
     supported = _isas(lib)
     if isa is None:
         isa = supported[0]
