@@ -8,6 +8,8 @@ class _SearchModules:
     """``unitok.quantizers.search`` and ``search_bf16`` as one namespace: a name is read from the first
     that has it and set (monkeypatched) in each that has it, so a patch reaches every caller."""
 
+    __slots__ = ()          # no instance __dict__: monkeypatch saves and restores through getattr/setattr
+
     def __getattr__(self, name):
         for module in (search, search_bf16):
             if hasattr(module, name):

@@ -20,7 +20,8 @@ import threading
 import torch
 import torch.nn.functional as F
 
-from . import native
+import unitok.quantizers.native as native      # a module attribute: tests patch native.nearest_code
+
 from ..precision import bf16_runs_in_hardware
 from .search_bf16 import _BF16_BLOCK, _argmax_rows, _bf16_split, _fma_chain_dot, _gemm_width, _nearest_bf16
 
