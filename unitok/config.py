@@ -7,7 +7,7 @@ live in :mod:`unitok.train.config`.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from .modules.encoder import VITAMIN_VARIANTS
@@ -15,7 +15,6 @@ from .utils import dataclass_io
 from .utils.dataclass_io import ConfigError
 
 PROJECTIONS = ('attn', 'linear')
-_DEFAULT_QUANTIZER = 'multi_codebook'
 __all__ = ['ConfigError', 'PRESETS', 'PROJECTIONS', 'UniTokConfig']
 
 
@@ -33,7 +32,9 @@ class UniTokConfig:
     num_query: int = 0                   # learned register/query tokens prepended to the token grid
     drop_path: float = 0.1               # stochastic depth (max rate) in encoder and decoder ViT blocks
     # --- quantizer ---
-    quantizer: str = _DEFAULT_QUANTIZER  # registry name (unitok.quantizers.QUANTIZERS), checked when built
+    # registry name (unitok.quantizers.QUANTIZERS), checked when built; not written while it is the
+    # default, so config.json files and code identities of tokenizers saved before it stay the same
+    quantizer: str = field(default='multi_codebook', metadata={'omit_if_default': True})
     num_codebooks: int = 8               # K sub-codebooks; the latent is split into K chunks
     codebook_size: int = 4096            # codes per sub-codebook
     code_dim: int = 8                    # width of one code; latent width = num_codebooks * code_dim
@@ -118,12 +119,7 @@ class UniTokConfig:
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
-        d = dataclass_io.to_dict(self)
-        # The default quantizer is left out, so the config.json and code identities of tokenizers saved
-        # before the field existed stay the same.
-        if d['quantizer'] == _DEFAULT_QUANTIZER:
-            del d['quantizer']
-        return d
+        return dataclass_io.to_dict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], where: str = '') -> 'UniTokConfig':

@@ -12,7 +12,9 @@
 - ``X | None`` takes None; nested dataclasses are built from mappings; ``dict`` takes a mapping;
 - unknown keys are listed together with the known ones.
 
-:func:`to_dict` is the inverse (tuples become lists), and :func:`read_mapping` reads a YAML/JSON
+:func:`to_dict` is the inverse (tuples become lists; a field with ``metadata={'omit_if_default': True}``
+is left out while it holds its default, so a field added later leaves older files and their hashes
+as they were), and :func:`read_mapping` reads a YAML/JSON
 file whose top level must be a mapping.
 """
 from __future__ import annotations
@@ -41,7 +43,8 @@ def to_dict(obj: Any) -> dict[str, Any]:
 
 def _plain(x):
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return {f.name: _plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+        return {f.name: _plain(getattr(x, f.name)) for f in dataclasses.fields(x)
+                if not (f.metadata.get('omit_if_default') and getattr(x, f.name) == f.default)}
     if isinstance(x, Mapping):
         return {k: _plain(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
