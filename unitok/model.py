@@ -18,49 +18,29 @@ Data flow (shapes for the released model, 256 px)::
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass
-from functools import partial
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .config import UniTokConfig
+from .config import PRESETS, UniTokConfig
 from .images import check_images
+from .model_card import unitok_model_card
 from .modules.decoder import ViTaminDecoder
 from .modules.encoder import VITAMIN_VARIANTS, build_encoder
 from .modules.projection import build_projection
 from .modules.text import build_text_tower, tokenize
-from .precision import bf16_runs_in_hardware
-from .quantizer import MultiCodebookQuantizer, QuantizerOutput
+from .precision import (bf16_emulation_warning, bf16_runs_in_hardware, cast_for_inference, check_model_dtype,
+                        keep_encoder_convs_fp32, keep_encoder_tail_fp32, own_dtype)
+from .pretrained import CheckpointError, Pretrained
+from .quantizer import MultiCodebookQuantizer, QuantizerOutput, to_official_layout
+from .safe_pickle import read_official_checkpoint
 from .sequence import square_grid
-
-
-def check_model_dtype(dtype) -> torch.dtype:
-    """``dtype`` if it is a model dtype (float32, bfloat16, float16, float64), else a ValueError."""
-    allowed = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-    if dtype not in allowed:
-        raise ValueError(f'model dtype must be one of torch.float32, torch.bfloat16 (the inference fast '
-                         f'path), torch.float16 or torch.float64; got {dtype!r}')
-    return dtype
-
-
-def _own_dtype(module: nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
-
-
-def _float32_input(module: nn.Module, args: tuple) -> tuple:
-    """Forward pre-hook of a part kept in float32 inside a reduced-precision model: its input in its own dtype."""
-    return (args[0].to(_own_dtype(module)), *args[1:])
-
-
-def _output_like(reference: torch.Tensor, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-    """Forward hook of a part kept in float32 (``reference`` bound with functools.partial): its output in the
-    dtype that ``reference``, a parameter of what takes the output next, has now."""
-    return out.to(reference.dtype)
 
 
 def check_templates(templates: Sequence[str | Callable[[str], str]]) -> None:
@@ -105,7 +85,7 @@ class UniTokOutput:
     logit_scale: torch.Tensor
 
 
-class UniTok(nn.Module):
+class UniTok(Pretrained, nn.Module):
     """The UniTok tokenizer: image <-> multi-codebook codes, plus CLIP-aligned image/text embeddings.
 
     Code layout: :meth:`encode` returns ``(B, K, h, w)`` int64 codes, ``h, w = H/16, W/16``, sub-codebook
@@ -113,6 +93,8 @@ class UniTok(nn.Module):
     the Q query codes first, then the grid in raster order (the grid alone cannot hold them); pass
     ``grid=(h, w)`` to :meth:`decode` for non-square images in that case.
     """
+    config_class = UniTokConfig
+    model_kind = 'UniTok model'
 
     def __init__(self, config: UniTokConfig):
         super().__init__()
@@ -160,14 +142,39 @@ class UniTok(nn.Module):
         ``fp32_encoder_tail=n`` keeps the last n encoder blocks float32 (:meth:`keep_encoder_tail_fp32`);
         ``fp32_encoder_convs=True`` keeps the encoder's convolutional stages float32
         (:meth:`keep_encoder_convs_fp32`: the setting whose codes agree best with the float32 model's)."""
-        from .checkpoint import load_pretrained
-        model = load_pretrained(path_or_hub_id, map_location=map_location, revision=revision)
+        model = cls._load_pretrained(path_or_hub_id, map_location, revision)
         if dtype is None:
             return model
         model.keep_encoder_tail_fp32(fp32_encoder_tail).keep_encoder_convs_fp32(fp32_encoder_convs)
         return model.to(check_model_dtype(dtype), _stacklevel=3)     # a warning points at the caller
 
-    # ------------------------------------------------------------------ precision
+    @classmethod
+    def _load_other(cls, path: str, map_location, **options) -> 'UniTok | None':
+        if os.path.isfile(path):                          # not .safetensors: an official release file
+            return cls._from_state(*read_official_checkpoint(path, map_location), where=repr(path))
+        if path in PRESETS:
+            raise CheckpointError(f'{path!r} is a preset name, not a saved model: use unitok.create_model({path!r}) '
+                                  f'for a randomly initialised model of that preset, or pass a model directory, '
+                                  f'an official .pth file or a hub id (owner/name)')
+        return None
+
+    def _expected_state(self, state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        # the official per-sub-codebook quantizer layout is accepted too
+        expected = self.state_dict()
+        if not {'quantizer.codebook', 'quantizer.vocab_usage'} & set(state):
+            expected = to_official_layout(expected)
+        return expected
+
+    def _take_state(self, state: Mapping[str, torch.Tensor], map_location, **options) -> None:
+        self.load_state_dict(state, strict=True, assign=True)
+        self.materialize_non_persistent_buffers()
+
+    def model_card(self, repo_id: str) -> str:
+        """The ``README.md`` of :meth:`save_pretrained`: Hub metadata, the configuration and how to load
+        the model as ``repo_id``."""
+        return unitok_model_card(self, repo_id)
+
+    # ------------------------------------------------------------------ precision (see unitok.precision)
     #: Top-level parts that stay float32 when the model is cast to bfloat16/float16: the projections
     #: into and out of the quantizer, the quantizer (codebooks, nearest-code search) and the CLIP head.
     FP32_PARTS = ('quant_proj', 'quantizer', 'post_quant_proj', 'fc_norm', 'projection', 'logit_scale')
@@ -182,103 +189,32 @@ class UniTok(nn.Module):
         """``nn.Module.to``, except that a bfloat16/float16 dtype is the inference fast path.
 
         The encoder, decoder and text tower are cast once (weights held in that dtype, no autocast
-        re-cast per call); :attr:`FP32_PARTS` stay float32, their inputs
-        cast up at the boundary, so the quantizer searches float32 latents. The encoder's first
-        convolution (3 input channels, under 0.1% of the encoder's FLOPs) stays float32 too and takes the
-        images unrounded: measured on two trained tokenizers, that alone removes 9% and 32% of the code
-        disagreements with the float32 model, at no measurable cost (docs/RESULTS.md). Images and
-        embeddings come back float32.
-        ``to(torch.float32)`` (or ``float()``) casts everything back (the weights keep their bf16 rounding).
-        A bfloat16 cast on a device without bf16 units (:func:`unitok.precision.bf16_runs_in_hardware`)
-        warns (RuntimeWarning): there the fast path is slower than float32.
-        """
-        device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
-        if dtype is None or dtype not in (torch.bfloat16, torch.float16):
-            super().to(*args, **kwargs)
-            if dtype is not None:
-                self._hook_first_conv(False)
-            return self
-        if device is not None or memory_format is not None:
-            super().to(device=device, non_blocking=non_blocking, memory_format=memory_format)
-        first = self.encoder.patch_embed.backbone.stem.conv1
-        kept = [(p, p.data) for p in first.parameters()]          # its weights are not cast (restored below)
-        depth, tail = len(self.encoder.blocks), self.fp32_encoder_tail
-        for name, child in self.named_children():
-            if name in self.FP32_PARTS:
-                continue
-            if name != 'encoder' or not (tail or self.fp32_encoder_convs):
-                child.to(dtype)
-                continue
-            for sub, part in child.named_children():              # all but the float32 parts
-                if sub == 'blocks':
-                    for block in part[:depth - tail]:
-                        block.to(dtype)
-                elif not ((sub == 'norm' and tail) or (sub == 'patch_embed' and self.fp32_encoder_convs)):
-                    part.to(dtype)
-            for param in child.parameters(recurse=False):
-                param.data = param.data.to(dtype)
-        for param, data in kept:
-            param.data = data
-        self._hook_first_conv(True)
+        re-cast per call); :attr:`FP32_PARTS` and the encoder's first convolution stay float32, their
+        inputs cast up at the boundary, so the quantizer searches float32 latents and the images enter
+        unrounded (docs/RESULTS.md measures what each choice gains). Images and embeddings come back
+        float32. ``to(torch.float32)`` (or ``float()``) casts everything back (the weights keep their
+        bf16 rounding). A bfloat16 cast on a device without bf16 units
+        (:func:`unitok.precision.bf16_runs_in_hardware`) warns (RuntimeWarning): there the fast path is
+        slower than float32."""
         where = self.encoder.pos_embed.device
-        if dtype == torch.bfloat16 and not bf16_runs_in_hardware(where):
-            warnings.warn(f'bfloat16 on {where}: this device has no bf16 units (on a CPU: AVX512-BF16 or AMX), so '
-                          'PyTorch emulates bf16 matmuls and the bf16 fast path runs several times slower than '
-                          'float32 here; use float32 (--precision fp32)', RuntimeWarning, stacklevel=_stacklevel)
+        if cast_for_inference(self, *args, **kwargs) == torch.bfloat16 and not bf16_runs_in_hardware(where):
+            warnings.warn(bf16_emulation_warning(where), RuntimeWarning, stacklevel=_stacklevel)
         return self
 
-    def _hook_first_conv(self, enable: bool) -> None:
-        """Hooks of the encoder's first conv in a reduced-precision model: input in its own dtype (the
-        images, unrounded), output in the dtype of the stem's next layer."""
-        for handle in getattr(self, '_first_conv_hooks', ()):
-            handle.remove()
-        self._first_conv_hooks = []
-        if enable:
-            stem = self.encoder.patch_embed.backbone.stem
-            self._first_conv_hooks = [stem.conv1.register_forward_pre_hook(_float32_input),
-                                      stem.conv1.register_forward_hook(partial(_output_like, stem.norm1.weight))]
-
     def keep_encoder_tail_fp32(self, blocks: int) -> 'UniTok':
-        """Run the last ``blocks`` encoder transformer blocks and the encoder's final norm in float32
-        in a bfloat16/float16 model (their input cast up), now and after later casts: a fast-path setting
-        whose codes agree more often with the float32 model's, at the cost of those blocks' speed. Call
-        it before the cast (``from_pretrained(..., fp32_encoder_tail=n)`` does) so that the tail keeps
-        its float32 weights; on a model already cast it only runs the tail in float32."""
-        depth = len(self.encoder.blocks)
-        if not isinstance(blocks, int) or isinstance(blocks, bool) or not 0 <= blocks <= depth:
-            raise ValueError(f'blocks must be an int in [0, {depth}] (encoder depth), got {blocks!r}')
-        handle = getattr(self, '_fp32_tail_hook', None)
-        if handle is not None:
-            handle.remove()
-            self._fp32_tail_hook = None
-        self.fp32_encoder_tail = blocks
-        if blocks:
-            for block in self.encoder.blocks[depth - blocks:]:
-                block.float()
-            self.encoder.norm.float()
-            self._fp32_tail_hook = self.encoder.blocks[depth - blocks].register_forward_pre_hook(_float32_input)
+        """Run the last ``blocks`` encoder transformer blocks and the encoder's final norm in float32 in a
+        bfloat16/float16 model, now and after later casts: codes that agree more often with the float32
+        model's, at the cost of those blocks' speed. Call it before the cast
+        (``from_pretrained(..., fp32_encoder_tail=n)`` does) so that the tail keeps its float32 weights."""
+        keep_encoder_tail_fp32(self, blocks)
         return self
 
     def keep_encoder_convs_fp32(self, enable: bool = True) -> 'UniTok':
-        """Run the encoder's convolutional stages (its patch embedding: the stem, the MbConv stages and
-        the pooling conv) in float32 in a bfloat16/float16 model, now and after later casts; images then
-        enter in float32 and the stages' output is cast to :attr:`dtype` for the transformer blocks.
-
-        The fast-path setting for faithful codes: most bf16 code changes come from the rounding of these
-        stages' weights (measured in docs/RESULTS.md), while they hold about a tenth of the encoder's
-        FLOPs. Call it before the cast (``from_pretrained(..., fp32_encoder_convs=True)`` does) so that
-        they keep their float32 weights; on a model already cast it only runs them in float32."""
-        if not isinstance(enable, bool):
-            raise ValueError(f'enable must be a bool, got {enable!r}')
-        for handle in getattr(self, '_fp32_conv_hooks', ()):
-            handle.remove()
-        self._fp32_conv_hooks = []
-        self.fp32_encoder_convs = enable
-        embed = self.encoder.patch_embed
-        if enable:
-            embed.float()
-            self._fp32_conv_hooks = [embed.register_forward_pre_hook(_float32_input),
-                                     embed.register_forward_hook(partial(_output_like, self.encoder.pos_embed))]
+        """Run the encoder's convolutional stages (stem, MbConv stages, pooling conv) in float32 in a
+        bfloat16/float16 model, now and after later casts: the fast-path setting for faithful codes,
+        since most bf16 code changes come from rounding these stages' weights (docs/RESULTS.md). Call it
+        before the cast (``from_pretrained(..., fp32_encoder_convs=True)`` does)."""
+        keep_encoder_convs_fp32(self, enable)
         return self
 
     def bfloat16(self) -> 'UniTok':
@@ -288,20 +224,6 @@ class UniTok(nn.Module):
     def half(self) -> 'UniTok':
         """Same as ``to(torch.float16)`` (the fast-path split, in float16)."""
         return self.to(torch.float16, _stacklevel=3)
-
-    def save_pretrained(self, directory: str) -> None:
-        """Write ``config.json``, ``model.safetensors`` and a model card ``README.md`` to ``directory``
-        (each file atomically; a hand-written ``README.md`` already there is kept)."""
-        from .checkpoint import save_pretrained
-        save_pretrained(self, directory)
-
-    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
-                    revision: str | None = None, commit_message: str = 'Upload UniTok model') -> str:
-        """Upload the files :meth:`save_pretrained` writes to the Hugging Face hub repository
-        ``repo_id`` (created if needed) in one commit; returns the commit URL."""
-        from .checkpoint import push_to_hub
-        return push_to_hub(self, repo_id, private=private, token=token, revision=revision,
-                           commit_message=commit_message)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
@@ -371,7 +293,7 @@ class UniTok(nn.Module):
         """Checked images in the parameters' dtype (float16/bfloat16/float64 inputs are cast); under
         autocast only float64 is cast, autocast handles the rest."""
         check_images(images)
-        want = _own_dtype(self.encoder.patch_embed)           # the first conv's: float32 in the fast path too
+        want = own_dtype(self.encoder.patch_embed)           # the first conv's: float32 in the fast path too
         if images.dtype != want and (images.dtype == torch.float64
                                      or not torch.is_autocast_enabled(images.device.type)):
             images = images.to(want)
