@@ -34,30 +34,14 @@ from .model_card import unitok_model_card
 from .modules.decoder import ViTaminDecoder
 from .modules.encoder import VITAMIN_VARIANTS, build_encoder
 from .modules.projection import build_projection
-from .modules.text import build_text_tower, tokenize
+from .modules.text import build_text_tower, text_ids, tokenize
 from .precision import (bf16_emulation_warning, bf16_runs_in_hardware, cast_for_inference, check_model_dtype,
-                        keep_encoder_convs_fp32, keep_encoder_tail_fp32, own_dtype)
+                        input_in_dtype_of, keep_encoder_convs_fp32, keep_encoder_tail_fp32)
 from .pretrained import CheckpointError, Pretrained
 from .quantizer import MultiCodebookQuantizer, QuantizerOutput, to_official_layout
 from .safe_pickle import read_official_checkpoint
-from .sequence import square_grid
-
-
-def check_templates(templates: Sequence[str | Callable[[str], str]]) -> None:
-    """Zero-shot prompt templates are callables or strings with exactly one ``{}`` for the class name
-    (a template without it would give every class the same prompt)."""
-    for t in templates:
-        if callable(t):
-            continue
-        if not isinstance(t, str):
-            raise TypeError(f'zero-shot templates must be strings with one {{}} or callables, got {type(t).__name__}')
-        try:
-            ok = t.count('{}') == 1 and t.format('x') is not None
-        except (IndexError, KeyError, ValueError):
-            ok = False
-        if not ok:
-            raise ValueError(f'zero-shot template {t!r} must contain exactly one {{}} (where the class name goes) '
-                             'and no other braces')
+from .sequence import flatten_codes
+from .zero_shot import check_classifier, zero_shot_classifier
 
 
 @dataclass
@@ -93,8 +77,7 @@ class UniTok(Pretrained, nn.Module):
     the Q query codes first, then the grid in raster order (the grid alone cannot hold them); pass
     ``grid=(h, w)`` to :meth:`decode` for non-square images in that case.
     """
-    config_class = UniTokConfig
-    model_kind = 'UniTok model'
+    config_class, model_kind = UniTokConfig, 'UniTok model'        # the save/load contract: unitok.pretrained
 
     def __init__(self, config: UniTokConfig):
         super().__init__()
@@ -134,10 +117,8 @@ class UniTok(Pretrained, nn.Module):
     def from_pretrained(cls, path_or_hub_id: str, map_location: str | torch.device = 'cpu',
                         revision: str | None = None, dtype: torch.dtype | None = None,
                         fp32_encoder_tail: int = 0, fp32_encoder_convs: bool = False) -> 'UniTok':
-        """Load ``config.json`` + ``model.safetensors`` from a directory or a Hugging Face hub id
-        (``owner/name``, at ``revision`` if given), or an official release checkpoint (``.pth``, loaded
-        without executing pickled code). Anything else raises :class:`~unitok.CheckpointError`.
-
+        """Load ``config.json`` + ``model.safetensors`` from a directory or a Hugging Face hub id (``owner/name``,
+        at ``revision``), or an official ``.pth`` release (without executing pickled code); else CheckpointError.
         ``dtype=torch.bfloat16`` (or float16) returns the inference fast path: see :meth:`to`;
         ``fp32_encoder_tail=n`` keeps the last n encoder blocks float32 (:meth:`keep_encoder_tail_fp32`);
         ``fp32_encoder_convs=True`` keeps the encoder's convolutional stages float32
@@ -169,10 +150,7 @@ class UniTok(Pretrained, nn.Module):
         self.load_state_dict(state, strict=True, assign=True)
         self.materialize_non_persistent_buffers()
 
-    def model_card(self, repo_id: str) -> str:
-        """The ``README.md`` of :meth:`save_pretrained`: Hub metadata, the configuration and how to load
-        the model as ``repo_id``."""
-        return unitok_model_card(self, repo_id)
+    model_card = unitok_model_card          # the README.md of save_pretrained, for the name repo_id
 
     # ------------------------------------------------------------------ precision (see unitok.precision)
     #: Top-level parts that stay float32 when the model is cast to bfloat16/float16: the projections
@@ -181,39 +159,29 @@ class UniTok(Pretrained, nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """Compute dtype of the encoder, decoder and text tower (images enter the encoder's first conv,
-        which stays float32 in the fast path: see :meth:`to`)."""
+        """Compute dtype of the encoder, decoder and text tower (the first conv stays float32: see :meth:`to`)."""
         return self.encoder.pos_embed.dtype
 
     def to(self, *args, _stacklevel: int = 2, **kwargs) -> 'UniTok':
-        """``nn.Module.to``, except that a bfloat16/float16 dtype is the inference fast path.
-
-        The encoder, decoder and text tower are cast once (weights held in that dtype, no autocast
-        re-cast per call); :attr:`FP32_PARTS` and the encoder's first convolution stay float32, their
-        inputs cast up at the boundary, so the quantizer searches float32 latents and the images enter
-        unrounded (docs/RESULTS.md measures what each choice gains). Images and embeddings come back
-        float32. ``to(torch.float32)`` (or ``float()``) casts everything back (the weights keep their
-        bf16 rounding). A bfloat16 cast on a device without bf16 units
-        (:func:`unitok.precision.bf16_runs_in_hardware`) warns (RuntimeWarning): there the fast path is
-        slower than float32."""
+        """``nn.Module.to``, except that a bfloat16/float16 dtype is the inference fast path
+        (:func:`unitok.precision.cast_for_inference`): the encoder, decoder and text tower are cast once,
+        :attr:`FP32_PARTS` and the encoder's first conv stay float32, so the quantizer searches float32
+        latents; images and embeddings come back float32. ``to(torch.float32)`` casts everything back.
+        A bfloat16 cast on a device without bf16 units warns (RuntimeWarning): there it is slower."""
         where = self.encoder.pos_embed.device
         if cast_for_inference(self, *args, **kwargs) == torch.bfloat16 and not bf16_runs_in_hardware(where):
             warnings.warn(bf16_emulation_warning(where), RuntimeWarning, stacklevel=_stacklevel)
         return self
 
     def keep_encoder_tail_fp32(self, blocks: int) -> 'UniTok':
-        """Run the last ``blocks`` encoder transformer blocks and the encoder's final norm in float32 in a
-        bfloat16/float16 model, now and after later casts: codes that agree more often with the float32
-        model's, at the cost of those blocks' speed. Call it before the cast
-        (``from_pretrained(..., fp32_encoder_tail=n)`` does) so that the tail keeps its float32 weights."""
+        """Run the last ``blocks`` encoder blocks and the final norm in float32 in a bfloat16/float16 model
+        (codes closer to float32's); call it before the cast, as ``from_pretrained(..., fp32_encoder_tail=n)`` does."""
         keep_encoder_tail_fp32(self, blocks)
         return self
 
     def keep_encoder_convs_fp32(self, enable: bool = True) -> 'UniTok':
-        """Run the encoder's convolutional stages (stem, MbConv stages, pooling conv) in float32 in a
-        bfloat16/float16 model, now and after later casts: the fast-path setting for faithful codes,
-        since most bf16 code changes come from rounding these stages' weights (docs/RESULTS.md). Call it
-        before the cast (``from_pretrained(..., fp32_encoder_convs=True)`` does)."""
+        """Run the encoder's convolutional stages in float32 in a bfloat16/float16 model (the setting for
+        faithful codes); call it before the cast, as ``from_pretrained(..., fp32_encoder_convs=True)`` does."""
         keep_encoder_convs_fp32(self, enable)
         return self
 
@@ -290,14 +258,9 @@ class UniTok(Pretrained, nn.Module):
         return self._project(self.quant_proj, self.encoder(images)), grid
 
     def _as_model_dtype(self, images: torch.Tensor) -> torch.Tensor:
-        """Checked images in the parameters' dtype (float16/bfloat16/float64 inputs are cast); under
-        autocast only float64 is cast, autocast handles the rest."""
+        """Checked images in the first conv's dtype (see :func:`unitok.precision.input_in_dtype_of`)."""
         check_images(images)
-        want = own_dtype(self.encoder.patch_embed)           # the first conv's: float32 in the fast path too
-        if images.dtype != want and (images.dtype == torch.float64
-                                     or not torch.is_autocast_enabled(images.device.type)):
-            images = images.to(want)
-        return images
+        return input_in_dtype_of(self.encoder.patch_embed, images)
 
     def _quantize(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         """Images -> ``(codes (B, K, Q + h*w), unit code vectors (B, Q + h*w, K*d), grid (h, w))``."""
@@ -313,44 +276,6 @@ class UniTok(Pretrained, nn.Module):
         return codes if self.config.num_query else codes.view(codes.shape[0], codes.shape[1], h, w)
 
     # ------------------------------------------------------------------ codes -> image
-    def _flatten_codes(self, codes: torch.Tensor, grid: tuple[int, int] | None) -> tuple[torch.Tensor, tuple[int, int]]:
-        K, Q = self.config.num_codebooks, self.config.num_query
-        want = f'(B, {K}, h, w)' if Q == 0 else f'(B, {K}, {Q} + h*w)'
-        if not isinstance(codes, torch.Tensor):
-            raise TypeError(f'codes must be a torch.Tensor {want}, got {type(codes).__name__}'
-                            + (' (use torch.from_numpy)' if hasattr(codes, '__array__') else ''))
-        if grid is not None:
-            g = tuple(grid) if isinstance(grid, (tuple, list)) else ()
-            if len(g) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in g):
-                raise ValueError(f'grid must be (h, w), two positive integers, got {grid!r}')
-            grid = g
-        if codes.dim() >= 2 and codes.shape[1] != K and codes.shape[0] == K and codes.dim() in (2, 3):
-            raise ValueError(f'codes must have shape {want}, got {tuple(codes.shape)}: {codes.shape[1]} '
-                             f'sub-codebooks in axis 1 where the model has {K}; the batch axis seems to be '
-                             'missing (use codes[None])')
-        if codes.dim() == 4 and Q == 0:
-            B, k, h, w = codes.shape
-            if grid is not None and tuple(grid) != (h, w):
-                raise ValueError(f'grid {tuple(grid)} does not match codes of grid {h}x{w}')
-            flat = codes.reshape(B, k, h * w)
-        elif codes.dim() == 3:
-            B, k, L = codes.shape
-            if grid is None:
-                grid = square_grid(L - Q)
-            if L != Q + grid[0] * grid[1]:
-                raise ValueError(f'codes hold {L} tokens but {Q} query + grid {grid[0]}x{grid[1]} '
-                                 f'needs {Q + grid[0] * grid[1]}')
-            flat = codes
-        else:
-            want = f'(B, {K}, h, w)' if Q == 0 else f'(B, {K}, {Q} + h*w)'
-            raise ValueError(f'codes must have shape {want}, got {tuple(codes.shape)}')
-        if flat.shape[1] != K:
-            raise ValueError(f'codes must have shape {want}, got {tuple(codes.shape)}: {flat.shape[1]} '
-                             f'sub-codebooks in axis 1, the model has {K}')
-        if flat.shape[0] == 0 or flat.shape[2] == 0:
-            raise ValueError(f'codes are empty: shape {tuple(codes.shape)}')
-        return flat, (grid if codes.dim() == 3 else (codes.shape[2], codes.shape[3]))
-
     def decode_latents(self, quantized: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Quantized latents ``(B, Q + h*w, K*d)`` -> images ``(B, 3, 16h, 16w)``, float32, not clamped."""
         return self._decode_tokens(self._project(self.post_quant_proj, quantized), grid)
@@ -362,7 +287,7 @@ class UniTok(Pretrained, nn.Module):
     @torch.no_grad()
     def decode(self, codes: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """Codes (as returned by :meth:`encode`) -> images ``(B, 3, H, W)`` clamped to [-1, 1]."""
-        flat, grid = self._flatten_codes(codes, grid)
+        flat, grid = flatten_codes(codes, self.config.num_codebooks, self.config.num_query, grid)
         return self.decode_latents(self.quantizer.lookup(flat.to(self.device)), grid).clamp_(-1, 1)
 
     @torch.no_grad()
@@ -397,25 +322,8 @@ class UniTok(Pretrained, nn.Module):
         return tokenize(texts, self.config.text_context_length).to(self.device)
 
     def _text_ids(self, texts) -> torch.Tensor:
-        if isinstance(texts, str):
-            return self.tokenize(texts)
-        if isinstance(texts, torch.Tensor):
-            n_ctx, vocab = self.config.text_context_length, self.config.text_vocab_size
-            if texts.dtype.is_floating_point or texts.dtype == torch.bool:
-                raise TypeError(f'text token ids must be an integer tensor, got {texts.dtype}')
-            if texts.dim() != 2 or texts.shape[1] != n_ctx:
-                raise ValueError(f'text token ids must be (N, {n_ctx}), got {tuple(texts.shape)}')
-            if texts.numel() and (int(texts.min()) < 0 or int(texts.max()) >= vocab):
-                raise ValueError(f'text token ids must lie in [0, {vocab})')
-            return texts.to(self.device)
-        if not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
-            bad = type(texts).__name__ if not isinstance(texts, Sequence) else \
-                f'a sequence holding {type(next(t for t in texts if not isinstance(t, str))).__name__}'
-            raise TypeError(f'texts must be a string, a list of strings or token ids (N, '
-                            f'{self.config.text_context_length}); got {bad}')
-        if not texts:
-            raise ValueError('texts is empty: pass at least one string')
-        return self.tokenize(list(texts))
+        """Checked token ids ``(N, text_context_length)`` on the model's device from strings or ids."""
+        return text_ids(texts, self.config.text_context_length, self.config.text_vocab_size).to(self.device)
 
     def encode_text(self, texts, normalize: bool = True) -> torch.Tensor:
         """Text embeddings ``(N, E)`` from strings or token ids ``(N, text_context_length)``."""
@@ -428,27 +336,13 @@ class UniTok(Pretrained, nn.Module):
     def zero_shot_classifier(self, classnames: Sequence[str],
                              templates: Sequence[str | Callable[[str], str]] = ('a photo of a {}.',),
                              batch_size: int = 32, progress: bool = False) -> torch.Tensor:
-        """Class weights ``(E, C)``: the normalised mean text embedding of each class over the templates.
-
-        Templates are format strings with one ``{}`` or callables (like open_clip's ImageNet templates).
-        """
-        from open_clip.zero_shot_classifier import build_zero_shot_classifier
-        if not classnames or not templates:
-            raise ValueError('zero_shot_classifier needs at least one class name and one template')
-        if isinstance(classnames, str) or not all(isinstance(c, str) for c in classnames):
-            raise TypeError('classnames must be a list of strings')
-        check_templates(templates)
-        templates = [t if callable(t) else t.format for t in templates]
-        return build_zero_shot_classifier(self, self.tokenize, list(classnames), templates,
-                                          num_classes_per_batch=batch_size, device=self.device, use_tqdm=progress)
+        """Class weights ``(E, C)`` over templates (strings with one ``{}`` or callables): unitok.zero_shot."""
+        return zero_shot_classifier(self, classnames, templates, batch_size, progress)
 
     @torch.no_grad()
     def classify(self, images: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
         """Zero-shot logits ``(B, C)``: scaled cosine similarity of image embeddings and class weights."""
-        E = self.config.embed_dim
-        if not isinstance(classifier, torch.Tensor) or classifier.dim() != 2 or classifier.shape[0] != E:
-            got = tuple(classifier.shape) if isinstance(classifier, torch.Tensor) else type(classifier).__name__
-            raise ValueError(f'classifier must be a ({E}, C) tensor from zero_shot_classifier, got {got}')
+        check_classifier(classifier, self.config.embed_dim)
         features = self.encode_image(images, normalize=True)
         return self.logit_scale.exp() * features @ classifier.to(features.dtype)
 

@@ -91,6 +91,15 @@ def own_dtype(module: nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
+def input_in_dtype_of(module: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """``images`` in the dtype of ``module``'s parameters (float32 for the first conv of the fast path
+    too); under autocast only float64 is cast, autocast handles the rest."""
+    want = own_dtype(module)
+    if images.dtype != want and (images.dtype == torch.float64 or not torch.is_autocast_enabled(images.device.type)):
+        images = images.to(want)
+    return images
+
+
 def float32_input(module: nn.Module, args: tuple) -> tuple:
     """Forward pre-hook of a part kept in float32 inside a reduced-precision model: its input in its own dtype."""
     return (args[0].to(own_dtype(module)), *args[1:])
