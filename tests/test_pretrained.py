@@ -184,3 +184,58 @@ def test_push_to_hub_errors_are_clear(tiny_model, monkeypatch):
     with pytest.raises(CheckpointError, match=r"pushing to 'me/x' on the Hugging Face hub failed \(PermissionError: "
                                               r'401 Client Error: Unauthorized\). Log in with `hf auth login`'):
         tiny_model.push_to_hub('me/x')
+
+
+# ---------------------------------------------------------------------- one contract for every model
+def _model_and_load_options(kind, tiny_model):
+    """A small model of each class and the options its from_pretrained needs."""
+    if kind == 'unitok':
+        return tiny_model, {}
+    if kind == 'generator':
+        from unitok.generation import GeneratorConfig, GeneratorModel
+        torch.manual_seed(0)
+        return GeneratorModel(GeneratorConfig(num_codebooks=4, codebook_size=32, grid=(3, 4), dim=32, depth=2,
+                                              num_heads=2, num_classes=5)).eval(), {}
+    pytest.importorskip('transformers')
+    from unitok.mllm import UniTokMLLM
+    from unitok.mllm.tiny import tiny_llm
+    torch.manual_seed(0)
+    mllm = UniTokMLLM.build(tiny_model, tiny_llm(), head_width=32, head_heads=2, head_depth=1)
+    return mllm.eval(), {'llm': tiny_llm(), 'tokenizer': tiny_model}
+
+
+def _same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize('kind', ['unitok', 'generator', 'mllm'])
+def test_every_model_saves_and_loads_through_the_one_contract(kind, tiny_model, tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    from unitok.pretrained import Pretrained
+    model, options = _model_and_load_options(kind, tiny_model)
+    cls = type(model)
+    assert issubclass(cls, Pretrained)
+    assert not {'_load_pretrained', '_load_dir', '_from_state'} & set(vars(cls))   # the loading path is shared
+    # save + load: the class's own file names, the same tensors
+    directory = tmp_path / 'm'
+    model.save_pretrained(str(directory))
+    assert {cls.config_file, cls.weights_file} <= set(os.listdir(directory))
+    again = cls.from_pretrained(str(directory), **options)
+    assert type(again) is cls and not again.training
+    _same_state(model, again)
+    # strict keys: a missing and an unexpected tensor are both named
+    weights = directory / cls.weights_file
+    state = load_file(str(weights))
+    dropped = sorted(state)[-1]
+    state['extra.weight'] = state.pop(dropped)
+    save_file(state, str(weights))
+    with pytest.raises(CheckpointError, match=rf'1 missing key\(s\): {dropped}; 1 unexpected key\(s\): extra.weight'):
+        cls.from_pretrained(str(directory), **options)
+    # a hub id, from a Hugging Face cache filled locally (HF_HUB_OFFLINE=1 in tests)
+    _cache_hub_model(monkeypatch, tmp_path, f'someone/{kind}', model)
+    _same_state(model, cls.from_pretrained(f'someone/{kind}', **options))
+    with pytest.raises(CheckpointError, match=f"hub model 'someone/{kind}' at revision 'v2' is not in the local"):
+        cls.from_pretrained(f'someone/{kind}', revision='v2', **options)

@@ -207,12 +207,7 @@ class UniTokMLLM(Pretrained, nn.Module):
     def _config_json(self, directory: str, save_llm: bool = False) -> str:
         cfg = self.config.to_dict()
         if save_llm:
-            if getattr(self.llm, 'peft_config', None):
-                raise ValueError('save_llm with LoRA adapters: the adapters are saved in any case and the LLM is '
-                                 'referenced; save without save_llm')
-            self.llm.save_pretrained(os.path.join(directory, LLM_COPY))
-            self.text_tokenizer.save_pretrained(os.path.join(directory, LLM_COPY))
-            cfg['llm'] = LLM_COPY
+            cfg['llm'] = _save_llm_copy(self, directory)
         return json.dumps(cfg, indent=2)
 
     @classmethod
@@ -288,24 +283,8 @@ class UniTokMLLM(Pretrained, nn.Module):
         x = self.embed(ids, image_mask, codes)
         positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
         h = self.hidden_states(x, mask, positions)                                    # (B, T, C)
-        labels, targets = batch['labels'], batch['image_targets']
-        text = labels != IGNORE
-        zero = h.new_zeros((), dtype=torch.float32)
-        text_sum, text_n, text_acc = zero, text.sum(), zero
-        if bool(text.any()):
-            logits = self.text_logits(h[text]).float()
-            text_sum = F.cross_entropy(logits, labels[text], reduction='sum')
-            text_acc = (logits.argmax(-1) == labels[text]).float().mean()
-        sel = targets[:, :-1]
-        img_n = sel.sum()
-        img_sum, img_acc = zero, zero
-        if bool(sel.any()):
-            hh = h[:, :-1][sel].to(self.head.pos_embed.dtype)
-            tgt = codes[:, 1:][sel]                                                    # (N, K)
-            logits = self.head(hh, tgt).float()                                        # (N, K, V)
-            ce = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), reduction='none').view_as(tgt)
-            img_sum = ce.mean(1).sum()
-            img_acc = (logits.argmax(-1) == tgt).float().mean()
+        text_sum, text_n, text_acc = _text_terms(self, h, batch['labels'])
+        img_sum, img_n, img_acc = _image_terms(self.head, h, codes, batch['image_targets'])
         w = self.loss_weights
         if denominator is None:
             denominator = (text_n + img_n).clamp_min(1)
@@ -369,6 +348,32 @@ class UniTokMLLM(Pretrained, nn.Module):
                               top_k=top_k, top_p=top_p, generator=generator, use_cache=use_cache)
 
 
+def _text_terms(model: UniTokMLLM, h: torch.Tensor, labels: torch.Tensor) -> tuple:
+    """Summed text cross-entropy over the positions with a label, their count, and the accuracy there."""
+    text = labels != IGNORE
+    text_sum, text_acc = (h.new_zeros((), dtype=torch.float32),) * 2
+    if bool(text.any()):
+        logits = model.text_logits(h[text]).float()
+        text_sum = F.cross_entropy(logits, labels[text], reduction='sum')
+        text_acc = (logits.argmax(-1) == labels[text]).float().mean()
+    return text_sum, text.sum(), text_acc
+
+
+def _image_terms(head: DepthHead, h: torch.Tensor, codes: torch.Tensor, targets: torch.Tensor) -> tuple:
+    """The depth head's cross-entropy (mean over the K sub-codes) summed over the image targets (position
+    t predicts the codes of t+1), their count, and the accuracy."""
+    sel = targets[:, :-1]
+    img_sum, img_acc = (h.new_zeros((), dtype=torch.float32),) * 2
+    if bool(sel.any()):
+        hh = h[:, :-1][sel].to(head.pos_embed.dtype)
+        tgt = codes[:, 1:][sel]                                                    # (N, K)
+        logits = head(hh, tgt).float()                                             # (N, K, V)
+        ce = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), reduction='none').view_as(tgt)
+        img_sum = ce.mean(1).sum()
+        img_acc = (logits.argmax(-1) == tgt).float().mean()
+    return img_sum, sel.sum(), img_acc
+
+
 def _cache_argument(decoder) -> str:
     """``'cache'`` where the LLM takes it under that name (newer transformers), else ``'past_key_values'``."""
     import inspect
@@ -379,6 +384,16 @@ def _cache_argument(decoder) -> str:
 
 
 _CACHE_ARG: dict[type, str] = {}
+
+
+def _save_llm_copy(mllm: UniTokMLLM, directory: str) -> str:
+    """Write the LLM and its tokenizer to ``directory/llm``; returns the spec the config then holds."""
+    if getattr(mllm.llm, 'peft_config', None):
+        raise ValueError('save_llm with LoRA adapters: the adapters are saved in any case and the LLM is '
+                         'referenced; save without save_llm')
+    mllm.llm.save_pretrained(os.path.join(directory, LLM_COPY))
+    mllm.text_tokenizer.save_pretrained(os.path.join(directory, LLM_COPY))
+    return LLM_COPY
 
 
 def _referenced_llm(config: MLLMConfig, directory: str | None, llm=None) -> tuple:
