@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from .model import UniTok
 from .official import load_official_checkpoint, official_state_dict, read_official_checkpoint, save_official_checkpoint
-from .pretrained import CheckpointError, check_keys
+from .pretrained import CheckpointError
 
-__all__ = ['CheckpointError', 'check_keys', 'load_pretrained', 'save_pretrained', 'push_to_hub',
+__all__ = ['CheckpointError', 'load_pretrained', 'save_pretrained', 'push_to_hub',
            'read_official_checkpoint', 'load_official_checkpoint', 'official_state_dict', 'save_official_checkpoint']
 
-load_pretrained = UniTok.from_pretrained
+
+def load_pretrained(path_or_hub_id: str, map_location='cpu', revision: str | None = None) -> UniTok:
+    """``UniTok.from_pretrained(path_or_hub_id, map_location, revision)``."""
+    return UniTok.from_pretrained(path_or_hub_id, map_location, revision)
 
 
 def save_pretrained(model: UniTok, directory: str, repo_id: str | None = None) -> None:
