@@ -36,8 +36,7 @@ _U32 = 2.0 ** -24
 #: Inference precisions by name (``--precision`` of ``unitok encode/decode/reconstruct/export-codes``)
 #: and the :meth:`~unitok.UniTok.from_pretrained` arguments each one stands for. ``bf16`` is the fast
 #: path; ``bf16-convs32`` the fast path with the encoder's convolutional stages kept float32, the
-#: setting whose codes agree with float32's for >= 99% of tokens in docs/RESULTS.md (0.4-0.7 points more
-#: than ``bf16`` on two trained tokenizers, for 10-70% more encode time, depending on the CPU).
+#: setting whose codes agree best with float32's (docs/RESULTS.md has the agreement and the cost).
 INFERENCE_PRECISIONS: dict[str, dict] = {
     'fp32': {},
     'bf16': {'dtype': torch.bfloat16},
@@ -65,8 +64,7 @@ def precision_of(model) -> str | None:
 def bf16_runs_in_hardware(device: str | torch.device = 'cpu') -> bool:
     """Whether bf16 matmuls run on bf16 units of ``device``: on a CPU, AVX512-BF16 or AMX; on CUDA, a
     GPU with bf16 support. Elsewhere (e.g. an AVX2-only CPU) PyTorch emulates them, and the bf16 fast
-    path is slower than float32: measured on a 2-core AVX2 AMD EPYC, a 1024^3 bf16 matmul ran at
-    about 1 GFLOP/s against 107 in float32 (docs/RESULTS.md, "Fast path on a CPU without bf16 units")."""
+    path is slower than float32 (docs/RESULTS.md, "Fast path on a CPU without bf16 units")."""
     device = torch.device(device)
     if device.type == 'cuda':
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
