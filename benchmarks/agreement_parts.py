@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import unitok
 from unitok.data import open_source
 from unitok.data.transforms import eval_transform
-from unitok.model import _float32_input          # the hook keep_encoder_convs_fp32 uses
+from unitok.precision import float32_input as _float32_input   # the hook keep_encoder_convs_fp32 uses
 from unitok.precision import compare_codes
 
 

@@ -359,7 +359,7 @@ def test_load_errors(tmp_path):
     weights.write_bytes(data)
     cfg = json.loads((tmp_path / 'gen' / 'config.json').read_text())
     (tmp_path / 'gen' / 'config.json').write_text(json.dumps(cfg | {'depth': 3}))
-    with pytest.raises(CheckpointError, match=r'missing keys \[.blocks\.2'):
+    with pytest.raises(CheckpointError, match=r'missing key\(s\): blocks\.2'):
         GeneratorModel.from_pretrained(str(tmp_path / 'gen'))
     (tmp_path / 'gen' / 'config.json').write_text(json.dumps(cfg | {'codebook_size': 64}))
     with pytest.raises(CheckpointError, match='shape mismatch for'):

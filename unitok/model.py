@@ -18,66 +18,30 @@ Data flow (shapes for the released model, 256 px)::
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass
-from functools import partial
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .config import UniTokConfig
+from .config import PRESETS, UniTokConfig
 from .images import check_images
+from .model_card import unitok_model_card
 from .modules.decoder import ViTaminDecoder
 from .modules.encoder import VITAMIN_VARIANTS, build_encoder
 from .modules.projection import build_projection
-from .modules.text import build_text_tower, tokenize
-from .precision import bf16_runs_in_hardware
-from .quantizers import QuantizerOutput, create_quantizer
-from .sequence import square_grid
-
-
-def check_model_dtype(dtype) -> torch.dtype:
-    """``dtype`` if it is a model dtype (float32, bfloat16, float16, float64), else a ValueError."""
-    allowed = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-    if dtype not in allowed:
-        raise ValueError(f'model dtype must be one of torch.float32, torch.bfloat16 (the inference fast '
-                         f'path), torch.float16 or torch.float64; got {dtype!r}')
-    return dtype
-
-
-def _own_dtype(module: nn.Module) -> torch.dtype:
-    return next(module.parameters()).dtype
-
-
-def _float32_input(module: nn.Module, args: tuple) -> tuple:
-    """Forward pre-hook of a part kept in float32 inside a reduced-precision model: its input in its own dtype."""
-    return (args[0].to(_own_dtype(module)), *args[1:])
-
-
-def _output_like(reference: torch.Tensor, module: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor:
-    """Forward hook of a part kept in float32 (``reference`` bound with functools.partial): its output in the
-    dtype that ``reference``, a parameter of what takes the output next, has now."""
-    return out.to(reference.dtype)
-
-
-def check_templates(templates: Sequence[str | Callable[[str], str]]) -> None:
-    """Zero-shot prompt templates are callables or strings with exactly one ``{}`` for the class name
-    (a template without it would give every class the same prompt)."""
-    for t in templates:
-        if callable(t):
-            continue
-        if not isinstance(t, str):
-            raise TypeError(f'zero-shot templates must be strings with one {{}} or callables, got {type(t).__name__}')
-        try:
-            ok = t.count('{}') == 1 and t.format('x') is not None
-        except (IndexError, KeyError, ValueError):
-            ok = False
-        if not ok:
-            raise ValueError(f'zero-shot template {t!r} must contain exactly one {{}} (where the class name goes) '
-                             'and no other braces')
+from .modules.text import build_text_tower, text_ids, tokenize
+from .precision import (bf16_emulation_warning, bf16_runs_in_hardware, cast_for_inference, check_model_dtype,
+                        input_in_dtype_of, keep_encoder_convs_fp32, keep_encoder_tail_fp32)
+from .pretrained import CheckpointError, Pretrained
+from .quantizers import QuantizerOutput, create_quantizer, to_official_layout
+from .safe_pickle import read_official_checkpoint
+from .sequence import flatten_codes
+from .zero_shot import check_classifier, zero_shot_classifier
 
 
 @dataclass
@@ -105,7 +69,7 @@ class UniTokOutput:
     logit_scale: torch.Tensor
 
 
-class UniTok(nn.Module):
+class UniTok(Pretrained, nn.Module):
     """The UniTok tokenizer: image <-> multi-codebook codes, plus CLIP-aligned image/text embeddings.
 
     Code layout: :meth:`encode` returns ``(B, K, h, w)`` int64 codes, ``h, w = H/16, W/16``, sub-codebook
@@ -113,6 +77,7 @@ class UniTok(nn.Module):
     the Q query codes first, then the grid in raster order (the grid alone cannot hold them); pass
     ``grid=(h, w)`` to :meth:`decode` for non-square images in that case.
     """
+    config_class, model_kind = UniTokConfig, 'UniTok model'        # the save/load contract: unitok.pretrained
 
     def __init__(self, config: UniTokConfig):
         super().__init__()
@@ -150,133 +115,72 @@ class UniTok(nn.Module):
     def from_pretrained(cls, path_or_hub_id: str, map_location: str | torch.device = 'cpu',
                         revision: str | None = None, dtype: torch.dtype | None = None,
                         fp32_encoder_tail: int = 0, fp32_encoder_convs: bool = False) -> 'UniTok':
-        """Load ``config.json`` + ``model.safetensors`` from a directory or a Hugging Face hub id
-        (``owner/name``, at ``revision`` if given), or an official release checkpoint (``.pth``, loaded
-        without executing pickled code). Anything else raises :class:`~unitok.CheckpointError`.
-
+        """Load ``config.json`` + ``model.safetensors`` from a directory or a Hugging Face hub id (``owner/name``,
+        at ``revision``), or an official ``.pth`` release (without executing pickled code); else CheckpointError.
         ``dtype=torch.bfloat16`` (or float16) returns the inference fast path: see :meth:`to`;
         ``fp32_encoder_tail=n`` keeps the last n encoder blocks float32 (:meth:`keep_encoder_tail_fp32`);
         ``fp32_encoder_convs=True`` keeps the encoder's convolutional stages float32
         (:meth:`keep_encoder_convs_fp32`: the setting whose codes agree best with the float32 model's)."""
-        from .checkpoint import load_pretrained
-        model = load_pretrained(path_or_hub_id, map_location=map_location, revision=revision)
+        model = cls._load_pretrained(path_or_hub_id, map_location, revision)
         if dtype is None:
             return model
         model.keep_encoder_tail_fp32(fp32_encoder_tail).keep_encoder_convs_fp32(fp32_encoder_convs)
         return model.to(check_model_dtype(dtype), _stacklevel=3)     # a warning points at the caller
 
-    # ------------------------------------------------------------------ precision
+    @classmethod
+    def _load_other(cls, path: str, map_location, **options) -> 'UniTok | None':
+        if os.path.isfile(path):                          # not .safetensors: an official release file
+            return cls._from_state(*read_official_checkpoint(path, map_location), where=repr(path))
+        if path in PRESETS:
+            raise CheckpointError(f'{path!r} is a preset name, not a saved model: use unitok.create_model({path!r}) '
+                                  f'for a randomly initialised model of that preset, or pass a model directory, '
+                                  f'an official .pth file or a hub id (owner/name)')
+        return None
+
+    def _expected_state(self, state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+        # the official per-sub-codebook quantizer layout is accepted too
+        expected = self.state_dict()
+        if not {'quantizer.codebook', 'quantizer.vocab_usage'} & set(state):
+            expected = to_official_layout(expected)
+        return expected
+
+    def _take_state(self, state: Mapping[str, torch.Tensor], map_location, **options) -> None:
+        self.load_state_dict(state, strict=True, assign=True)
+        self.materialize_non_persistent_buffers()
+
+    model_card = unitok_model_card          # the README.md of save_pretrained, for the name repo_id
+
+    # ------------------------------------------------------------------ precision (see unitok.precision)
     #: Top-level parts that stay float32 when the model is cast to bfloat16/float16: the projections
     #: into and out of the quantizer, the quantizer (codebooks, nearest-code search) and the CLIP head.
     FP32_PARTS = ('quant_proj', 'quantizer', 'post_quant_proj', 'fc_norm', 'projection', 'logit_scale')
 
     @property
     def dtype(self) -> torch.dtype:
-        """Compute dtype of the encoder, decoder and text tower (images enter the encoder's first conv,
-        which stays float32 in the fast path: see :meth:`to`)."""
+        """Compute dtype of the encoder, decoder and text tower (the first conv stays float32: see :meth:`to`)."""
         return self.encoder.pos_embed.dtype
 
     def to(self, *args, _stacklevel: int = 2, **kwargs) -> 'UniTok':
-        """``nn.Module.to``, except that a bfloat16/float16 dtype is the inference fast path.
-
-        The encoder, decoder and text tower are cast once (weights held in that dtype, no autocast
-        re-cast per call); :attr:`FP32_PARTS` stay float32, their inputs
-        cast up at the boundary, so the quantizer searches float32 latents. The encoder's first
-        convolution (3 input channels, under 0.1% of the encoder's FLOPs) stays float32 too and takes the
-        images unrounded: measured on two trained tokenizers, that alone removes 9% and 32% of the code
-        disagreements with the float32 model, at no measurable cost (docs/RESULTS.md). Images and
-        embeddings come back float32.
-        ``to(torch.float32)`` (or ``float()``) casts everything back (the weights keep their bf16 rounding).
-        A bfloat16 cast on a device without bf16 units (:func:`unitok.precision.bf16_runs_in_hardware`)
-        warns (RuntimeWarning): there the fast path is slower than float32.
-        """
-        device, dtype, non_blocking, memory_format = torch._C._nn._parse_to(*args, **kwargs)
-        if dtype is None or dtype not in (torch.bfloat16, torch.float16):
-            super().to(*args, **kwargs)
-            if dtype is not None:
-                self._hook_first_conv(False)
-            return self
-        if device is not None or memory_format is not None:
-            super().to(device=device, non_blocking=non_blocking, memory_format=memory_format)
-        first = self.encoder.patch_embed.backbone.stem.conv1
-        kept = [(p, p.data) for p in first.parameters()]          # its weights are not cast (restored below)
-        depth, tail = len(self.encoder.blocks), self.fp32_encoder_tail
-        for name, child in self.named_children():
-            if name in self.FP32_PARTS:
-                continue
-            if name != 'encoder' or not (tail or self.fp32_encoder_convs):
-                child.to(dtype)
-                continue
-            for sub, part in child.named_children():              # all but the float32 parts
-                if sub == 'blocks':
-                    for block in part[:depth - tail]:
-                        block.to(dtype)
-                elif not ((sub == 'norm' and tail) or (sub == 'patch_embed' and self.fp32_encoder_convs)):
-                    part.to(dtype)
-            for param in child.parameters(recurse=False):
-                param.data = param.data.to(dtype)
-        for param, data in kept:
-            param.data = data
-        self._hook_first_conv(True)
+        """``nn.Module.to``, except that a bfloat16/float16 dtype is the inference fast path
+        (:func:`unitok.precision.cast_for_inference`): the encoder, decoder and text tower are cast once,
+        :attr:`FP32_PARTS` and the encoder's first conv stay float32, so the quantizer searches float32
+        latents; images and embeddings come back float32. ``to(torch.float32)`` casts everything back.
+        A bfloat16 cast on a device without bf16 units warns (RuntimeWarning): there it is slower."""
         where = self.encoder.pos_embed.device
-        if dtype == torch.bfloat16 and not bf16_runs_in_hardware(where):
-            warnings.warn(f'bfloat16 on {where}: this device has no bf16 units (on a CPU: AVX512-BF16 or AMX), so '
-                          'PyTorch emulates bf16 matmuls and the bf16 fast path runs several times slower than '
-                          'float32 here; use float32 (--precision fp32)', RuntimeWarning, stacklevel=_stacklevel)
+        if cast_for_inference(self, *args, **kwargs) == torch.bfloat16 and not bf16_runs_in_hardware(where):
+            warnings.warn(bf16_emulation_warning(where), RuntimeWarning, stacklevel=_stacklevel)
         return self
 
-    def _hook_first_conv(self, enable: bool) -> None:
-        """Hooks of the encoder's first conv in a reduced-precision model: input in its own dtype (the
-        images, unrounded), output in the dtype of the stem's next layer."""
-        for handle in getattr(self, '_first_conv_hooks', ()):
-            handle.remove()
-        self._first_conv_hooks = []
-        if enable:
-            stem = self.encoder.patch_embed.backbone.stem
-            self._first_conv_hooks = [stem.conv1.register_forward_pre_hook(_float32_input),
-                                      stem.conv1.register_forward_hook(partial(_output_like, stem.norm1.weight))]
-
     def keep_encoder_tail_fp32(self, blocks: int) -> 'UniTok':
-        """Run the last ``blocks`` encoder transformer blocks and the encoder's final norm in float32
-        in a bfloat16/float16 model (their input cast up), now and after later casts: a fast-path setting
-        whose codes agree more often with the float32 model's, at the cost of those blocks' speed. Call
-        it before the cast (``from_pretrained(..., fp32_encoder_tail=n)`` does) so that the tail keeps
-        its float32 weights; on a model already cast it only runs the tail in float32."""
-        depth = len(self.encoder.blocks)
-        if not isinstance(blocks, int) or isinstance(blocks, bool) or not 0 <= blocks <= depth:
-            raise ValueError(f'blocks must be an int in [0, {depth}] (encoder depth), got {blocks!r}')
-        handle = getattr(self, '_fp32_tail_hook', None)
-        if handle is not None:
-            handle.remove()
-            self._fp32_tail_hook = None
-        self.fp32_encoder_tail = blocks
-        if blocks:
-            for block in self.encoder.blocks[depth - blocks:]:
-                block.float()
-            self.encoder.norm.float()
-            self._fp32_tail_hook = self.encoder.blocks[depth - blocks].register_forward_pre_hook(_float32_input)
+        """Run the last ``blocks`` encoder blocks and the final norm in float32 in a bfloat16/float16 model
+        (codes closer to float32's); call it before the cast, as ``from_pretrained(..., fp32_encoder_tail=n)`` does."""
+        keep_encoder_tail_fp32(self, blocks)
         return self
 
     def keep_encoder_convs_fp32(self, enable: bool = True) -> 'UniTok':
-        """Run the encoder's convolutional stages (its patch embedding: the stem, the MbConv stages and
-        the pooling conv) in float32 in a bfloat16/float16 model, now and after later casts; images then
-        enter in float32 and the stages' output is cast to :attr:`dtype` for the transformer blocks.
-
-        The fast-path setting for faithful codes: most bf16 code changes come from the rounding of these
-        stages' weights (measured in docs/RESULTS.md), while they hold about a tenth of the encoder's
-        FLOPs. Call it before the cast (``from_pretrained(..., fp32_encoder_convs=True)`` does) so that
-        they keep their float32 weights; on a model already cast it only runs them in float32."""
-        if not isinstance(enable, bool):
-            raise ValueError(f'enable must be a bool, got {enable!r}')
-        for handle in getattr(self, '_fp32_conv_hooks', ()):
-            handle.remove()
-        self._fp32_conv_hooks = []
-        self.fp32_encoder_convs = enable
-        embed = self.encoder.patch_embed
-        if enable:
-            embed.float()
-            self._fp32_conv_hooks = [embed.register_forward_pre_hook(_float32_input),
-                                     embed.register_forward_hook(partial(_output_like, self.encoder.pos_embed))]
+        """Run the encoder's convolutional stages in float32 in a bfloat16/float16 model (the setting for
+        faithful codes); call it before the cast, as ``from_pretrained(..., fp32_encoder_convs=True)`` does."""
+        keep_encoder_convs_fp32(self, enable)
         return self
 
     def bfloat16(self) -> 'UniTok':
@@ -286,20 +190,6 @@ class UniTok(nn.Module):
     def half(self) -> 'UniTok':
         """Same as ``to(torch.float16)`` (the fast-path split, in float16)."""
         return self.to(torch.float16, _stacklevel=3)
-
-    def save_pretrained(self, directory: str) -> None:
-        """Write ``config.json``, ``model.safetensors`` and a model card ``README.md`` to ``directory``
-        (each file atomically; a hand-written ``README.md`` already there is kept)."""
-        from .checkpoint import save_pretrained
-        save_pretrained(self, directory)
-
-    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
-                    revision: str | None = None, commit_message: str = 'Upload UniTok model') -> str:
-        """Upload the files :meth:`save_pretrained` writes to the Hugging Face hub repository
-        ``repo_id`` (created if needed) in one commit; returns the commit URL."""
-        from .checkpoint import push_to_hub
-        return push_to_hub(self, repo_id, private=private, token=token, revision=revision,
-                           commit_message=commit_message)
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.grad_checkpointing = enable
@@ -364,14 +254,9 @@ class UniTok(nn.Module):
         return self._project(self.quant_proj, self.encoder(images)), grid
 
     def _as_model_dtype(self, images: torch.Tensor) -> torch.Tensor:
-        """Checked images in the parameters' dtype (float16/bfloat16/float64 inputs are cast); under
-        autocast only float64 is cast, autocast handles the rest."""
+        """Checked images in the first conv's dtype (see :func:`unitok.precision.input_in_dtype_of`)."""
         check_images(images)
-        want = _own_dtype(self.encoder.patch_embed)           # the first conv's: float32 in the fast path too
-        if images.dtype != want and (images.dtype == torch.float64
-                                     or not torch.is_autocast_enabled(images.device.type)):
-            images = images.to(want)
-        return images
+        return input_in_dtype_of(self.encoder.patch_embed, images)
 
     def _quantize(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         """Images -> ``(codes (B, K, Q + h*w), unit code vectors (B, Q + h*w, K*d), grid (h, w))``."""
@@ -387,44 +272,6 @@ class UniTok(nn.Module):
         return codes if self.config.num_query else codes.view(codes.shape[0], codes.shape[1], h, w)
 
     # ------------------------------------------------------------------ codes -> image
-    def _flatten_codes(self, codes: torch.Tensor, grid: tuple[int, int] | None) -> tuple[torch.Tensor, tuple[int, int]]:
-        K, Q = self.config.num_codebooks, self.config.num_query
-        want = f'(B, {K}, h, w)' if Q == 0 else f'(B, {K}, {Q} + h*w)'
-        if not isinstance(codes, torch.Tensor):
-            raise TypeError(f'codes must be a torch.Tensor {want}, got {type(codes).__name__}'
-                            + (' (use torch.from_numpy)' if hasattr(codes, '__array__') else ''))
-        if grid is not None:
-            g = tuple(grid) if isinstance(grid, (tuple, list)) else ()
-            if len(g) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in g):
-                raise ValueError(f'grid must be (h, w), two positive integers, got {grid!r}')
-            grid = g
-        if codes.dim() >= 2 and codes.shape[1] != K and codes.shape[0] == K and codes.dim() in (2, 3):
-            raise ValueError(f'codes must have shape {want}, got {tuple(codes.shape)}: {codes.shape[1]} '
-                             f'sub-codebooks in axis 1 where the model has {K}; the batch axis seems to be '
-                             'missing (use codes[None])')
-        if codes.dim() == 4 and Q == 0:
-            B, k, h, w = codes.shape
-            if grid is not None and tuple(grid) != (h, w):
-                raise ValueError(f'grid {tuple(grid)} does not match codes of grid {h}x{w}')
-            flat = codes.reshape(B, k, h * w)
-        elif codes.dim() == 3:
-            B, k, L = codes.shape
-            if grid is None:
-                grid = square_grid(L - Q)
-            if L != Q + grid[0] * grid[1]:
-                raise ValueError(f'codes hold {L} tokens but {Q} query + grid {grid[0]}x{grid[1]} '
-                                 f'needs {Q + grid[0] * grid[1]}')
-            flat = codes
-        else:
-            want = f'(B, {K}, h, w)' if Q == 0 else f'(B, {K}, {Q} + h*w)'
-            raise ValueError(f'codes must have shape {want}, got {tuple(codes.shape)}')
-        if flat.shape[1] != K:
-            raise ValueError(f'codes must have shape {want}, got {tuple(codes.shape)}: {flat.shape[1]} '
-                             f'sub-codebooks in axis 1, the model has {K}')
-        if flat.shape[0] == 0 or flat.shape[2] == 0:
-            raise ValueError(f'codes are empty: shape {tuple(codes.shape)}')
-        return flat, (grid if codes.dim() == 3 else (codes.shape[2], codes.shape[3]))
-
     def decode_latents(self, quantized: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         """Quantized latents ``(B, Q + h*w, K*d)`` -> images ``(B, 3, 16h, 16w)``, float32, not clamped."""
         return self._decode_tokens(self._project(self.post_quant_proj, quantized), grid)
@@ -436,7 +283,7 @@ class UniTok(nn.Module):
     @torch.no_grad()
     def decode(self, codes: torch.Tensor, grid: tuple[int, int] | None = None) -> torch.Tensor:
         """Codes (as returned by :meth:`encode`) -> images ``(B, 3, H, W)`` clamped to [-1, 1]."""
-        flat, grid = self._flatten_codes(codes, grid)
+        flat, grid = flatten_codes(codes, self.config.num_codebooks, self.config.num_query, grid)
         return self.decode_latents(self.quantizer.lookup(flat.to(self.device)), grid).clamp_(-1, 1)
 
     @torch.no_grad()
@@ -471,25 +318,8 @@ class UniTok(nn.Module):
         return tokenize(texts, self.config.text_context_length).to(self.device)
 
     def _text_ids(self, texts) -> torch.Tensor:
-        if isinstance(texts, str):
-            return self.tokenize(texts)
-        if isinstance(texts, torch.Tensor):
-            n_ctx, vocab = self.config.text_context_length, self.config.text_vocab_size
-            if texts.dtype.is_floating_point or texts.dtype == torch.bool:
-                raise TypeError(f'text token ids must be an integer tensor, got {texts.dtype}')
-            if texts.dim() != 2 or texts.shape[1] != n_ctx:
-                raise ValueError(f'text token ids must be (N, {n_ctx}), got {tuple(texts.shape)}')
-            if texts.numel() and (int(texts.min()) < 0 or int(texts.max()) >= vocab):
-                raise ValueError(f'text token ids must lie in [0, {vocab})')
-            return texts.to(self.device)
-        if not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
-            bad = type(texts).__name__ if not isinstance(texts, Sequence) else \
-                f'a sequence holding {type(next(t for t in texts if not isinstance(t, str))).__name__}'
-            raise TypeError(f'texts must be a string, a list of strings or token ids (N, '
-                            f'{self.config.text_context_length}); got {bad}')
-        if not texts:
-            raise ValueError('texts is empty: pass at least one string')
-        return self.tokenize(list(texts))
+        """Checked token ids ``(N, text_context_length)`` on the model's device from strings or ids."""
+        return text_ids(texts, self.config.text_context_length, self.config.text_vocab_size).to(self.device)
 
     def encode_text(self, texts, normalize: bool = True) -> torch.Tensor:
         """Text embeddings ``(N, E)`` from strings or token ids ``(N, text_context_length)``."""
@@ -502,27 +332,13 @@ class UniTok(nn.Module):
     def zero_shot_classifier(self, classnames: Sequence[str],
                              templates: Sequence[str | Callable[[str], str]] = ('a photo of a {}.',),
                              batch_size: int = 32, progress: bool = False) -> torch.Tensor:
-        """Class weights ``(E, C)``: the normalised mean text embedding of each class over the templates.
-
-        Templates are format strings with one ``{}`` or callables (like open_clip's ImageNet templates).
-        """
-        from open_clip.zero_shot_classifier import build_zero_shot_classifier
-        if not classnames or not templates:
-            raise ValueError('zero_shot_classifier needs at least one class name and one template')
-        if isinstance(classnames, str) or not all(isinstance(c, str) for c in classnames):
-            raise TypeError('classnames must be a list of strings')
-        check_templates(templates)
-        templates = [t if callable(t) else t.format for t in templates]
-        return build_zero_shot_classifier(self, self.tokenize, list(classnames), templates,
-                                          num_classes_per_batch=batch_size, device=self.device, use_tqdm=progress)
+        """Class weights ``(E, C)`` over templates (strings with one ``{}`` or callables): unitok.zero_shot."""
+        return zero_shot_classifier(self, classnames, templates, batch_size, progress)
 
     @torch.no_grad()
     def classify(self, images: torch.Tensor, classifier: torch.Tensor) -> torch.Tensor:
         """Zero-shot logits ``(B, C)``: scaled cosine similarity of image embeddings and class weights."""
-        E = self.config.embed_dim
-        if not isinstance(classifier, torch.Tensor) or classifier.dim() != 2 or classifier.shape[0] != E:
-            got = tuple(classifier.shape) if isinstance(classifier, torch.Tensor) else type(classifier).__name__
-            raise ValueError(f'classifier must be a ({E}, C) tensor from zero_shot_classifier, got {got}')
+        check_classifier(classifier, self.config.embed_dim)
         features = self.encode_image(images, normalize=True)
         return self.logit_scale.exp() * features @ classifier.to(features.dtype)
 

@@ -23,22 +23,16 @@ Conditions (``cond``):
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import CheckpointError
-from ..utils.io import atomic_write
-from .config import GeneratorConfig, GeneratorConfigError, ffn_hidden_dim
+from ..pretrained import Pretrained
+from .config import GeneratorConfig, ffn_hidden_dim
 from .heads import DepthHead, ParallelHead
 from .layers import Block, KVCache, RMSNorm, rope_2d
-
-CONFIG_NAME = 'config.json'
-WEIGHTS_NAME = 'model.safetensors'
-FORMAT = 'unitok-generator'
 
 # A condition: class labels (B,), or text (features (B, T, C), mask (B, T) bool or None).
 Condition = Union[torch.Tensor, tuple]
@@ -70,7 +64,7 @@ class TextEmbedder(nn.Module):
         return self.proj(features)
 
 
-class GeneratorModel(nn.Module):
+class GeneratorModel(Pretrained, nn.Module):
     """Autoregressive generator of UniTok codes ``(B, K, h, w)`` given a class label or a text.
 
     Stages: :meth:`condition_prefix` (condition -> prefix tokens), :meth:`embed_codes` (codes ->
@@ -78,6 +72,9 @@ class GeneratorModel(nn.Module):
     (:class:`DepthHead` or :class:`ParallelHead`). :meth:`forward` composes them teacher-forced,
     :meth:`loss` is the training objective; sampling lives in :func:`unitok.generation.generate`.
     """
+    config_class = GeneratorConfig
+    weights_format = 'unitok-generator'
+    model_kind = 'generator model'
 
     def __init__(self, config: GeneratorConfig):
         super().__init__()
@@ -146,55 +143,12 @@ class GeneratorModel(nn.Module):
         emb = emb * (self.config.init_std / emb.std().clamp_min(1e-12))
         self.code_embed.weight.copy_(emb.reshape(K * V, -1))
 
-    def save_pretrained(self, directory: str) -> None:
-        """Write ``config.json`` and ``model.safetensors`` to ``directory`` (each atomically)."""
-        from safetensors.torch import save_file
-        model = getattr(self, '_orig_mod', self)
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        meta = {'format': FORMAT, 'config': self.config.to_json()}
-        atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda p: save_file(state, p, metadata=meta),
-                     mode='path', what='generator weights')
-        atomic_write(os.path.join(directory, CONFIG_NAME), lambda f: f.write(self.config.to_json() + '\n'),
-                     mode='w', what='generator config')
-
-    @classmethod
-    def from_pretrained(cls, directory: str, map_location: str | torch.device = 'cpu') -> 'GeneratorModel':
-        """Load a directory written by :meth:`save_pretrained` (strict; no pickle involved)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        directory = os.fspath(directory)
-        cfg_path, weights_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
-        if not os.path.isdir(directory):
-            raise CheckpointError(f'no generator model directory at {directory!r}')
-        missing = [p for p in (cfg_path, weights_path) if not os.path.isfile(p)]
-        if missing:
-            raise CheckpointError(f'{directory!r} is not a generator model directory: missing {", ".join(missing)}')
-        try:
-            with open(cfg_path, encoding='utf-8') as f:
-                config = GeneratorConfig.from_json(f.read())
-        except (GeneratorConfigError, TypeError, UnicodeDecodeError, OSError) as e:
-            raise CheckpointError(f'invalid {cfg_path}: {e}') from None
-        try:
-            state = load_file(weights_path, device=str(map_location))
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise CheckpointError(f'cannot read {weights_path}: {e}') from None
-        with torch.device('meta'):
-            model = cls(config)
-        expected = model.state_dict()
-        missing_keys, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-        if missing_keys or unexpected:
-            raise CheckpointError(f'{weights_path} does not match {cfg_path}: missing keys {missing_keys[:10]}, '
-                                  f'unexpected keys {unexpected[:10]}')
-        for key, value in expected.items():
-            if tuple(state[key].shape) != tuple(value.shape):
-                raise CheckpointError(f'{weights_path}: shape mismatch for {key}: file {tuple(state[key].shape)}, '
-                                      f'config {tuple(value.shape)}')
-        model.load_state_dict(state, strict=True, assign=True)
-        device = model.code_embed.weight.device
-        model.code_offsets = torch.arange(config.num_codebooks, device=device) * config.codebook_size
-        if isinstance(model.head, DepthHead):
-            model.head.offsets = torch.arange(config.num_codebooks - 1, device=device) * config.codebook_size
-        return model.eval()
+    def _take_state(self, state, map_location, **options) -> None:
+        self.load_state_dict(state, strict=True, assign=True)
+        c, device = self.config, self.code_embed.weight.device        # the non-persistent buffers
+        self.code_offsets = torch.arange(c.num_codebooks, device=device) * c.codebook_size
+        if isinstance(self.head, DepthHead):
+            self.head.offsets = torch.arange(c.num_codebooks - 1, device=device) * c.codebook_size
 
     def parameter_counts(self) -> dict[str, int]:
         """Parameters per part (``cond_embed``, ``code_embed``, ``blocks``, ``head``, ...) and ``total``."""

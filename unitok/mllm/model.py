@@ -29,20 +29,22 @@ import json
 import logging
 import math
 import os
-from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..checkpoint import CheckpointError
 from ..config import ConfigError
 from ..generation.heads import DepthHead
-from ..utils import dataclass_io
+from ..pretrained import CheckpointError, Pretrained
+from .config import MLLMConfig
 from .connector import CodeInput, Projector
-from .llm import (IMAGE_TOKENS, LLMError, add_image_tokens, chat_prompt, check_reference, load_llm,
-                  stop_ids)
+from .data import IGNORE
+from .llm import IMAGE_TOKENS, LLMError, add_image_tokens, check_reference, load_llm, stop_ids
+from .generate import generate_codes, generate_text
+from .prompts import (chat_sequence, codes_as_rows, end_of_turn, generation_prefix, generation_sequence, image_codes,
+                      image_request_rows, understanding_sequence)
 
 log = logging.getLogger(__name__)
 
@@ -50,59 +52,18 @@ CONFIG_NAME = 'mllm.json'
 WEIGHTS_NAME = 'mllm.safetensors'
 LLM_COPY = 'llm'                  # sub-directory of a save with the LLM's weights (save_llm=True)
 FORMAT = 'unitok-mllm'
-IGNORE = -100
 
 
-@dataclass
-class MLLMConfig:
-    """Architecture of a :class:`UniTokMLLM` (the LLM itself is referenced, not described).
-
-    ``num_codebooks``, ``codebook_size``, ``code_dim``, ``grid`` and ``post_quant_dim`` come from the
-    UniTok tokenizer; ``image_token_ids``, ``base_vocab`` and ``llm_ref`` from the LLM at build time.
-    """
-    llm: str = 'smollm2'                  # LLM spec (see unitok.mllm.llm)
-    num_codebooks: int = 8
-    codebook_size: int = 4096
-    code_dim: int = 8
-    grid: tuple[int, int] = (16, 16)
-    post_quant: bool = True               # read code vectors through the tokenizer's post-quant projection
-    post_quant_dim: int = 0
-    projector_hidden: int = 0             # 0: the LLM width
-    head_width: int = 256
-    head_depth: int = 2
-    head_heads: int = 4
-    head_ffn: int = 0                     # 0: 8/3 of the head width, rounded up to a multiple of 32
-    lora_rank: int = 0                    # > 0: LoRA adapters (peft) in the LLM
-    lora_alpha: float = 16.0
-    lora_targets: tuple[str, ...] = ('q_proj', 'k_proj', 'v_proj', 'o_proj')
-    llm_dim: int = 0
-    base_vocab: int = 0                   # the LLM's vocabulary before the image tokens were added
-    image_token_ids: dict = field(default_factory=dict)
-    llm_ref: dict = field(default_factory=dict)         # spec, gguf file, config / vocab sha256
-    tokenizer_ref: dict = field(default_factory=dict)   # UniTok path and identity (config / codebook sha256)
-
-    def __post_init__(self):
-        dataclass_io.coerce_fields(self)
-
-    @property
-    def num_positions(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    def to_dict(self) -> dict:
-        return dataclass_io.to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d) -> 'MLLMConfig':
-        return dataclass_io.from_dict(cls, d)
-
-
-class UniTokMLLM(nn.Module):
+class UniTokMLLM(Pretrained, nn.Module):
     """A causal LM plus the connector, the image-token embeddings and the depth head.
 
     Build one with :meth:`build` (from a UniTok tokenizer and an LLM spec) or :meth:`from_pretrained`.
     Its state dict holds only what it trains (connector, new-token embeddings, head, LoRA adapters)
     and the frozen code vectors; the LLM's own weights are referenced (``config.llm_ref``).
     """
+    config_class = MLLMConfig
+    config_file, weights_file, weights_format, model_kind = CONFIG_NAME, WEIGHTS_NAME, FORMAT, 'UniTok MLLM'
+    hub_extra_files = (f'{LLM_COPY}/*',)
 
     def __init__(self, config: MLLMConfig, llm: nn.Module, text_tokenizer, code_input: CodeInput,
                  image_tokenizer=None):
@@ -120,7 +81,7 @@ class UniTokMLLM(nn.Module):
         self.head = DepthHead(c.llm_dim, width, c.head_depth, c.head_heads, ffn, c.num_codebooks, c.codebook_size)
         self._init_own_weights()
         self._stop = stop_ids(text_tokenizer)
-        self._end_of_turn = _end_of_turn(text_tokenizer)
+        self._end_of_turn = end_of_turn(text_tokenizer)
         self.register_state_dict_post_hook(_drop_llm_weights)
         self.register_load_state_dict_post_hook(_ignore_missing_llm_weights)
 
@@ -236,73 +197,42 @@ class UniTokMLLM(nn.Module):
     def text_vocab(self) -> int:
         return self.config.base_vocab
 
-    # ------------------------------------------------------------------ save / load
-    def save_pretrained(self, directory: str, save_llm: bool = False) -> None:
+    # ------------------------------------------------------------------ save / load (unitok.pretrained)
+    def save_pretrained(self, directory: str, save_llm: bool = False, *, repo_id: str | None = None) -> None:
         """Write ``mllm.json`` and ``mllm.safetensors`` (connector, image-token embeddings, head, LoRA
         adapters, frozen code vectors); the LLM as a reference (``llm_ref``) unless ``save_llm``, which
         also writes the LLM and its tokenizer to ``directory/llm``."""
-        from safetensors.torch import save_file
-        from ..utils.io import atomic_write
-        os.makedirs(directory, exist_ok=True)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        super().save_pretrained(directory, repo_id=repo_id, save_llm=save_llm)
+
+    def _config_json(self, directory: str, save_llm: bool = False) -> str:
         cfg = self.config.to_dict()
         if save_llm:
-            if getattr(self.llm, 'peft_config', None):
-                raise ValueError('save_llm with LoRA adapters: the adapters are saved in any case and the LLM is '
-                                 'referenced; save without save_llm')
-            self.llm.save_pretrained(os.path.join(directory, LLM_COPY))
-            self.text_tokenizer.save_pretrained(os.path.join(directory, LLM_COPY))
-            cfg['llm'] = LLM_COPY
-        text = json.dumps(cfg, indent=2)
-        atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda p: save_file(state, p, metadata={'format': FORMAT}),
-                     mode='path', what='MLLM weights')
-        atomic_write(os.path.join(directory, CONFIG_NAME), lambda f: f.write(text + '\n'), mode='w',
-                     what='MLLM config')
+            cfg['llm'] = _save_llm_copy(self, directory)
+        return json.dumps(cfg, indent=2)
 
     @classmethod
-    def from_pretrained(cls, directory: str, llm=None, tokenizer=None, map_location: str = 'cpu') -> 'UniTokMLLM':
-        """Load a directory of :meth:`save_pretrained`. ``llm``: another spec or ``(model, tokenizer)``
-        pair for the referenced LLM (checked against the saved config and vocabulary digests);
-        ``tokenizer``: the UniTok tokenizer (default: the referenced path, loaded on first use)."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        directory = os.fspath(directory)
-        cfg_path, weights_path = os.path.join(directory, CONFIG_NAME), os.path.join(directory, WEIGHTS_NAME)
-        missing = [p for p in (cfg_path, weights_path) if not os.path.isfile(p)]
-        if missing:
-            raise CheckpointError(f'{directory!r} is not a UniTok MLLM directory: missing {", ".join(missing)}')
-        try:
-            with open(cfg_path, encoding='utf-8') as f:
-                config = MLLMConfig.from_dict(json.load(f))
-        except (ConfigError, ValueError, TypeError, OSError) as e:
-            raise CheckpointError(f'invalid {cfg_path}: {e}') from None
-        try:
-            state = load_file(weights_path, device=str(map_location))
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise CheckpointError(f'cannot read {weights_path}: {e}') from None
-        if isinstance(llm, (tuple, list)):
-            model, text_tok = llm
-        else:
-            spec = llm or (os.path.join(directory, config.llm) if config.llm == LLM_COPY else config.llm)
-            model, text_tok, _ = load_llm(spec)
-        check_reference(config.llm_ref, model, text_tok, config.base_vocab)
-        if len(text_tok) != config.base_vocab and not all(t in text_tok.get_vocab() for t in IMAGE_TOKENS):
-            raise LLMError(f'the LLM tokenizer has {len(text_tok)} tokens, the saved model was trained with '
-                           f'{config.base_vocab} (before the image tokens)')
-        add_image_tokens(text_tok, expected=config.image_token_ids)
-        code_input = _code_input_like(config)
-        mllm = cls(config, model, text_tok, code_input)
+    def from_pretrained(cls, directory: str, llm=None, tokenizer=None, map_location: str = 'cpu',
+                        revision: str | None = None) -> 'UniTokMLLM':
+        """Load a directory of :meth:`save_pretrained` (or a hub id). ``llm``: another spec or
+        ``(model, tokenizer)`` pair for the referenced LLM (checked against the saved config and
+        vocabulary digests); ``tokenizer``: the UniTok tokenizer (default: the referenced path, loaded
+        on first use)."""
+        return cls._load_pretrained(directory, map_location, revision, llm=llm, tokenizer=tokenizer)
+
+    @classmethod
+    def _empty(cls, config: MLLMConfig, directory: str | None = None, llm=None, **options) -> 'UniTokMLLM':
+        model, text_tok = _referenced_llm(config, directory, llm)
+        mllm = cls(config, model, text_tok, _code_input_like(config))
         if config.lora_rank:
             mllm.add_lora()
-        result = mllm.load_state_dict(state, strict=False)
-        if result.missing_keys or result.unexpected_keys:
-            raise CheckpointError(f'{weights_path} does not match {cfg_path}: missing keys {result.missing_keys[:8]}, '
-                                  f'unexpected keys {result.unexpected_keys[:8]}')
-        mllm.code_input.offsets = torch.arange(config.num_codebooks) * config.codebook_size
-        mllm.to(map_location)
+        return mllm
+
+    def _take_state(self, state, map_location, tokenizer=None, **options) -> None:
+        self.load_state_dict(state, strict=True)        # the LLM's own weights are not in the file
+        self.code_input.offsets = torch.arange(self.config.num_codebooks) * self.config.codebook_size
+        self.to(map_location)
         if tokenizer is not None:
-            mllm.set_image_tokenizer(tokenizer)
-        return mllm.eval()
+            self.set_image_tokenizer(tokenizer)
 
     # ------------------------------------------------------------------ embeddings and the LLM
     def image_embeds(self, codes: torch.Tensor) -> torch.Tensor:
@@ -353,24 +283,8 @@ class UniTokMLLM(nn.Module):
         x = self.embed(ids, image_mask, codes)
         positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
         h = self.hidden_states(x, mask, positions)                                    # (B, T, C)
-        labels, targets = batch['labels'], batch['image_targets']
-        text = labels != IGNORE
-        zero = h.new_zeros((), dtype=torch.float32)
-        text_sum, text_n, text_acc = zero, text.sum(), zero
-        if bool(text.any()):
-            logits = self.text_logits(h[text]).float()
-            text_sum = F.cross_entropy(logits, labels[text], reduction='sum')
-            text_acc = (logits.argmax(-1) == labels[text]).float().mean()
-        sel = targets[:, :-1]
-        img_n = sel.sum()
-        img_sum, img_acc = zero, zero
-        if bool(sel.any()):
-            hh = h[:, :-1][sel].to(self.head.pos_embed.dtype)
-            tgt = codes[:, 1:][sel]                                                    # (N, K)
-            logits = self.head(hh, tgt).float()                                        # (N, K, V)
-            ce = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), reduction='none').view_as(tgt)
-            img_sum = ce.mean(1).sum()
-            img_acc = (logits.argmax(-1) == tgt).float().mean()
+        text_sum, text_n, text_acc = _text_terms(self, h, batch['labels'])
+        img_sum, img_n, img_acc = _image_terms(self.head, h, codes, batch['image_targets'])
         w = self.loss_weights
         if denominator is None:
             denominator = (text_n + img_n).clamp_min(1)
@@ -382,96 +296,32 @@ class UniTokMLLM(nn.Module):
 
     loss_weights = (1.0, 1.0)
 
-    # ------------------------------------------------------------------ sequences
+    # ------------------------------------------------------------------ sequences (unitok.mllm.prompts)
     def check_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes of one image ``(K, h, w)`` or ``(1, K, h, w)`` -> ``(L, K)`` int64, with clear errors."""
-        c = self.config
-        if not isinstance(codes, torch.Tensor) or codes.dtype.is_floating_point or codes.dtype == torch.bool:
-            raise TypeError(f'codes must be an integer tensor (K, h, w), got {type(codes).__name__}'
-                            f'{" " + str(codes.dtype) if isinstance(codes, torch.Tensor) else ""}')
-        if codes.dim() == 4 and codes.shape[0] == 1:
-            codes = codes[0]
-        want = (c.num_codebooks, *c.grid)
-        if tuple(codes.shape) != want:
-            raise ValueError(f'codes must have shape {want} (K sub-codebooks, grid {c.grid[0]}x{c.grid[1]}), got '
-                             f'{tuple(codes.shape)}')
-        if int(codes.min()) < 0 or int(codes.max()) >= c.codebook_size:
-            raise ValueError(f'codes must lie in [0, {c.codebook_size}), got [{int(codes.min())}, {int(codes.max())}]')
-        return codes.long().flatten(1).t().contiguous()                               # (L, K)
-
-    def _ids(self, text: str) -> list[int]:
-        return self.text_tokenizer(text, add_special_tokens=False)['input_ids']
+        return codes_as_rows(self.config, codes)
 
     def understanding_example(self, codes: torch.Tensor, question: str, answer: str | None = None) -> dict:
         """The sequence of one question about an image (and its answer as the text target)."""
-        boi, eoi = (self.config.image_token_ids[t] for t in IMAGE_TOKENS)
-        L = self.config.num_positions
-        prompt = self._ids(chat_prompt(self.text_tokenizer, f'{IMAGE_TOKENS[0]}{IMAGE_TOKENS[1]}\n{question}'))
-        at = prompt.index(boi)
-        if prompt[at + 1] != eoi:
-            raise LLMError('the chat template split the image tokens apart')
-        ids = prompt[:at + 1] + [0] * L + prompt[at + 1:]
-        image = [False] * (at + 1) + [True] * L + [False] * (len(prompt) - at - 1)
-        grid = torch.zeros(len(ids), self.config.num_codebooks, dtype=torch.long)
-        grid[at + 1:at + 1 + L] = self.check_codes(codes)
-        labels = [IGNORE] * len(ids)
-        if answer is not None:
-            target = self._ids(answer) + [self._end_of_turn]
-            labels = labels[:-1] + [target[0]] + target[1:] + [IGNORE]
-            ids = ids + target
-            image += [False] * len(target)
-            grid = torch.cat([grid, grid.new_zeros(len(target), grid.shape[1])])
-        self._check_length(len(ids))
-        return dict(input_ids=torch.tensor(ids), image_mask=torch.tensor(image), codes=grid,
-                    labels=torch.tensor(labels), image_targets=torch.zeros(len(ids), dtype=torch.bool))
+        return understanding_sequence(self, codes, question, answer)
 
     def generation_prompt(self, prompt: str | None) -> list[int]:
         """Token ids of a text-to-image request, ending with ``<boi>``; ``None`` -> the null prompt."""
-        boi = self.config.image_token_ids[IMAGE_TOKENS[0]]
-        return self._ids(chat_prompt(self.text_tokenizer, prompt or '')) + [boi]
+        return generation_prefix(self, prompt)
 
     def generation_example(self, codes: torch.Tensor, prompt: str | None) -> dict:
         """The sequence of one text-to-image example (``prompt=None``: the null prompt of guidance)."""
-        L = self.config.num_positions
-        pre = self.generation_prompt(prompt)
-        ids = pre + [0] * L
-        self._check_length(len(ids))
-        grid = torch.zeros(len(ids), self.config.num_codebooks, dtype=torch.long)
-        grid[len(pre):] = self.check_codes(codes)
-        image = torch.zeros(len(ids), dtype=torch.bool)
-        image[len(pre):] = True
-        targets = torch.zeros(len(ids), dtype=torch.bool)
-        targets[len(pre) - 1:len(ids) - 1] = True
-        return dict(input_ids=torch.tensor(ids), image_mask=image, codes=grid,
-                    labels=torch.full((len(ids),), IGNORE), image_targets=targets)
+        return generation_sequence(self, codes, prompt)
 
     @property
     def max_length(self) -> int:
         return int(getattr(self.llm.config, 'max_position_embeddings', 0) or 1 << 30)
 
-    def _check_length(self, n: int, what: str = 'the sequence') -> None:
-        if n > self.max_length:
-            raise ValueError(f'{what} has {n} tokens, more than the LLM\'s context of {self.max_length} '
-                             f'(an image takes {self.config.num_positions} positions): shorten the prompt')
-
     # ------------------------------------------------------------------ inference API
     def encode_image(self, image) -> torch.Tensor:
         """A path, PIL image or ``(3, H, W)`` / ``(1, 3, H, W)`` tensor in [-1, 1] -> codes ``(K, h, w)``.
         Paths and PIL images are resized (shorter side, centre crop); tensors must have the tokenizer's size."""
-        from ..images import to_tensor
-        tok = self.image_tokenizer
-        size = tok.config.image_size
-        if isinstance(image, torch.Tensor):
-            x = image[None] if image.dim() == 3 else image
-            if x.dim() != 4 or x.shape[0] != 1 or x.shape[1] != 3:
-                raise ValueError(f'image must be a tensor (3, H, W) or (1, 3, H, W), got {tuple(image.shape)}')
-            if tuple(x.shape[-2:]) != (size, size):
-                raise ValueError(f'image is {x.shape[-2]}x{x.shape[-1]}; this MLLM reads {size}x{size} images '
-                                 f'(grid {self.config.grid[0]}x{self.config.grid[1]}): resize it, or pass a path/PIL '
-                                 'image to resize automatically')
-        else:
-            x = to_tensor(image, size=size)
-        return tok.encode(x.to(tok.device))[0]
+        return image_codes(self, image)
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """Codes ``(B, K, h, w)`` -> images ``(B, 3, H, W)`` in [-1, 1] through the UniTok tokenizer."""
@@ -483,18 +333,9 @@ class UniTokMLLM(nn.Module):
         """Answer ``question`` about ``image`` (path, PIL image, tensor, or codes ``(K, h, w)`` int).
 
         ``stream``: called with each new piece of text as it is generated. Greedy by default."""
-        from .generate import generate_text
-        if image is None:
-            ids = self._ids(chat_prompt(self.text_tokenizer, question))
-            example = dict(input_ids=torch.tensor(ids), image_mask=torch.zeros(len(ids), dtype=torch.bool),
-                           codes=torch.zeros(len(ids), self.config.num_codebooks, dtype=torch.long))
-        else:
-            codes = image if isinstance(image, torch.Tensor) and not image.dtype.is_floating_point \
-                else self.encode_image(image)
-            example = self.understanding_example(codes, question)
-        self._check_length(len(example['input_ids']) + max_new_tokens, 'the question plus max_new_tokens')
-        ids = generate_text(self, example, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                            top_p=top_p, generator=generator, stream=stream, use_cache=use_cache)
+        ids = generate_text(self, chat_sequence(self, image, question, max_new_tokens), max_new_tokens=max_new_tokens,
+                            temperature=temperature, top_k=top_k, top_p=top_p, generator=generator, stream=stream,
+                            use_cache=use_cache)
         return self.text_tokenizer.decode(ids, skip_special_tokens=True).strip()
 
     def generate_image(self, prompt: str | Sequence[str], *, n: int = 1, cfg_scale: float = 1.0,
@@ -503,17 +344,34 @@ class UniTokMLLM(nn.Module):
         """Codes ``(B, K, h, w)`` of ``n`` images per prompt (``B = n * len(prompts)``), for ``decode_codes``.
 
         ``cfg_scale != 1`` mixes the logits with those of the null prompt, ``u + s * (c - u)``."""
-        from .generate import generate_codes
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise TypeError(f'prompt must be a string or a list of strings, got {prompt!r}')
-        if not isinstance(n, int) or n < 1:
-            raise ValueError(f'n must be an int >= 1, got {n!r}')
-        rows = [self.generation_prompt(p) for p in prompts for _ in range(n)]
-        for r in rows:
-            self._check_length(len(r) + self.config.num_positions, 'the prompt plus the image')
-        return generate_codes(self, rows, cfg_scale=cfg_scale, temperature=temperature, top_k=top_k, top_p=top_p,
-                              generator=generator, use_cache=use_cache)
+        return generate_codes(self, image_request_rows(self, prompt, n), cfg_scale=cfg_scale, temperature=temperature,
+                              top_k=top_k, top_p=top_p, generator=generator, use_cache=use_cache)
+
+
+def _text_terms(model: UniTokMLLM, h: torch.Tensor, labels: torch.Tensor) -> tuple:
+    """Summed text cross-entropy over the positions with a label, their count, and the accuracy there."""
+    text = labels != IGNORE
+    text_sum, text_acc = (h.new_zeros((), dtype=torch.float32),) * 2
+    if bool(text.any()):
+        logits = model.text_logits(h[text]).float()
+        text_sum = F.cross_entropy(logits, labels[text], reduction='sum')
+        text_acc = (logits.argmax(-1) == labels[text]).float().mean()
+    return text_sum, text.sum(), text_acc
+
+
+def _image_terms(head: DepthHead, h: torch.Tensor, codes: torch.Tensor, targets: torch.Tensor) -> tuple:
+    """The depth head's cross-entropy (mean over the K sub-codes) summed over the image targets (position
+    t predicts the codes of t+1), their count, and the accuracy."""
+    sel = targets[:, :-1]
+    img_sum, img_acc = (h.new_zeros((), dtype=torch.float32),) * 2
+    if bool(sel.any()):
+        hh = h[:, :-1][sel].to(head.pos_embed.dtype)
+        tgt = codes[:, 1:][sel]                                                    # (N, K)
+        logits = head(hh, tgt).float()                                             # (N, K, V)
+        ce = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), reduction='none').view_as(tgt)
+        img_sum = ce.mean(1).sum()
+        img_acc = (logits.argmax(-1) == tgt).float().mean()
+    return img_sum, sel.sum(), img_acc
 
 
 def _cache_argument(decoder) -> str:
@@ -528,14 +386,30 @@ def _cache_argument(decoder) -> str:
 _CACHE_ARG: dict[type, str] = {}
 
 
-def _end_of_turn(tokenizer) -> int:
-    vocab = tokenizer.get_vocab()
-    for t in ('<|im_end|>', '<|eot_id|>', '<|end|>'):
-        if t in vocab:
-            return int(vocab[t])
-    if tokenizer.eos_token_id is None:
-        raise LLMError('the LLM tokenizer has no end-of-turn or EOS token to end answers with')
-    return int(tokenizer.eos_token_id)
+def _save_llm_copy(mllm: UniTokMLLM, directory: str) -> str:
+    """Write the LLM and its tokenizer to ``directory/llm``; returns the spec the config then holds."""
+    if getattr(mllm.llm, 'peft_config', None):
+        raise ValueError('save_llm with LoRA adapters: the adapters are saved in any case and the LLM is '
+                         'referenced; save without save_llm')
+    mllm.llm.save_pretrained(os.path.join(directory, LLM_COPY))
+    mllm.text_tokenizer.save_pretrained(os.path.join(directory, LLM_COPY))
+    return LLM_COPY
+
+
+def _referenced_llm(config: MLLMConfig, directory: str | None, llm=None) -> tuple:
+    """The LLM and its tokenizer a saved config references (or ``llm``, checked against it), with the
+    image tokens added at the saved ids."""
+    if isinstance(llm, (tuple, list)):
+        model, text_tok = llm
+    else:
+        spec = llm or (os.path.join(directory, config.llm) if config.llm == LLM_COPY else config.llm)
+        model, text_tok, _ = load_llm(spec)
+    check_reference(config.llm_ref, model, text_tok, config.base_vocab)
+    if len(text_tok) != config.base_vocab and not all(t in text_tok.get_vocab() for t in IMAGE_TOKENS):
+        raise LLMError(f'the LLM tokenizer has {len(text_tok)} tokens, the saved model was trained with '
+                       f'{config.base_vocab} (before the image tokens)')
+    add_image_tokens(text_tok, expected=config.image_token_ids)
+    return model, text_tok
 
 
 def _is_llm_weight(key: str) -> bool:

@@ -31,3 +31,25 @@ def tokenize(texts: str | Sequence[str], context_length: int = 77) -> torch.Long
     if not all(isinstance(t, str) for t in texts):
         raise TypeError('tokenize expects a string or a sequence of strings')
     return _tokenizer(context_length)(list(texts), context_length=context_length)
+
+
+def text_ids(texts, context_length: int, vocab_size: int) -> torch.Tensor:
+    """Token ids ``(N, context_length)`` from a string, a list of strings, or ids to check (integers in
+    ``[0, vocab_size)``), with a clear error for anything else."""
+    if isinstance(texts, str):
+        return tokenize(texts, context_length)
+    if isinstance(texts, torch.Tensor):
+        if texts.dtype.is_floating_point or texts.dtype == torch.bool:
+            raise TypeError(f'text token ids must be an integer tensor, got {texts.dtype}')
+        if texts.dim() != 2 or texts.shape[1] != context_length:
+            raise ValueError(f'text token ids must be (N, {context_length}), got {tuple(texts.shape)}')
+        if texts.numel() and (int(texts.min()) < 0 or int(texts.max()) >= vocab_size):
+            raise ValueError(f'text token ids must lie in [0, {vocab_size})')
+        return texts
+    if not isinstance(texts, Sequence) or not all(isinstance(t, str) for t in texts):
+        bad = type(texts).__name__ if not isinstance(texts, Sequence) else \
+            f'a sequence holding {type(next(t for t in texts if not isinstance(t, str))).__name__}'
+        raise TypeError(f'texts must be a string, a list of strings or token ids (N, {context_length}); got {bad}')
+    if not texts:
+        raise ValueError('texts is empty: pass at least one string')
+    return tokenize(list(texts), context_length)

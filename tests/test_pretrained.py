@@ -1,12 +1,12 @@
+"""The save/load contract (unitok.pretrained): directories, hub ids, model cards, push_to_hub."""
 import os
-import pickle
 
 import pytest
 import torch
 
 import unitok
 from unitok import CheckpointError, UniTok
-from unitok.checkpoint import atomic_write, save_official_checkpoint
+from unitok.utils.io import atomic_write
 
 
 def test_save_load_round_trip(tiny_model, images64, tmp_path):
@@ -24,93 +24,6 @@ def test_save_load_round_trip(tiny_model, images64, tmp_path):
     again = UniTok.from_pretrained(str(tmp_path / 'm' / 'model.safetensors'))
     assert torch.equal(again.quantizer._offsets, tiny_model.quantizer._offsets)
     assert torch.equal(again.text_encoder.attn_mask, tiny_model.text_encoder.attn_mask)
-
-
-def test_official_format_round_trip(tiny_model, images64, tmp_path):
-    path = str(tmp_path / 'official.pth')
-    save_official_checkpoint(tiny_model, path)
-    raw = torch.load(path, weights_only=True)
-    assert 'quantizer.codebooks.0.codebook.weight' in raw['trainer']['unitok']
-    loaded = unitok.load_official_checkpoint(path)
-    assert torch.equal(loaded.encode(images64), tiny_model.encode(images64))
-    assert UniTok.from_pretrained(path).config == tiny_model.config      # .pth goes to the official loader
-
-
-def _official(tiny_model, state=None):
-    return {'args': tiny_model.config.to_official_args(),
-            'trainer': {'unitok': unitok.official_state_dict(tiny_model) if state is None else state}}
-
-
-def test_missing_and_unexpected_keys_are_named(tiny_model, tmp_path):
-    state = unitok.official_state_dict(tiny_model)
-    del state['decoder.norm.weight']
-    state['decoder.extra.weight'] = torch.zeros(1)
-    torch.save(_official(tiny_model, state), tmp_path / 'bad.pth')
-    with pytest.raises(CheckpointError, match=r'1 missing key\(s\): decoder.norm.weight; '
-                                              r'1 unexpected key\(s\): decoder.extra.weight'):
-        unitok.load_official_checkpoint(str(tmp_path / 'bad.pth'))
-
-
-def test_shape_mismatch_is_named(tiny_model, tmp_path):
-    state = unitok.official_state_dict(tiny_model)
-    state['fc_norm.weight'] = torch.zeros(3)
-    torch.save(_official(tiny_model, state), tmp_path / 'bad.pth')
-    with pytest.raises(CheckpointError, match='shape mismatch for fc_norm.weight'):
-        unitok.load_official_checkpoint(str(tmp_path / 'bad.pth'))
-
-
-class _Exploit:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, 'w'))   # would create the marker file if unpickled
-
-
-def test_pickle_that_runs_code_is_refused_and_nothing_runs(tiny_model, tmp_path):
-    marker = tmp_path / 'pwned'
-    ckpt = _official(tiny_model)
-    ckpt['trainer']['payload'] = _Exploit(str(marker))
-    path = tmp_path / 'evil.pth'
-    torch.save(ckpt, path)
-    with pytest.raises(CheckpointError, match='refused to load .* Nothing from the file was executed'):
-        unitok.load_official_checkpoint(str(path))
-    assert not marker.exists()
-    # the same with a plain pickle file (not torch's zip format)
-    path2 = tmp_path / 'evil2.pth'
-    with open(path2, 'wb') as f:
-        pickle.dump(_Exploit(str(marker)), f)
-    with pytest.raises(CheckpointError):
-        unitok.load_official_checkpoint(str(path2))
-    assert not marker.exists()
-
-
-@pytest.mark.parametrize('content,match', [
-    (b'', 'cannot read checkpoint'),
-    (b'garbage bytes that are not a checkpoint', 'cannot read checkpoint|refused'),
-])
-def test_corrupt_files(tmp_path, content, match):
-    path = tmp_path / 'x.pth'
-    path.write_bytes(content)
-    with pytest.raises(CheckpointError, match=match):
-        unitok.load_official_checkpoint(str(path))
-
-
-def test_truncated_checkpoint(tiny_model, tmp_path):
-    path = tmp_path / 'full.pth'
-    torch.save(_official(tiny_model), path)
-    data = path.read_bytes()
-    (tmp_path / 'cut.pth').write_bytes(data[: len(data) // 2])
-    with pytest.raises(CheckpointError, match='cannot read checkpoint'):
-        unitok.load_official_checkpoint(str(tmp_path / 'cut.pth'))
-
-
-def test_wrong_structure(tmp_path):
-    torch.save({'model': {}}, tmp_path / 'x.pth')
-    with pytest.raises(CheckpointError, match='not an official UniTok checkpoint'):
-        unitok.load_official_checkpoint(str(tmp_path / 'x.pth'))
-    with pytest.raises(CheckpointError, match='no checkpoint file'):
-        unitok.load_official_checkpoint(str(tmp_path / 'missing.pth'))
 
 
 def test_pretrained_dir_problems(tiny_model, tmp_path):
@@ -138,37 +51,6 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
     with pytest.raises(RuntimeError):
         atomic_write(str(path), fail)
     assert path.read_bytes() == b'old' and os.listdir(tmp_path) == ['f.bin']
-
-
-# ---------------------------------------------------------------------- pickle refusal names the global
-class _Call:
-    def __init__(self, fn, arg):
-        self.fn, self.arg = fn, arg
-
-    def __reduce__(self):
-        return (self.fn, (self.arg,))
-
-
-@pytest.mark.parametrize('fn,name', [(os.system, 'os.system'), (exec, 'builtins.exec')])
-@pytest.mark.parametrize('writer', ['torch', 'pickle'])
-def test_pickle_refusal_names_the_blocked_global(tiny_model, tmp_path, fn, name, writer):
-    marker = tmp_path / 'pwned'
-    payload = f'touch {marker}' if fn is os.system else f'open({str(marker)!r}, "w")'
-    ckpt = _official(tiny_model)
-    ckpt['trainer']['payload'] = _Call(fn, payload)
-    path = tmp_path / 'evil.pth'
-    if writer == 'torch':
-        torch.save(ckpt, path)
-    else:
-        with open(path, 'wb') as f:
-            pickle.dump(ckpt, f, protocol=4)
-    with pytest.raises(CheckpointError) as info:
-        unitok.load_official_checkpoint(str(path))
-    message = str(info.value)
-    assert f'the file is unsafe: unpickling it would import and call {name}, which can run arbitrary code' \
-        in message
-    assert 'weights_only' not in message and '\x1b' not in message and 'Nothing from the file was executed' in message
-    assert not marker.exists()
 
 
 # ---------------------------------------------------------------------- path or hub id, never a guess
@@ -302,3 +184,58 @@ def test_push_to_hub_errors_are_clear(tiny_model, monkeypatch):
     with pytest.raises(CheckpointError, match=r"pushing to 'me/x' on the Hugging Face hub failed \(PermissionError: "
                                               r'401 Client Error: Unauthorized\). Log in with `hf auth login`'):
         tiny_model.push_to_hub('me/x')
+
+
+# ---------------------------------------------------------------------- one contract for every model
+def _model_and_load_options(kind, tiny_model):
+    """A small model of each class and the options its from_pretrained needs."""
+    if kind == 'unitok':
+        return tiny_model, {}
+    if kind == 'generator':
+        from unitok.generation import GeneratorConfig, GeneratorModel
+        torch.manual_seed(0)
+        return GeneratorModel(GeneratorConfig(num_codebooks=4, codebook_size=32, grid=(3, 4), dim=32, depth=2,
+                                              num_heads=2, num_classes=5)).eval(), {}
+    pytest.importorskip('transformers')
+    from unitok.mllm import UniTokMLLM
+    from unitok.mllm.tiny import tiny_llm
+    torch.manual_seed(0)
+    mllm = UniTokMLLM.build(tiny_model, tiny_llm(), head_width=32, head_heads=2, head_depth=1)
+    return mllm.eval(), {'llm': tiny_llm(), 'tokenizer': tiny_model}
+
+
+def _same_state(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.mark.parametrize('kind', ['unitok', 'generator', 'mllm'])
+def test_every_model_saves_and_loads_through_the_one_contract(kind, tiny_model, tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    from unitok.pretrained import Pretrained
+    model, options = _model_and_load_options(kind, tiny_model)
+    cls = type(model)
+    assert issubclass(cls, Pretrained)
+    assert not {'_load_pretrained', '_load_dir', '_from_state'} & set(vars(cls))   # the loading path is shared
+    # save + load: the class's own file names, the same tensors
+    directory = tmp_path / 'm'
+    model.save_pretrained(str(directory))
+    assert {cls.config_file, cls.weights_file} <= set(os.listdir(directory))
+    again = cls.from_pretrained(str(directory), **options)
+    assert type(again) is cls and not again.training
+    _same_state(model, again)
+    # strict keys: a missing and an unexpected tensor are both named
+    weights = directory / cls.weights_file
+    state = load_file(str(weights))
+    dropped = sorted(state)[-1]
+    state['extra.weight'] = state.pop(dropped)
+    save_file(state, str(weights))
+    with pytest.raises(CheckpointError, match=rf'1 missing key\(s\): {dropped}; 1 unexpected key\(s\): extra.weight'):
+        cls.from_pretrained(str(directory), **options)
+    # a hub id, from a Hugging Face cache filled locally (HF_HUB_OFFLINE=1 in tests)
+    _cache_hub_model(monkeypatch, tmp_path, f'someone/{kind}', model)
+    _same_state(model, cls.from_pretrained(f'someone/{kind}', **options))
+    with pytest.raises(CheckpointError, match=f"hub model 'someone/{kind}' at revision 'v2' is not in the local"):
+        cls.from_pretrained(f'someone/{kind}', revision='v2', **options)
