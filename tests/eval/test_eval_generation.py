@@ -176,7 +176,7 @@ def test_held_out_nll_matches_the_generator_loss(models, cheap_features):
     m = _run(models, 9, cfg_scales=(1.0,), samples_per_class=1, grid_samples=0).metrics
     gen, tok, _ = load_generator(str(models / 'model'))
     from unitok.data import eval_transform
-    from unitok.eval.loading import subset_indices
+    from unitok.eval.subsets import subset_indices
     from unitok.images import to_uint8_tensor
     src = open_source('builtin:emoji', 'val')
     idx = subset_indices(len(src), 27, src.labels, 0)

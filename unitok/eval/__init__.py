@@ -1,6 +1,6 @@
 """Evaluation: metric maths in :mod:`.metrics`; pipelines for the tokenizer (:mod:`.tokenizer`), the
 generator (:mod:`.generation`) and the MLLM (:mod:`.mllm`); one report renderer (:mod:`.report`)."""
-from .loading import subset_indices
+from .subsets import subset_indices
 from .metrics import CodebookStats, FrechetDistance, inception_score, kernel_inception_distance
 from .report import compare, write_report
 from .tokenizer import ALL_METRICS, DEFAULT_METRICS, TRAINING_METRICS, EvalConfig, EvalResult, evaluate

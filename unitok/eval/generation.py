@@ -29,7 +29,8 @@ from ..data import eval_transform
 from ..images import to_uint8_tensor
 from ..utils import distributed as D
 from .features import EXTRACTORS, build_extractors, extract
-from .loading import GenEvalError, load_generator, read_images, subset_indices
+from .loading import GenEvalError, load_generator
+from .subsets import read_images, subset_indices
 from .metrics import (LinearProbe, codebook_nll, consistency, copy_statistics, distribution_metrics, kid_interval,
                       precision_recall, weighted_sums)
 from .report import write_generation_report

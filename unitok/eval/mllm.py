@@ -16,6 +16,7 @@ with ``mix_seed(seed, i)``), so no number depends on ``batch_size``. Single proc
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -29,11 +30,12 @@ from ..utils import dataclass_io
 from ..utils.seeds import mix_seed
 from .features import EXTRACTORS, build_extractor
 from .loading import (TRAINING_INFO, MLLMEvalError, code_dataset, labelled_items, open_images, read_training_info,
-                      same_dataset, subset_indices)
+                      same_dataset)
 from .metrics import consistency, distribution_metrics, exact_match, normalize_answer, token_f1, topk_correct
 from .mllm_scoring import answer_log_likelihoods, crossing_derangement
 from .report import write_mllm_report
 from .sampling import chunks, progress_bar
+from .subsets import subset_indices
 
 log = logging.getLogger(__name__)
 

@@ -20,6 +20,13 @@ TEMPLATE = os.path.join(HERE, 'report.html')
 GEN_TEMPLATE = os.path.join(HERE, 'generation_report.html')
 MLLM_TEMPLATE = os.path.join(HERE, 'mllm_report.html')
 STYLE = os.path.join(HERE, 'report.css')
+with open(os.path.join(HERE, 'report_labels.json'), encoding='utf-8') as _f:
+    _LABELS = json.load(_f)
+# report key -> (description, which way is better); generation keys ending in '_' are prefixes
+# followed by the extractor name
+LABELS = {k: tuple(v) for k, v in _LABELS['tokenizer'].items()}
+GEN_LABELS = {k: tuple(v) for k, v in _LABELS['generation'].items()}
+MLLM_LABELS = _LABELS['mllm']
 esc = html.escape
 
 __all__ = ['render_template', 'format_value', 'png_data_uri', 'metric_table', 'write_report', 'add_section',
@@ -103,26 +110,6 @@ def value_table(values: dict) -> str:
                                for k, v in values.items()) + '</table>'
 
 
-# ---------------------------------------------------------------------- tokenizer reports
-LABELS = {
-    'psnr': ('PSNR (dB)', 'higher'), 'ssim': ('SSIM', 'higher'), 'lpips': ('LPIPS-VGG', 'lower'),
-    'rfid_inception': ('rFID (Inception-v3)', 'lower'),
-    'rfid_effnet-lite0': ('rFD, EfficientNet-Lite0 features (not FID)', 'lower'),
-    'rfid_dinov2': ('rFD, DINOv2 ViT-S/14 features (not FID)', 'lower'),
-    'kid_inception': ('rKID (Inception-v3)', 'lower'), 'inception_score': ('Inception Score', 'higher'),
-    'zero_shot_top1': ('zero-shot top-1', 'higher'), 'zero_shot_top5': ('zero-shot top-5', 'higher'),
-    'recall@1': ('retrieval recall@1 (mean of both directions)', 'higher'),
-    'recall@5': ('retrieval recall@5', 'higher'), 'recall@10': ('retrieval recall@10', 'higher'),
-    'codebook_usage': ('codebook usage (share of codes used)', 'higher'),
-    'codebook_perplexity': ('codebook perplexity (mean over sub-codebooks)', 'higher'),
-    'codebook_entropy_bits': ('code entropy (bits, mean over sub-codebooks)', 'higher'),
-    'dead_codes': ('dead codes (all sub-codebooks)', 'lower'),
-    'distinct_code_tuples': ('distinct K-tuples of codes', 'higher'),
-    'l1': ('L1 (mean absolute error on [-1, 1])', 'lower'),
-    'clip_loss': ('in-batch CLIP loss (depends on the batch size)', 'lower'),
-    'samples': ('images evaluated', ''), 'classes_covered': ('classes among the images evaluated', ''),
-    'skipped': ('unreadable images skipped', ''),
-}
 _FIGURES = ('reconstructions', 'codebook_usage')
 
 
@@ -223,20 +210,6 @@ def compare(report_dirs: list[str], out_dir: str) -> str:
 
 
 # ---------------------------------------------------------------------- generator reports
-# key prefix -> (label, which way is better); the extractor name follows the prefix
-GEN_LABELS = {
-    'fd_inception': ('FID (Inception-v3)', 'lower'),
-    'fd_': ('Fréchet distance, {} features (not FID)', 'lower'),
-    'kid_': ('KID, {} features (mean over subsets; [2.5%, 97.5%])', 'lower'),
-    'precision_': ('precision, {} features (k-NN balls)', 'higher'),
-    'recall_': ('recall, {} features (k-NN balls)', 'higher'),
-    'consistency_zero_shot': ('condition consistency: tokenizer zero-shot head', 'higher'),
-    'control_zero_shot': ('shuffled-label control: zero-shot head (~chance)', ''),
-    'consistency_classifier': ('condition consistency: linear probe trained on the train split', 'higher'),
-    'control_classifier': ('shuffled-label control: linear probe (~chance)', ''),
-    'copy_rate': ('copy rate (NN closer than 99% of held-out images are)', 'lower'),
-    'nn_distance_ratio': ('mean NN distance to train / that of held-out images', 'about 1: as novel as new real images'),
-}
 
 
 def generation_label(key: str) -> tuple[str, str]:
@@ -282,18 +255,6 @@ def write_generation_report(out_dir: str, result) -> None:
     atomic_write(os.path.join(out_dir, 'report.html'), lambda f: f.write(page), mode='w', what='report')
 
 
-# ---------------------------------------------------------------------- MLLM reports
-MLLM_LABELS = {
-    'llm_zero_shot_top1': 'LLM zero-shot category top-1 (answer log-likelihood)',
-    'tokenizer_zero_shot_top1': "tokenizer's CLIP zero-shot category top-1, same images",
-    'control_swapped_top1': "control: another item's image of another category (at or below chance)",
-    'control_swapped_partner_top1': "control: agreement with the swapped-in image's category",
-    'control_noise_top1': 'control: uniform random codes (~chance)',
-    'chance': 'chance (1 / classes)', 'majority_rate': 'majority-class rate',
-    'name_exact_match': 'held-out name exact match (greedy)', 'name_token_f1': 'held-out name token F1',
-    'train_name_exact_match': 'train name exact match (greedy)', 'train_name_token_f1': 'train name token F1',
-    'items': 'held-out items', 'classes': 'categories',
-}
 
 
 def _thumb(u8) -> str:

@@ -5,7 +5,7 @@ retrieval and codebook health, the same whatever the batch size or the number of
 Protocol (recorded in the report): images converted to RGB; ``resize='crop'``: shorter side resized
 to the model size (bicubic, antialiased) and the centre square cropped; ``resize='native'``: centre-
 cropped down to multiples of 16. Reconstructions are clamped to [-1, 1]; extractors see uint8 images
-(what PNG files hold). ``max_samples`` picks a fixed subset (:func:`~unitok.eval.loading.subset_indices`).
+(what PNG files hold). ``max_samples`` picks a fixed subset (:func:`~unitok.eval.subsets.subset_indices`).
 ``clip_loss`` depends on the batch composition; every other statistic is a sum over samples reduced
 once at the end.
 """
@@ -24,7 +24,7 @@ from ..losses.contrastive import ContrastiveLoss
 from ..losses.perceptual import LPIPSPerceptual
 from ..utils import distributed as D
 from .features import build_extractors
-from .loading import describe_subset, image_batches, native_crop, source_samples, subset_indices
+from .subsets import describe_subset, image_batches, native_crop, source_samples, subset_indices
 from .metrics import (CodebookStats, FrechetDistance, inception_score, kernel_inception_distance, l1, psnr,
                       retrieval_recall, ssim, topk_correct)
 
