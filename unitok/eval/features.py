@@ -54,7 +54,7 @@ class EffNetLite0Features(nn.Module):
 
     def __init__(self):
         super().__init__()
-        # channels-last: oneDNN's depthwise convolutions are ~1.6x faster in that layout
+        # channels-last: oneDNN's depthwise convolutions are faster in that layout
         self.net = load_effnet_lite0().requires_grad_(False).to(memory_format=torch.channels_last)
 
     def train(self, mode: bool = True):
