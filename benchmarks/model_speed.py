@@ -133,7 +133,7 @@ def faithfulness(args) -> None:
     """Code agreement and reconstruction PSNR of the fast path against fp32, on real images."""
     from unitok.data import open_source
     from unitok.data.transforms import eval_transform
-    from unitok.eval.reconstruction import psnr
+    from unitok.eval.metrics import psnr
     ref = unitok.UniTok.from_pretrained(args.trained).eval()
     source = open_source('builtin:emoji', split='val')
     size = ref.config.image_size
@@ -159,7 +159,7 @@ def faithfulness(args) -> None:
 def faithfulness_row(ref, fast, images, rec32, psnr32, name: str) -> None:
     """Prints the codes' agreement by the near-tie rule, and the PSNR of ``fast``'s reconstructions
     against the images beside fp32's (the target: within 0.5 dB) and against fp32's reconstructions."""
-    from unitok.eval.reconstruction import psnr
+    from unitok.eval.metrics import psnr
     from unitok.precision import compare_codes
     total, rec16 = None, []
     for i in range(0, images.shape[0], 32):

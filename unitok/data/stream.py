@@ -8,7 +8,6 @@ Unreadable samples are skipped; each batch says how many were skipped, and which
 """
 from __future__ import annotations
 
-import hashlib
 import random
 import signal
 from typing import Any, Callable, Iterator
@@ -17,14 +16,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from ..images import ImageReadError
+from ..utils.seeds import mix_seed
 
 MAX_REPORTED_KEYS = 8
-
-
-def mix_seed(*parts: int) -> int:
-    """A well-mixed 63-bit seed from integers (stable across processes and platforms)."""
-    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, 'little') & ((1 << 63) - 1)
 
 
 def map_positions(n: int, shard: int, num_shards: int, seed: int, start: int = 0) -> Iterator[tuple[int, tuple[int, int]]]:

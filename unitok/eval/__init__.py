@@ -1,10 +1,9 @@
-"""Reproducible tokenizer evaluation: rFID-style Fréchet distances, PSNR/SSIM/LPIPS, zero-shot
-accuracy, retrieval, codebook health, and JSON/HTML reports."""
-from .codebook import CodebookStats
-from .evaluator import (ALL_METRICS, DEFAULT_METRICS, TRAINING_METRICS, EvalConfig, EvalResult, evaluate,
-                        subset_indices)
-from .fid import FrechetDistance, inception_score, kernel_inception_distance
+"""Evaluation: metric maths in :mod:`.metrics`; pipelines for the tokenizer (:mod:`.tokenizer`), the
+generator (:mod:`.generation`) and the MLLM (:mod:`.mllm`); one report renderer (:mod:`.report`)."""
+from .subsets import subset_indices
+from .metrics import CodebookStats, FrechetDistance, inception_score, kernel_inception_distance
 from .report import compare, write_report
+from .tokenizer import ALL_METRICS, DEFAULT_METRICS, TRAINING_METRICS, EvalConfig, EvalResult, evaluate
 
 __all__ = ['evaluate', 'EvalConfig', 'EvalResult', 'ALL_METRICS', 'DEFAULT_METRICS', 'TRAINING_METRICS',
            'subset_indices', 'FrechetDistance', 'CodebookStats', 'kernel_inception_distance', 'inception_score',

@@ -196,12 +196,14 @@ class GeneratorTask(Task):
     @torch.no_grad()
     def validate(self, strategy) -> dict[str, float]:
         """Held-out NLL per sub-codebook (nats) on the first ``eval_batches * batch_size`` items."""
+        from ...eval.metrics.nll import codebook_nll, weighted_means, weighted_sums
         if self.val_codes is None:
             return {}
         bs, K = self.cfg.data.batch_size, self.model.config.num_codebooks
         n = min(len(self.val_codes), self.cfg.eval_batches * bs)
         mine = list(range(strategy.rank, n, strategy.world_size))
         sums = torch.zeros(K + 2, dtype=torch.float64, device=strategy.device)     # nll_k..., accuracy, count
+        names = [f'nll_{k}' for k in range(K)] + ['accuracy']
         text = self.model.config.cond == 'text'
         for s in range(0, len(mine), bs):
             items = [self.val_codes[i] for i in mine[s:s + bs]]
@@ -212,14 +214,10 @@ class GeneratorTask(Task):
                 batch['text'] = tokenize([it['caption'] for it in items],
                                          self.tokenizer.config.text_context_length).to(strategy.device)
             _, m = self.model.loss(batch['codes'], self.condition(batch))
-            count = len(items)
-            sums[:K] += torch.stack([m[f'nll_{k}'] for k in range(K)]).double() * count
-            sums[K] += m['accuracy'].double() * count
-            sums[K + 1] += count
+            sums += weighted_sums([m[name] for name in names], len(items))
         strategy.all_reduce(sums)
-        count = max(1.0, float(sums[K + 1]))
-        out = {f'nll_{k}': float(sums[k]) / count for k in range(K)}
-        out.update(nll=sum(out.values()) / K, accuracy=float(sums[K]) / count, samples=count)
+        out = codebook_nll(sums, K)
+        out.update(accuracy=weighted_means(sums[K:], ['accuracy'])['accuracy'], samples=max(1.0, float(sums[K + 1])))
         return out
 
     @torch.no_grad()

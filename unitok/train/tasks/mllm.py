@@ -249,6 +249,7 @@ class MLLMTask(Task):
         ``eval_batches * batch_size`` items (view 0, no prompt dropout)."""
         if self.val_codes is None:
             return {}
+        from ...eval.metrics.nll import weighted_means, weighted_sums
         from ...mllm.data import collate
         bs = self.cfg.data.batch_size
         n = min(len(self.val_codes), self.cfg.eval_batches * bs)
@@ -263,14 +264,13 @@ class MLLMTask(Task):
             _, m = self.model(batch)
             nt = float((batch['labels'] != -100).sum())
             ni = float(batch['image_targets'][:, :-1].sum())
-            sums += torch.tensor([float(m['text_loss']) * nt, nt, float(m['image_loss']) * ni, ni,
-                                  len(mine[s:s + bs])], dtype=torch.float64, device=strategy.device)
+            sums += torch.cat([weighted_sums([float(m['text_loss'])], nt), weighted_sums([float(m['image_loss'])], ni),
+                               torch.tensor([len(mine[s:s + bs])], dtype=torch.float64)]).to(strategy.device)
         strategy.all_reduce(sums)
         out = {'samples': float(sums[4])}
-        if sums[1] > 0:
-            out['text_loss'] = float(sums[0] / sums[1])
-        if sums[3] > 0:
-            out['image_loss'] = float(sums[2] / sums[3])
+        for name, at in (('text_loss', 0), ('image_loss', 2)):
+            if sums[at + 1] > 0:
+                out.update(weighted_means(sums[at:at + 2], [name]))
         return out
 
     @torch.no_grad()

@@ -13,7 +13,7 @@ import torch
 import unitok
 from unitok.data import open_source
 from unitok.eval import CodebookStats, EvalConfig, FrechetDistance, evaluate, write_report
-from unitok.eval.zero_shot import retrieval_recall, topk_correct
+from unitok.eval.metrics.zero_shot import retrieval_recall, topk_correct
 
 
 def _reference_fid(a: np.ndarray, b: np.ndarray) -> float:

@@ -1,14 +1,8 @@
-"""Per-image reconstruction metrics of images in [-1, 1], returned per image so that the caller's
-sums (and averages) do not depend on batching.
+"""Per-image reconstruction metrics of images in [-1, 1] (PSNR and SSIM through torchmetrics on the
+[0, 1] scale, L1 on the [-1, 1] scale), per image so that sums do not depend on batching.
 
-* :func:`psnr`: PSNR on the [0, 1] scale (torchmetrics, data range 1), in float64 -- the one PSNR
-  of the package (validation during training calls :func:`unitok.eval.evaluate`, which uses it).
-* :func:`ssim`: SSIM on the [0, 1] scale (torchmetrics; Gaussian window 11, sigma 1.5).
-* :func:`l1`: mean absolute error on the model's [-1, 1] scale, the scale of the training L1 loss.
-
-LPIPS is the training loss's network, :meth:`unitok.losses.LPIPSPerceptual.per_image`: torchmetrics'
-``LearnedPerceptualImagePatchSimilarity`` builds its VGG16 trunk with torchvision's downloadable
-weights and takes no local file for it, and evaluation here never downloads.
+LPIPS is the training loss's network (:meth:`unitok.losses.LPIPSPerceptual.per_image`): torchmetrics'
+LPIPS downloads its VGG16 trunk and takes no local file.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from unitok.eval import TRAINING_METRICS, EvalConfig, evaluate, subset_indices
-from unitok.eval.evaluator import _samples, _stream_samples
+from unitok.eval.subsets import source_samples as _samples, stream_samples as _stream_samples
 
 CLASSES, PER_CLASS = 10, 20
 # Class 0 is always recognised, every other class in 2 of its 20 images: full-set top-1 = 38 / 200.

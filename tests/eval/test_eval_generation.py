@@ -93,8 +93,8 @@ class PooledPixels(torch.nn.Module):
 
 @pytest.fixture
 def cheap_features(monkeypatch):
-    import unitok.eval.generation as G
-    monkeypatch.setattr(G, 'build_extractor', lambda name, weights=None: PooledPixels())
+    import unitok.eval.features as F
+    monkeypatch.setattr(F, 'build_extractor', lambda name, weights=None: PooledPixels())
 
 
 @pytest.fixture(scope='module')
@@ -176,7 +176,7 @@ def test_held_out_nll_matches_the_generator_loss(models, cheap_features):
     m = _run(models, 9, cfg_scales=(1.0,), samples_per_class=1, grid_samples=0).metrics
     gen, tok, _ = load_generator(str(models / 'model'))
     from unitok.data import eval_transform
-    from unitok.eval.evaluator import subset_indices
+    from unitok.eval.subsets import subset_indices
     from unitok.images import to_uint8_tensor
     src = open_source('builtin:emoji', 'val')
     idx = subset_indices(len(src), 27, src.labels, 0)
