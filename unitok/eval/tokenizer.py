@@ -174,8 +174,10 @@ class TokenizerMeters:
         if 'zero_shot' in self.metrics and self.classnames:
             templates = list(cfg.templates or getattr(source, 'templates', ('a photo of a {}.',)))
             self.classifier = model.zero_shot_classifier(self.classnames, templates)
-        self.codebook = CodebookStats.for_quantizer(model.quantizer, sync_on_compute=sync,
-                                                    process_group=group).to(self.acc) if 'codebook' in self.metrics else None
+        self.codebook = None
+        if 'codebook' in self.metrics:
+            self.codebook = CodebookStats.for_quantizer(model.quantizer, sync_on_compute=sync,
+                                                        process_group=group).to(self.acc)
         self.sums = torch.zeros(_SUMS, dtype=torch.float64, device=self.acc)
         self.label_counts = torch.zeros(len(self.classnames) if self.classnames else 0, dtype=torch.float64,
                                         device=self.acc)
