@@ -36,7 +36,7 @@ def model(model_dir):
 
 @pytest.fixture(autouse=True)
 def cached_model(monkeypatch, model_dir, model):
-    """The CLI gets the already built tiny model for ``model_dir`` (loading is tested in test_cli.py)."""
+    """The CLI gets the already built tiny model for ``model_dir`` (loading is tested in commands/test_tokenize.py)."""
     import unitok.commands.tokenize as cli
     original = cli._load_model
     monkeypatch.setattr(cli, '_load_model', lambda path, device, precision='fp32':
