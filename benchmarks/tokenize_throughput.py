@@ -25,9 +25,9 @@ import torch
 from PIL import Image
 
 import unitok
-from unitok.cli import collect_images, main as cli_main
+from unitok.commands import main as cli_main
 from unitok.data import BuiltinSource
-from unitok.data.files import image_file_batches
+from unitok.data.files import collect_images, image_file_batches
 
 WORKERS = (0, 1, 2)
 SUMMARY = re.compile(r'(\d+) image\(s\) in ([\d.]+) s: ([\d.]+) images/s; model (\d+)% of the time, '

@@ -13,7 +13,8 @@ from PIL import Image
 
 import unitok
 from unitok import UniTok
-from unitok.cli import main, read_codes_file
+from unitok.codes.npz import read_codes_file
+from unitok.commands import main
 from unitok.config import ConfigError, UniTokConfig
 from unitok.images import ImageReadError, load_image, to_rgb, to_tensor
 
@@ -35,8 +36,8 @@ def model(model_dir):
 
 @pytest.fixture(autouse=True)
 def cached_model(monkeypatch, model_dir, model):
-    """The CLI gets the already built tiny model for ``model_dir`` (loading is tested in test_cli.py)."""
-    import unitok.cli as cli
+    """The CLI gets the already built tiny model for ``model_dir`` (loading is tested in commands/test_tokenize.py)."""
+    import unitok.commands.tokenize as cli
     original = cli._load_model
     monkeypatch.setattr(cli, '_load_model', lambda path, device, precision='fp32':
                         model if path == model_dir else original(path, device, precision))
@@ -54,7 +55,7 @@ def imgs(tmp_path):
 
 @pytest.fixture(scope='module')
 def encoded(tmp_path_factory, model):
-    from unitok.cli import codebook_digest
+    from unitok.codes.npz import codebook_digest
     rng = np.random.default_rng(0)
     codes = model.encode(to_tensor([rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(3)], 64))
     out = tmp_path_factory.mktemp('codes') / 'codes.npz'
@@ -143,7 +144,7 @@ def test_unwritable_output_fails_before_the_work(tmp_path, imgs, model_dir, monk
                                                  words):
     import tempfile
 
-    import unitok.cli as cli
+    import unitok.commands.tokenize as cli
     import unitok.eval as ev
     np.savez(tmp_path / 'codes.npz', codes=np.zeros((1, 8, 4, 4), np.int16))
     work = []

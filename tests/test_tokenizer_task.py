@@ -8,7 +8,7 @@ import torch
 
 from unitok.checkpoint import CheckpointError
 from unitok.train import LossConfig, TrainConfig
-from unitok.train.cli import resolve_config
+from unitok.commands.train import resolve_config
 from unitok.train.strategy import Strategy
 from unitok.train.tasks.tokenizer import TokenizerTask, _held_out, generator_objective, reconstruction_objective
 

@@ -1,5 +1,6 @@
-"""Image files batched in file order for inference (``unitok encode`` / ``reconstruct``): read,
-decoded and resized in DataLoader worker processes while the model runs on the previous batch.
+"""Image files for inference (``unitok encode`` / ``reconstruct``): found under paths
+(:func:`collect_images`), batched in file order, read, decoded and resized in DataLoader worker
+processes while the model runs on the previous batch.
 
 Batches hold ``batch_size`` consecutive files; an unreadable file is left out of its batch (so the
 model sees exactly the images it would see reading the files one by one in the main process) and
@@ -14,8 +15,24 @@ from typing import Iterator, NamedTuple
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..images import ImageReadError, load_image, to_tensor
+from ..images import IMAGE_EXTENSIONS, ImageReadError, load_image, to_tensor
 from .stream import _worker_init
+
+
+def collect_images(paths: list[str]) -> list[str]:
+    """Expand directories (recursively, sorted) into image files; explicit files are kept as given."""
+    files = []
+    for p in paths:
+        if os.path.isdir(p):
+            for root, _, names in sorted(os.walk(p)):
+                files += [os.path.join(root, n) for n in sorted(names) if n.lower().endswith(IMAGE_EXTENSIONS)]
+        elif os.path.exists(p):
+            files.append(p)
+        else:
+            raise FileNotFoundError(f'no such file or directory: {p!r}')
+    if not files:
+        raise ValueError(f'no image files found in {paths}')
+    return files
 
 
 def default_workers() -> int:

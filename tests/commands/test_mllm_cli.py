@@ -7,7 +7,7 @@ import torch
 pytest.importorskip('transformers')
 
 import unitok  # noqa: E402
-from unitok.cli import main as cli  # noqa: E402
+from unitok.commands import main as cli  # noqa: E402
 from unitok.generation.codes import ExportConfig, export_codes  # noqa: E402
 
 

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from unitok.cli import main
+from unitok.commands import main
 
 
 @pytest.mark.slow

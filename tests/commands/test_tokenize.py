@@ -7,7 +7,7 @@ from PIL import Image
 
 from unitok import UniTok
 from unitok.checkpoint import save_official_checkpoint
-from unitok.cli import main
+from unitok.commands import main
 
 
 @pytest.fixture()
@@ -77,7 +77,7 @@ def test_missing_model_is_a_clear_error(workdir, capsys):
 
 
 def test_output_names_never_collide():
-    from unitok.cli import _unique_names
+    from unitok.commands.tokenize import _unique_names
     files = ['a/x.png', 'b/x.png', 'x_1.png', 'c/x.jpg', 'y.png']
     names = _unique_names(files)
     assert len(set(names)) == len(files) and names[2] == 'x_1' and names[0] == 'x' and names[4] == 'y'

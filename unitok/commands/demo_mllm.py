@@ -15,7 +15,6 @@ interrupted training from its last checkpoint (the command exits with 143 when i
 """
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import os
@@ -24,6 +23,19 @@ import shutil
 import time
 
 import torch
+
+from ..data import open_source
+from ..eval.mllm import MLLMEvalConfig, evaluate_mllm
+from ..eval.report import format_value, png_data_uri, render_template
+from ..generation import CodeDataset, ExportConfig, export_codes
+from ..images import to_pil
+from ..mllm import UniTokMLLM
+from ..model import UniTok
+from ..precision import bf16_runs_in_hardware
+from ..train import TrainConfig, fit_to_end
+from ..train.tasks.mllm import MLLMTrainConfig, item_name
+from ..utils.io import atomic_write, check_writable_dir, staged_directory
+from .args import add_command
 
 DATA = 'builtin:emoji'
 TOKENIZER_SIZE = 64
@@ -40,7 +52,7 @@ PAGE_IMAGES = 8
 PAGE_PROMPTS = 6
 PAGE_CFG = 2.0
 STAGES_FILE = 'stages.json'
-TEMPLATE = 'demo.html'
+TEMPLATE = 'demo_mllm.html'
 
 
 class DemoError(ValueError):
@@ -70,7 +82,6 @@ class _Stages:
         return bool(self.records.get(name, {}).get('finished'))
 
     def record(self, name: str, seconds: float, finished: bool, **extra) -> None:
-        from ..utils.io import atomic_write
         old = self.records.get(name, {})
         self.records[name] = {**old, **extra, 'seconds': old.get('seconds', 0.0) + seconds, 'finished': finished,
                               'runs': old.get('runs', 0) + 1,
@@ -80,7 +91,6 @@ class _Stages:
 
 def _fit(cfg, label: str) -> dict:
     """Train ``cfg``'s run to its end, continuing from its last checkpoint; the trainer's summary."""
-    from ..train import fit_to_end
     return fit_to_end(cfg, lambda resuming: print(
         f'[demo-mllm] {label}: {cfg.steps} steps ({cfg.precision}, {torch.get_num_threads()} threads)'
         f'{", resuming" if resuming else ""} -> {cfg.out}', flush=True))
@@ -102,7 +112,6 @@ def _trained(stages: _Stages, name: str, cfg, label: str) -> bool:
 
 
 def _tokenizer_config(out: str, args, precision: str):
-    from ..train import TrainConfig
     steps = args.tokenizer_steps
     cfg = TrainConfig(preset='unitok-tiny', out=os.path.join(out, 'tokenizer'), steps=steps, precision=precision,
                       eval_every=steps, ckpt_every=max(1, steps // 4), log_every=max(1, steps // 10),
@@ -111,7 +120,6 @@ def _tokenizer_config(out: str, args, precision: str):
 
 
 def _mllm_config(out: str, tokenizer: str, args, precision: str):
-    from ..train.tasks.mllm import MLLMTrainConfig
     steps = args.steps
     cfg = MLLMTrainConfig(tokenizer=tokenizer, llm=args.llm, out=os.path.join(out, 'mllm'), steps=steps,
                           precision=precision, eval_every=steps, image_every=0, ckpt_every=max(1, steps // 6),
@@ -122,8 +130,6 @@ def _mllm_config(out: str, tokenizer: str, args, precision: str):
 
 
 def _export(stages: _Stages, out: str, tokenizer_dir: str, precision: str, limit: int | None) -> None:
-    from ..generation.codes import ExportConfig, export_codes
-    from ..model import UniTok
     tok = UniTok.from_pretrained(tokenizer_dir).eval()
     for split in ('train', 'val'):
         t = time.time()
@@ -140,7 +146,6 @@ def _export(stages: _Stages, out: str, tokenizer_dir: str, precision: str, limit
 
 def _copy_model(src: str, dst: str) -> None:
     """``dst`` := a copy of the model directory ``src``, replaced all at once."""
-    from ..utils.io import staged_directory
     if os.path.isdir(dst):
         shutil.rmtree(dst)
     with staged_directory(dst, 'MLLM model directory') as staging:
@@ -151,10 +156,6 @@ def _copy_model(src: str, dst: str) -> None:
 # ---------------------------------------------------------------------- the page
 def _examples(model, out: str) -> tuple[list[dict], list[dict]]:
     """~8 held-out emoji with the model's answers, and ~6 held-out names drawn by the model."""
-    from ..data import open_source
-    from ..generation.codes import CodeDataset
-    from ..images import to_pil
-    from ..train.tasks.mllm import item_name
     with open(os.path.join(out, 'model', 'training.json')) as f:
         training = json.load(f)
     val = CodeDataset(os.path.join(out, 'codes', 'val'), view=0, label=training.get('category_set') or None)
@@ -217,9 +218,6 @@ def _metric_rows(report: dict) -> list[tuple[str, str, object]]:
 
 
 def _render(out: str, summary: dict, report: dict, answers: list[dict], drawings: list[dict]) -> None:
-    from ..eval.report import format_value, png_data_uri, render_template
-    from ..utils.io import atomic_write
-
     def img(im, cls='emoji'):
         return f'<img class="{cls}" src="{png_data_uri(im)}" alt="">'
     e = html.escape
@@ -246,9 +244,6 @@ def _render(out: str, summary: dict, report: dict, answers: list[dict], drawings
 
 # ---------------------------------------------------------------------- the command
 def run(args) -> int:
-    from ..precision import bf16_runs_in_hardware
-    from ..utils.io import atomic_write, check_writable_dir
-    from .model import UniTokMLLM
     for name in ('steps', 'batch_size', 'tokenizer_steps', 'eval_items', 'limit'):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise DemoError(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
@@ -283,7 +278,6 @@ def run(args) -> int:
         _copy_model(os.path.join(cfg.out, 'model'), model_dir)
 
     print(f'[demo-mllm] 4/4 evaluating on {args.eval_items} held-out emoji and writing the page', flush=True)
-    from ..eval.mllm import MLLMEvalConfig, evaluate_mllm
     t = time.time()
     model = UniTokMLLM.from_pretrained(model_dir).eval()
     report = evaluate_mllm(model, os.path.join(out, 'codes', 'val'), MLLMEvalConfig(max_items=args.eval_items),
@@ -319,8 +313,7 @@ def run(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser('demo-mllm', help='train and show the multimodal LLM on the built-in emoji (CPU, ~20 min)',
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(sub, 'demo-mllm', 'train and show the multimodal LLM on the built-in emoji (CPU, ~20 min)', __doc__)
     p.add_argument('--out', default='demo_mllm')
     p.add_argument('--tokenizer', help='a UniTok model directory (default: train one in OUT/tokenizer)')
     p.add_argument('--llm', default='smollm2', help="the LLM: 'smollm2' (default), a model directory or hub id")

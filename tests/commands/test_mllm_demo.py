@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip('transformers')
 
-from unitok.cli import main  # noqa: E402
+from unitok.commands import main  # noqa: E402
 
 # The first 24 emoji of each split; 8 held-out ones evaluated (2 categories there, 4 each).
 ARGS = ['--llm', 'tiny-random', '--steps', '3', '--batch-size', '2', '--limit', '24', '--eval-items', '8', '--fp32']

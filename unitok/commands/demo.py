@@ -16,7 +16,6 @@ uses the complete official recipe by default): on this budget they cost more ste
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -25,8 +24,18 @@ import time
 import numpy as np
 import torch
 
-from .precision import bf16_runs_in_hardware
-from .utils.io import atomic_write
+from ..data import eval_transform, open_source
+from ..eval import EvalConfig, run_evaluation
+from ..eval.generation import consistency, load_generator
+from ..eval.report import add_section
+from ..generation import ExportConfig, export_codes, generate
+from ..images import make_grid, side_by_side, to_uint8_tensor
+from ..model import UniTok
+from ..precision import bf16_runs_in_hardware
+from ..train import TrainConfig, fit_to_end
+from ..train.tasks.generator import GenTrainConfig
+from ..utils.io import atomic_write
+from .args import add_command
 
 # 128 px (the 64 px emoji up-sampled): the 16x tokenizer then has an 8x8 token grid.
 DEMO_OVERRIDES = ['model.image_size=128', 'loss.perceptual=none', 'loss.discriminator=none', 'optim.lr=1e-3',
@@ -34,12 +43,6 @@ DEMO_OVERRIDES = ['model.image_size=128', 'loss.perceptual=none', 'loss.discrimi
 
 
 def run(args) -> int:
-    from .data import eval_transform, open_source
-    from .eval import EvalConfig, run_evaluation
-    from .images import side_by_side
-    from .model import UniTok
-    from .train import TrainConfig, fit_to_end
-
     out = os.path.abspath(args.out)
     t0 = time.time()
     precision = 'bf16' if (bf16_runs_in_hardware('cpu') or torch.cuda.is_available()) and not args.fp32 else 'fp32'
@@ -115,16 +118,6 @@ def demo_generation(tokenizer_dir: str, data: str, out: str, steps: int, seed: i
     """Stage 4: codes of the training split, a class-conditional ``gen-tiny`` trained on them, a grid of
     samples per category added to the report. Every part resumes or reuses what an earlier run finished.
     ``limit``: export only the first ``limit`` items of each split (quick tries)."""
-    from .data import open_source
-    from .eval.generation import consistency, load_generator
-    from .eval.report import add_section
-    from .generation import generate
-    from .generation.codes import ExportConfig, export_codes
-    from .images import make_grid, to_uint8_tensor
-    from .model import UniTok
-    from .train import fit_to_end
-    from .train.tasks.generator import GenTrainConfig
-
     tokenizer = UniTok.from_pretrained(tokenizer_dir).eval()
     codes = {split: os.path.join(out, 'codes', split) for split in ('train', 'val')}
     print(f'[demo] 4/4 generation: exporting the codes of {data} -> {os.path.dirname(codes["train"])}', flush=True)
@@ -173,8 +166,7 @@ def demo_generation(tokenizer_dir: str, data: str, out: str, steps: int, seed: i
 
 
 def register(sub) -> None:
-    p = sub.add_parser('demo', help='train, evaluate and report unitok-tiny on the built-in data (CPU, minutes)',
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = add_command(sub, 'demo', 'train, evaluate and report unitok-tiny on the built-in data (CPU, minutes)', __doc__)
     p.add_argument('--out', default='demo_output')
     p.add_argument('--data', default='builtin:emoji')
     p.add_argument('--steps', type=int, default=500)
