@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import yaml
 
@@ -119,6 +119,9 @@ class RunConfig:
     keep_last: int = 3
     wandb: bool = False
 
+    def __post_init__(self):
+        dataclass_io.coerce_fields(self)   # named type errors; value rules in validate()
+
     def validate(self) -> None:
         if self.steps < 1:
             raise ConfigError(f'steps must be >= 1, got {self.steps}')
@@ -190,9 +193,6 @@ class TrainConfig(RunConfig):
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
-    def __post_init__(self):
-        dataclass_io.coerce_fields(self)   # named type errors; value rules in validate()
-
     def model_config(self) -> UniTokConfig:
         """The model architecture: the preset with the ``model`` overrides (errors name ``model.FIELD``)."""
         base = UniTokConfig.from_preset(self.preset)
@@ -210,3 +210,15 @@ class TrainConfig(RunConfig):
             raise ConfigError(f'data.crop_scale must be [min, max] with 0 < min <= max <= 1, got {[lo, hi]}')
         if self.data.shuffle_buffer < 0:
             raise ConfigError(f'data.shuffle_buffer must be >= 0, got {self.data.shuffle_buffer}')
+
+
+
+@dataclass
+class CodesRunConfig(RunConfig):
+    """A run that trains on exported codes: ``data.train`` (``--codes``) names their directory."""
+    codes_needed: ClassVar[str] = 'exported codes'     # what that directory must hold (error message)
+
+    def validate(self) -> None:
+        super().validate()
+        if not self.data.train:
+            raise ConfigError(f'data.train (--codes): the directory of {self.codes_needed} is required')

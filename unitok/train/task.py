@@ -18,6 +18,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from .schedule import cosine_factor
+
 
 @dataclass
 class Phase:
@@ -45,6 +47,8 @@ class Task:
     cfg = None
     progress_keys: tuple[str, ...] = ('loss', 'lr')   # shown beside the progress bar
     model: nn.Module
+    warmup_steps: int = 0
+    _phases: list[Phase]
 
     def setup(self, strategy) -> None:
         """Build auxiliary modules on ``strategy.device``, wrap modules with ``strategy.wrap`` and
@@ -52,8 +56,14 @@ class Task:
         raise NotImplementedError
 
     def phases(self) -> list[Phase]:
-        """Every phase, in step order ('model' first)."""
-        raise NotImplementedError
+        """Every phase, in step order ('model' first): ``_phases``, which ``setup`` fills."""
+        return self._phases
+
+    def lr(self, step: int) -> float:
+        """The main model's learning rate at ``step``: ``cfg.optim.lr`` under the warm-up (``warmup_steps``,
+        set by ``setup``) and cosine schedule."""
+        oc = self.cfg.optim
+        return oc.lr * cosine_factor(step, self.cfg.steps, self.warmup_steps, oc.start_ratio, oc.end_ratio)
 
     def active(self, phase: Phase, step: int) -> bool:
         """Whether ``phase`` runs at ``step`` (default: always)."""

@@ -47,6 +47,12 @@ int64_t reduce_lanes(const float* value, const int32_t* block) {
 
 using SearchFn = void (*)(const float*, const float*, int64_t, int64_t, int64_t, int64_t, int64_t*);
 
+// The search compiled for code width d: one unrolled for 4, 8 or 16, else the one that reads d at run time.
+template <SearchFn W4, SearchFn W8, SearchFn W16, SearchFn Any>
+SearchFn for_width(int64_t d) {
+  return d == 4 ? W4 : d == 8 ? W8 : d == 16 ? W16 : Any;
+}
+
 }  // namespace
 
 extern "C" int unitok_cpu_has_avx512f() { return __builtin_cpu_supports("avx512f") ? 1 : 0; }
@@ -93,15 +99,6 @@ void search_rows(const float* z, const float* codes, int64_t d_run, int64_t n_bl
       _mm512_store_si512(reinterpret_cast<__m512i*>(block), block_of_best[t]);
       out[s + t] = reduce_lanes(value, block);
     }
-  }
-}
-
-SearchFn pick_avx512(int64_t d) {
-  switch (d) {
-    case 4: return search_rows<4>;
-    case 8: return search_rows<8>;
-    case 16: return search_rows<16>;
-    default: return search_rows<0>;
   }
 }
 
@@ -193,15 +190,6 @@ void search_rows_avx2(const float* z, const float* codes, int64_t d_run, int64_t
   }
 }
 
-SearchFn pick_avx2(int64_t d) {
-  switch (d) {
-    case 4: return search_rows_avx2<4>;
-    case 8: return search_rows_avx2<8>;
-    case 16: return search_rows_avx2<16>;
-    default: return search_rows_avx2<0>;
-  }
-}
-
 }  // namespace
 
 #pragma GCC pop_options
@@ -213,7 +201,9 @@ extern "C" int unitok_nearest_code(const float* z, const float* codes, int64_t K
   if (isa != 1 && isa != 2) return 2;
   if (isa == 2 ? !unitok_cpu_has_avx512f() : !unitok_cpu_has_avx2()) return 1;
   if (K < 0 || N < 0 || d < 1 || n_blocks < 1 || n_threads < 1) return 2;
-  const SearchFn search = isa == 2 ? pick_avx512(d) : pick_avx2(d);
+  const SearchFn search =
+      isa == 2 ? for_width<search_rows<4>, search_rows<8>, search_rows<16>, search_rows<0>>(d)
+               : for_width<search_rows_avx2<4>, search_rows_avx2<8>, search_rows_avx2<16>, search_rows_avx2<0>>(d);
   // Work is the flat range of (k, i) rows, split into equal contiguous parts, one per thread; a part
   // may span two sub-codebooks.
   const int64_t rows = K * N;

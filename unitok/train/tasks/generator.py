@@ -16,15 +16,14 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn as nn
 
 from ...checkpoint import CheckpointError
 from ...config import ConfigError
 from ...data import TrainStream
 from ...generation import GeneratorConfig, GeneratorModel, generate, text_condition
 from ...generation.codes import CodeDataset
-from ...utils import dataclass_io
-from ..config import BaseOptimConfig, CodesDataConfig, RunConfig
+from ..config import BaseOptimConfig, CodesDataConfig, CodesRunConfig
+from ..adapters import CodesSource, Objective
 from ..task import Phase, Task
 from .tokenizer import param_groups
 
@@ -45,7 +44,7 @@ def _gen_optim() -> BaseOptimConfig:
 
 
 @dataclass
-class GenTrainConfig(RunConfig):
+class GenTrainConfig(CodesRunConfig):
     """Training a :class:`~unitok.generation.GeneratorModel` (the :class:`GeneratorTask`)."""
     preset: str = 'gen-tiny'
     model: dict = field(default_factory=dict)   # GeneratorConfig overrides (K, codes, grid, classes: from the codes)
@@ -59,43 +58,8 @@ class GenTrainConfig(RunConfig):
     data: GenDataConfig = field(default_factory=GenDataConfig)
     optim: BaseOptimConfig = field(default_factory=_gen_optim)
 
-    def __post_init__(self):
-        dataclass_io.coerce_fields(self)
-
-    def validate(self) -> None:
-        super().validate()
-        if not self.data.train:
-            raise ConfigError('data.train (--codes): the directory of exported codes is required')
-
     def make_task(self) -> 'GeneratorTask':
         return GeneratorTask(self)
-
-
-class _Codes:
-    """A :class:`CodeDataset` as a map-style source of the training stream (``read``, ``key``)."""
-
-    def __init__(self, dataset: CodeDataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def read(self, i):
-        return self.dataset[i]
-
-    def key(self, i):
-        return self.dataset.key(i)
-
-
-class _Objective(nn.Module):
-    """``forward`` = the generator's loss, so that DDP sees the training computation as a forward."""
-
-    def __init__(self, model: GeneratorModel):
-        super().__init__()
-        self.model = model
-
-    def forward(self, codes, cond):
-        return self.model.loss(codes, cond)
 
 
 class GeneratorTask(Task):
@@ -151,20 +115,13 @@ class GeneratorTask(Task):
         self.strategy = strategy
         if self.tokenizer is not None:
             self.tokenizer.to(strategy.device)
-        self.wrapped = strategy.wrap(_Objective(self.model), owner=self.model, shard_units=list(self.model.blocks))
+        self.wrapped = strategy.wrap(Objective(self.model, 'loss'), owner=self.model,
+                                     shard_units=list(self.model.blocks))
         if self.cfg.compile:
             self.wrapped = torch.compile(self.wrapped)
         self.warmup_steps = round(oc.warmup * self.cfg.steps)
         optimizer = torch.optim.AdamW(param_groups(self.model, oc.weight_decay), lr=oc.lr, betas=oc.betas, eps=oc.eps)
         self._phases = [Phase('model', self.model, optimizer, self.lr)]
-
-    def phases(self) -> list[Phase]:
-        return self._phases
-
-    def lr(self, step: int) -> float:
-        from ..schedule import cosine_factor
-        oc = self.cfg.optim
-        return oc.lr * cosine_factor(step, self.cfg.steps, self.warmup_steps, oc.start_ratio, oc.end_ratio)
 
     # ------------------------------------------------------------------ data and loss
     def train_stream(self, rank, world_size, num_workers, start_positions, worker_offset):
@@ -179,7 +136,7 @@ class GeneratorTask(Task):
                 from ...modules.text import tokenize
                 sample['text'] = tokenize(item['caption'], context)[0]
             return sample
-        return TrainStream(_Codes(self.train_codes), prepare=prepare, seed=self.cfg.seed, rank=rank,
+        return TrainStream(CodesSource(self.train_codes), prepare=prepare, seed=self.cfg.seed, rank=rank,
                            world_size=world_size, num_workers=num_workers, start_positions=start_positions,
                            worker_offset=worker_offset)
 

@@ -19,16 +19,16 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
-import torch.nn as nn
 
 from ...checkpoint import CheckpointError
 from ...config import ConfigError
 from ...data import TrainStream
 from ...generation.codes import CodeDataset
-from ...utils import dataclass_io
-from ..config import BaseOptimConfig, CodesDataConfig, RunConfig
+from ..config import BaseOptimConfig, CodesDataConfig, CodesRunConfig
+from ..adapters import CodesSource, Objective
 from ..task import Phase, Task
 
 log = logging.getLogger('unitok.train')
@@ -47,8 +47,9 @@ def _mllm_optim() -> BaseOptimConfig:
 
 
 @dataclass
-class MLLMTrainConfig(RunConfig):
+class MLLMTrainConfig(CodesRunConfig):
     """Training a :class:`~unitok.mllm.UniTokMLLM` (the :class:`MLLMTask`)."""
+    codes_needed: ClassVar[str] = 'exported codes with captions'
     tokenizer: str = ''                  # the UniTok model dir that exported the codes (required)
     llm: str = 'smollm2'                 # LLM spec (see unitok.mllm.llm)
     init: str | None = None              # start from this MLLM directory (e.g. stage 2 from stage 1)
@@ -69,13 +70,8 @@ class MLLMTrainConfig(RunConfig):
     data: MLLMDataConfig = field(default_factory=MLLMDataConfig)
     optim: BaseOptimConfig = field(default_factory=_mllm_optim)
 
-    def __post_init__(self):
-        dataclass_io.coerce_fields(self)
-
     def validate(self) -> None:
         super().validate()
-        if not self.data.train:
-            raise ConfigError('data.train (--codes): the directory of exported codes with captions is required')
         if not self.tokenizer:
             raise ConfigError('tokenizer (--tokenizer): the UniTok model that exported the codes is required')
         if self.stage not in (1, 2):
@@ -105,32 +101,10 @@ def item_name(captions: list[str]) -> str:
     return m.group(1) if m else captions[0]
 
 
-class _Items:
-    """A :class:`CodeDataset` as a map-style source of the training stream: ``(codes (A,K,h,w), captions, label)``."""
-
-    def __init__(self, dataset: CodeDataset):
-        self.dataset = dataset
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def read(self, i):
-        item = self.dataset[i]                       # view 'all': codes (A, K, h, w) int64, label of the set
-        return item['codes'], self.dataset.captions(i), item['label']
-
-    def key(self, i):
-        return self.dataset.key(i)
-
-
-class _Objective(nn.Module):
-    """``forward`` = the model's loss, so that DDP sees the training computation as a forward."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch, denominator=None):
-        return self.model(batch, denominator)
+def _item_with_captions(dataset, i: int) -> tuple:
+    """``(codes (A, K, h, w), captions, label)`` of item ``i`` (view 'all', the label of the chosen set)."""
+    item = dataset[i]
+    return item['codes'], dataset.captions(i), item['label']
 
 
 class MLLMTask(Task):
@@ -173,7 +147,7 @@ class MLLMTask(Task):
         oc = self.cfg.optim
         self.strategy = strategy
         self.model.image_tokenizer.to(strategy.device)
-        self.wrapped = strategy.wrap(_Objective(self.model), owner=self.model)
+        self.wrapped = strategy.wrap(Objective(self.model), owner=self.model)
         self.warmup_steps = round(oc.warmup * self.cfg.steps)
         params = [p for p in self.model.parameters() if p.requires_grad]
         decay = [p for p in params if p.dim() >= 2]
@@ -181,14 +155,6 @@ class MLLMTask(Task):
         optimizer = torch.optim.AdamW([{'params': decay, 'weight_decay': oc.weight_decay},
                                        {'params': rest, 'weight_decay': 0.0}], lr=oc.lr, betas=oc.betas, eps=oc.eps)
         self._phases = [Phase('model', self.model, optimizer, self.lr)]
-
-    def phases(self) -> list[Phase]:
-        return self._phases
-
-    def lr(self, step: int) -> float:
-        from ..schedule import cosine_factor
-        oc = self.cfg.optim
-        return oc.lr * cosine_factor(step, self.cfg.steps, self.warmup_steps, oc.start_ratio, oc.end_ratio)
 
     # ------------------------------------------------------------------ data
     def examples(self, codes: torch.Tensor, captions: list[str], drop_prompt: bool = False,
@@ -220,8 +186,8 @@ class MLLMTask(Task):
             view = int(torch.randint(codes.shape[0], ())) if codes.shape[0] > 1 else 0   # seeded per sample
             drop = bool(torch.rand(()) < self.cfg.prompt_dropout)
             return self._padded(self.examples(codes[view], captions, drop, label))
-        return TrainStream(_Items(self.train_codes), prepare=prepare, seed=self.cfg.seed, rank=rank,
-                           world_size=world_size, num_workers=num_workers, start_positions=start_positions,
+        return TrainStream(CodesSource(self.train_codes, _item_with_captions), prepare=prepare, seed=self.cfg.seed,
+                           rank=rank, world_size=world_size, num_workers=num_workers, start_positions=start_positions,
                            worker_offset=worker_offset)
 
     @staticmethod

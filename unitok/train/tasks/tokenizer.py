@@ -114,13 +114,6 @@ class TokenizerTask(Task):
             self._phases.append(Phase('disc', self.disc, opt, self.disc_lr))
 
     # ------------------------------------------------------------------ schedules
-    def phases(self) -> list[Phase]:
-        return self._phases
-
-    def lr(self, step: int) -> float:
-        oc = self.cfg.optim
-        return oc.lr * cosine_factor(step, self.cfg.steps, self.warmup_steps, oc.start_ratio, oc.end_ratio)
-
     def disc_lr(self, step: int) -> float:
         oc = self.cfg.optim
         since = max(0, step - self.disc_start)
