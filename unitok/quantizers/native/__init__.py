@@ -7,7 +7,7 @@ on CPU; the kernel in ``nearest_code.cpp`` keeps every similarity in registers. 
 compares it with FAISS, vector-quantize-pytorch and the PyTorch routes.
 
 Why ctypes and not ``torch.utils.cpp_extension``: the kernel needs no PyTorch headers, so it builds
-with one ``g++`` call in about a second instead of a minute, and a ctypes call releases the GIL.
+with one quick ``g++`` call, and a ctypes call releases the GIL.
 
 Building: the shared library is cached in ``$UNITOK_NATIVE_CACHE`` (default
 ``~/.cache/unitok/native``), named by a hash of the source, the flags and the compiler's version, so
