@@ -397,7 +397,7 @@ def run_generator_evaluation(gen_path: str, data: str, out_dir: str, cfg: GenEva
     real, train = open_source(data, 'val', resampled=False), open_source(data, 'train', resampled=False)
     val_codes = None
     if codes_val:
-        from ..generation.codes import CodeDataset
+        from ..codes import CodeDataset
         val_codes = CodeDataset(codes_val, view=0, label=info.get('label_set'))
         val_codes.check_tokenizer(tokenizer)
     classnames = info.get('classnames') or getattr(real, 'classnames', None)

@@ -25,7 +25,7 @@ def load_generator(gen_path: str, tokenizer_path: str | None = None, device: str
     the tokenizer defaults to the one recorded there and must be the one whose codes it was trained on."""
     from ..checkpoint import CheckpointError
     from ..generation import GeneratorModel
-    from ..generation.codes import tokenizer_identity
+    from ..codes import tokenizer_identity
     from ..model import UniTok
     from ..train.tasks.generator import GENERATION_INFO
     generator = GeneratorModel.from_pretrained(gen_path, map_location=device)
@@ -68,7 +68,7 @@ def same_dataset(spec_a: str, spec_b: str) -> bool:
 
 
 def code_dataset(codes, label_set, what):
-    from ..generation.codes import CodeDataset
+    from ..codes import CodeDataset
     if isinstance(codes, CodeDataset):
         if label_set is not None and codes.classnames != codes.label_sets.get(label_set):
             return CodeDataset(codes.directory, view=0, label=label_set)

@@ -90,7 +90,7 @@ class UniTokMLLM(Pretrained, nn.Module):
     def build(cls, tokenizer, llm=None, **overrides) -> 'UniTokMLLM':
         """A new MLLM for a UniTok ``tokenizer`` (model or directory) and an LLM (spec string, or a
         ``(model, tokenizer)`` pair of ``transformers`` objects); ``overrides``: :class:`MLLMConfig` fields."""
-        from ..generation.codes import tokenizer_identity
+        from ..codes import tokenizer_identity
         from ..model import UniTok
         path = None
         if isinstance(tokenizer, (str, os.PathLike)):
@@ -178,7 +178,7 @@ class UniTokMLLM(Pretrained, nn.Module):
     def set_image_tokenizer(self, tokenizer) -> None:
         """Use this UniTok tokenizer (model or directory) to encode and decode images; it must be the
         one whose codes this MLLM was trained on (K, codebook size, grid, config and codebook sha256)."""
-        from ..generation.codes import tokenizer_identity
+        from ..codes import tokenizer_identity
         from ..model import UniTok
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = UniTok.from_pretrained(os.fspath(tokenizer))

@@ -22,7 +22,7 @@ from ...checkpoint import CheckpointError
 from ...config import ConfigError
 from ...data import TrainStream
 from ...generation import GeneratorConfig, GeneratorModel, generate, text_condition
-from ...generation.codes import CodeDataset
+from ...codes import CodeDataset
 from ...utils import dataclass_io
 from ..config import BaseOptimConfig, CodesDataConfig, RunConfig
 from ..task import Phase, Task

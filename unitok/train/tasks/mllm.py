@@ -26,7 +26,7 @@ import torch.nn as nn
 from ...checkpoint import CheckpointError
 from ...config import ConfigError
 from ...data import TrainStream
-from ...generation.codes import CodeDataset
+from ...codes import CodeDataset
 from ...utils import dataclass_io
 from ..config import BaseOptimConfig, CodesDataConfig, RunConfig
 from ..task import Phase, Task

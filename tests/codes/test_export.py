@@ -17,7 +17,7 @@ from torchvision import transforms as T
 import unitok
 from unitok.cli import main as cli_main
 from unitok.data import eval_transform, open_source
-from unitok.generation.codes import CodeDataset, CodeFormatError, ExportConfig, export_codes, tokenizer_identity
+from unitok.codes import CodeDataset, CodeFormatError, ExportConfig, export_codes, tokenizer_identity
 
 SPEC = 'builtin:emoji'
 
