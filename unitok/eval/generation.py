@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from ..codes import check_agreement, code_space
 from ..data import eval_transform
 from ..images import to_uint8_tensor
 from ..utils import distributed as D
@@ -112,9 +113,8 @@ def _check_inputs(generator, tokenizer, real_source, train_source, classnames):
     gc, tc = generator.config, tokenizer.config
     if gc.cond != 'class':
         raise GenEvalError('eval-gen evaluates class-conditional generators; this one is text-conditional')
-    if (tc.num_codebooks, tc.codebook_size) != (gc.num_codebooks, gc.codebook_size):
-        raise GenEvalError(f'the tokenizer has {tc.num_codebooks} x {tc.codebook_size} codes, the generator models '
-                           f'{gc.num_codebooks} x {gc.codebook_size}: not the tokenizer of its codes')
+    check_agreement(code_space(gc), tokenizer, where='the generator', consumer='the tokenizer',
+                    there='in the generator', skip=('grid',), error=GenEvalError)
     if tc.num_query:
         raise GenEvalError('eval-gen needs a tokenizer without query tokens (num_query = 0)')
     for name, source in (('held-out', real_source), ('train', train_source)):
