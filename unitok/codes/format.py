@@ -23,6 +23,10 @@ MANIFEST = 'manifest.json'
 # Fields that change training, not what a code means or how it decodes: left out of the config hash.
 TRAINING_ONLY_FIELDS = ('grad_checkpointing', 'drop_path', 'commitment_beta', 'entropy_loss', 'entropy_temperature')
 
+# Differences that follow from others (not named again): code tables of another shape differ too.
+_IMPLIED_BY = {'vocab_sizes': {'num_codebooks', 'codebook_size'}, 'config_sha256': {'num_codebooks', 'codebook_size', 'grid'},
+               'digest': {'quantizer', 'num_codebooks', 'codebook_size', 'vocab_sizes'},
+               'codebook_sha256': {'num_codebooks', 'codebook_size'}}
 # The compared fields in message order: (key, label, what a difference means).
 _FIELDS = (('num_codebooks', 'num_codebooks', 'configuration'), ('codebook_size', 'codebook_size', 'configuration'),
            ('vocab_sizes', 'vocab_sizes', 'configuration'), ('grid', 'grid', 'configuration'),
@@ -137,8 +141,8 @@ def check_agreement(theirs: dict, mine, *, where: str, consumer: str, there: str
         a, b = theirs.get(key), mine.get(key)
         if key in skip or a is None or b is None or not _differs(key, a, b):
             continue
-        if key == 'vocab_sizes' and 'codebook_size' in {p[0] for p in problems}:
-            continue                      # the same difference, already named
+        if _IMPLIED_BY.get(key, set()) & {p[0] for p in problems}:
+            continue
         problems.append((key, f'{label} {_show(key, a)} {there}, {_show(key, b)} in {consumer}'))
         kinds += [kind] if kind not in kinds else []
     if not problems:
