@@ -24,7 +24,8 @@ MANIFEST = 'manifest.json'
 TRAINING_ONLY_FIELDS = ('grad_checkpointing', 'drop_path', 'commitment_beta', 'entropy_loss', 'entropy_temperature')
 
 # Differences that follow from others (not named again): code tables of another shape differ too.
-_IMPLIED_BY = {'vocab_sizes': {'num_codebooks', 'codebook_size'}, 'config_sha256': {'num_codebooks', 'codebook_size', 'grid'},
+_IMPLIED_BY = {'vocab_sizes': {'num_codebooks', 'codebook_size'},
+               'config_sha256': {'num_codebooks', 'codebook_size', 'grid'},
                'digest': {'quantizer', 'num_codebooks', 'codebook_size', 'vocab_sizes'},
                'codebook_sha256': {'num_codebooks', 'codebook_size'}}
 # The compared fields in message order: (key, label, what a difference means).
