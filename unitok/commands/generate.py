@@ -144,7 +144,8 @@ def run_generate(args) -> int:
     model, tokenizer, info = load_generator(args.gen, args.tokenizer, args.device)
     c = model.config
     check_agreement(code_space(c), tokenizer, where='the generator', consumer='the tokenizer',
-                    there='in the generator', skip=('grid',), error=CheckpointError)
+                    there='in the generator', skip=('grid',), error=CheckpointError,
+                    fix='not the tokenizer of its codes')
     if c.cond == 'class':
         if args.prompt:
             raise ValueError('this generator is class-conditional: use --class NAME, not --prompt')

@@ -114,7 +114,8 @@ def _check_inputs(generator, tokenizer, real_source, train_source, classnames):
     if gc.cond != 'class':
         raise GenEvalError('eval-gen evaluates class-conditional generators; this one is text-conditional')
     check_agreement(code_space(gc), tokenizer, where='the generator', consumer='the tokenizer',
-                    there='in the generator', skip=('grid',), error=GenEvalError)
+                    there='in the generator', skip=('grid',), error=GenEvalError,
+                    fix='not the tokenizer of its codes')
     if tc.num_query:
         raise GenEvalError('eval-gen needs a tokenizer without query tokens (num_query = 0)')
     for name, source in (('held-out', real_source), ('train', train_source)):

@@ -42,8 +42,9 @@ def load_generator(gen_path: str, tokenizer_path: str | None = None, device: str
         raise GenEvalError(f'no tokenizer: {info_path} names none; pass --tokenizer (the UniTok model whose codes '
                            'the generator was trained on)')
     tokenizer = UniTok.from_pretrained(tokenizer_path).to(device).eval()
-    check_agreement(info.get('codes_tokenizer') or {}, tokenizer, where=f'the codes {gen_path!r} was trained on',
-                    consumer=f'the tokenizer {tokenizer_path!r}', error=CheckpointError)
+    check_agreement(info.get('codes_tokenizer') or {}, tokenizer, where=f'the generator {gen_path!r}',
+                    consumer=f'the tokenizer {tokenizer_path!r}', there='in its codes', error=CheckpointError,
+                    fix='not the tokenizer whose codes it was trained on')
     return generator, tokenizer, info
 
 
