@@ -134,7 +134,8 @@ def check_agreement(theirs: dict, mine, *, where: str, consumer: str, there: str
     on either side (absent or None) and those in ``skip`` are not compared.
 
     The message reads ``{where} does not fit {consumer}: another tokenizer, with another configuration
-    (K 8 {there}, 4 in {consumer}; ...); {fix}``."""
+    (num_codebooks 8 {there}, 4 in {consumer}; ...); {fix}``; a difference that follows from one already
+    named (the digest of code tables of another shape) is not named again."""
     if not isinstance(mine, dict):
         mine = _identity_for(theirs, mine, where)
     problems, kinds = [], []
