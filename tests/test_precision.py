@@ -218,7 +218,7 @@ def test_precision_of_names_each_setting(tiny_model):
 def test_precision_bf16_convs32_reaches_encode_and_export_codes(tmp_path, tiny_model, monkeypatch):
     import json
     from unitok.data import eval_transform, open_source
-    from unitok.generation.codes import CodeDataset
+    from unitok.codes import CodeDataset
     from unitok.images import to_tensor
     m = str(tmp_path / 'model')
     tiny_model.save_pretrained(m)
@@ -252,7 +252,7 @@ def test_export_codes_runs_each_precision_as_the_model_is_set(tmp_path, tiny_mod
     """No autocast around a cast model (it would run the float32 conv stages in bf16); bf16 autocast
     around a float32 model asked for 'bf16'; a model in another setting than the one the manifest would
     record is refused before anything is written."""
-    from unitok.generation.codes import ExportConfig, export_codes
+    from unitok.codes import ExportConfig, export_codes
     faithful = copy.deepcopy(tiny_model).keep_encoder_convs_fp32().bfloat16()
     seen = []
     for i, (model, precision) in enumerate(((faithful, 'bf16-convs32'), (copy.deepcopy(tiny_model), 'bf16'),

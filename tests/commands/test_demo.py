@@ -21,7 +21,7 @@ def test_demo_end_to_end_in_a_few_steps(tmp_path, capsys):
     assert 'codes.npz' in samples and len([s for s in samples if s.endswith('.png')]) == 12
     # generation: a class-conditional generator on the exported codes, a row of samples per category
     from PIL import Image
-    from unitok.generation.codes import CodeDataset
+    from unitok.codes import CodeDataset
     assert summary['gen_steps'] == 2 and summary['gen_chance'] == pytest.approx(1 / 9)
     assert 0 <= summary['gen_consistency_zero_shot'] <= 1 and 0 < summary['gen_nll'] < 2 * summary['gen_nll_uniform']
     assert len(CodeDataset(str(tmp_path / 'demo' / 'codes' / 'train'))) == 48

@@ -8,7 +8,7 @@ pytest.importorskip('transformers')
 
 import unitok  # noqa: E402
 from unitok.commands import main as cli  # noqa: E402
-from unitok.generation.codes import ExportConfig, export_codes  # noqa: E402
+from unitok.codes import ExportConfig, export_codes  # noqa: E402
 
 
 @pytest.fixture(scope='module')

@@ -63,7 +63,7 @@ def test_demo_writes_summary_page_and_a_loadable_model(demo):
     assert '$' not in page.split('<style>')[0]                 # every template field filled
 
     model = unitok.UniTokMLLM.from_pretrained(str(demo / 'model'))
-    from unitok.generation.codes import CodeDataset
+    from unitok.codes import CodeDataset
     first = CodeDataset(str(demo / 'codes' / 'val'), view=0)[0]['codes']
     answer = model.chat(first, 'What is this emoji?', max_new_tokens=16)
     assert isinstance(answer, str)

@@ -13,7 +13,7 @@ from unitok.eval.generation import (GenEvalConfig, GenEvalError, LinearProbe, co
                                     evaluate_generator, kid_interval, load_generator, precision_recall,
                                     sample_chunks)
 from unitok.generation import GeneratorConfig, GeneratorModel
-from unitok.generation.codes import tokenizer_identity
+from unitok.codes import tokenizer_identity
 
 
 # ---------------------------------------------------------------------- metrics with known answers

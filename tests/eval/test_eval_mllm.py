@@ -14,7 +14,7 @@ from unitok.cli import main as cli  # noqa: E402
 from unitok.eval.mllm import (MLLMEvalConfig, MLLMEvalError, answer_log_likelihoods, crossing_derangement,  # noqa: E402
                               evaluate_mllm, exact_match, read_training_info, token_f1)
 from unitok.eval.subsets import subset_indices  # noqa: E402
-from unitok.generation.codes import CodeDataset, CodeFormatError, ExportConfig, export_codes  # noqa: E402
+from unitok.codes import CodeDataset, CodeFormatError, ExportConfig, export_codes  # noqa: E402
 from unitok.mllm.data import IGNORE, collate  # noqa: E402
 from unitok.mllm.model import UniTokMLLM  # noqa: E402
 

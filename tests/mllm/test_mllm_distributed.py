@@ -10,7 +10,7 @@ import torch
 pytest.importorskip('transformers')
 
 import unitok  # noqa: E402
-from unitok.generation.codes import ExportConfig, export_codes  # noqa: E402
+from unitok.codes import ExportConfig, export_codes  # noqa: E402
 
 ENV = {**os.environ, 'HF_HUB_OFFLINE': '1', 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
 

@@ -142,12 +142,6 @@ def test_config_without_the_field_loads_as_the_multi_codebook_quantizer(tmp_path
 
 
 # ---------------------------------------------------------------------------- the plug-in end to end
-# generation/codes.py hashes `model.quantizer.codebook` (codebook_hash, line 83) for the codes' tokenizer
-# identity; a quantizer without that attribute cannot export codes until it uses Quantizer.identity().
-_CODES_BLOCKER = ('unitok/generation/codes.py:83 codebook_hash reads model.quantizer.codebook, which the '
-                  'Quantizer interface does not have (to be replaced by Quantizer.identity())')
-
-
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
     """One tokenizer step with the plug-in quantizer, through the library's training entry."""
@@ -171,24 +165,17 @@ def test_plugin_trains_a_tokenizer_step(trained):
 
 @pytest.fixture(scope='module')
 def exported(trained):
-    from unitok.generation.codes import ExportConfig, export_codes
+    from unitok.codes import ExportConfig, export_codes
     _, out = trained
     model = unitok.UniTok.from_pretrained(str(out / 'model'))
     root = out.parent
-    try:
-        for split, limit in (('train', 32), ('val', 8)):
-            export_codes(model, ExportConfig(data='builtin:emoji', split=split, limit=limit), str(root / split))
-    except AttributeError as err:
-        if 'codebook' not in str(err):
-            raise
-        return None
+    for split, limit in (('train', 32), ('val', 8)):
+        export_codes(model, ExportConfig(data='builtin:emoji', split=split, limit=limit), str(root / split))
     return root
 
 
 def test_plugin_codes_export(exported):
-    from unitok.generation.codes import CodeDataset
-    if exported is None:
-        pytest.xfail(_CODES_BLOCKER)
+    from unitok.codes import CodeDataset
     ds = CodeDataset(str(exported / 'train'))
     assert len(ds) == 32 and (ds.num_codebooks, ds.codebook_size, tuple(ds.grid)) == (8, 512, (2, 2))
 
@@ -196,8 +183,6 @@ def test_plugin_codes_export(exported):
 def test_plugin_generator_trains_on_its_codes(exported, trained):
     from unitok.train import Trainer
     from unitok.train.tasks.generator import GenTrainConfig
-    if exported is None:
-        pytest.xfail(_CODES_BLOCKER)
     _, out = trained
     cfg = GenTrainConfig(out=str(exported / 'gen'), steps=1, precision='fp32', log_every=1, eval_every=0,
                          image_every=0, ckpt_every=0, tokenizer=str(out / 'model'))

@@ -11,7 +11,7 @@ from unitok.cli import main as cli
 from train_helpers import kill_9_then_resume, load_params, max_param_diff, run_unitok, sigterm_at
 from unitok.config import ConfigError
 from unitok.generation import GeneratorModel
-from unitok.generation.codes import ExportConfig, export_codes
+from unitok.codes import ExportConfig, export_codes
 from unitok.train import Trainer
 from unitok.train.tasks.generator import GeneratorTask, GenTrainConfig
 

@@ -12,7 +12,7 @@ import unitok  # noqa: E402
 from train_helpers import kill_9_then_resume, load_params, max_param_diff, run_unitok, sigterm_at  # noqa: E402
 from unitok.checkpoint import CheckpointError  # noqa: E402
 from unitok.config import ConfigError  # noqa: E402
-from unitok.generation.codes import ExportConfig, export_codes  # noqa: E402
+from unitok.codes import ExportConfig, export_codes  # noqa: E402
 from unitok.mllm.model import UniTokMLLM  # noqa: E402
 from unitok.train import Trainer  # noqa: E402
 from unitok.train.tasks.mllm import MLLMTrainConfig, item_name  # noqa: E402

@@ -1,9 +1,9 @@
-"""The ``.npz`` codes file of ``unitok encode``: the codes of a set of images with their source names,
-the writer's config and a digest of its codebooks; :func:`check_codes_match` refuses codes from
-another code space."""
+"""The ``.npz`` codes file of ``unitok encode``: the codes of a set of images with their source names
+and the writer's :func:`~unitok.codes.format.tokenizer_identity` (JSON, key ``tokenizer``);
+:func:`check_codes_match` refuses codes from another code space through the one agreement check.
+Files written before the identity (a ``config`` and a 16-character ``codebook_digest``) are still read."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import zipfile
@@ -14,9 +14,11 @@ import numpy as np
 import torch
 
 from ..utils.io import atomic_write
+from .format import check_agreement, check_code_range, legacy_codebook_sha256, tokenizer_identity
 
-# Fields of UniTokConfig that decide what a code id means; the decoder may differ (codebook digest decides).
-CODE_FIELDS = ('num_codebooks', 'codebook_size', 'code_dim', 'num_query')
+# Identity fields the decoding model may change: another decoder config, or another grid (any grid decodes).
+DECODER_FIELDS = ('config_sha256', 'grid', 'image_size')
+_FIX = 'decode it with that model, or pass --ignore-mismatch'
 
 
 @dataclass
@@ -25,22 +27,32 @@ class CodesFile:
     codes: torch.Tensor          # (N, K, h, w) or (N, K, L) int64
     files: list[str]             # source name of each entry
     config: dict | None          # UniTokConfig dict of the model that wrote the file (None: not stored)
-    codebook_digest: str | None  # :func:`codebook_digest` of that model (None: not stored)
+    codebook_digest: str | None  # older files: :func:`codebook_digest` of that model (None: not stored)
+    tokenizer: dict | None = None   # the writer's tokenizer identity (None: an older file, or none stored)
+
+    def identity(self) -> dict:
+        """What the file says about its tokenizer, as an identity: the stored one, else the fields an
+        older file carries (K, codes per sub-code, the 16-character codebook digest)."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        old = {k: self.config.get(k) for k in ('num_codebooks', 'codebook_size')} if self.config else {}
+        return {**old, 'codebook_sha256': self.codebook_digest}
 
 
-def codebook_digest(model) -> str:
-    """Short fingerprint of a model's code vectors: equal digests mean code ids mean the same vectors."""
-    table = model.quantizer.codebook.detach().float().cpu().contiguous().numpy()
-    return hashlib.sha256(table.tobytes()).hexdigest()[:16]
+def codebook_digest(model) -> str | None:
+    """The 16-character codebook digest of files written before the tokenizer identity."""
+    digest = legacy_codebook_sha256(model)
+    return None if digest is None else digest[:16]
 
 
 def write_codes_file(path: str, model, codes: torch.Tensor, files: list[str], image_size: int,
                      skipped: list[str], precision: str) -> np.dtype:
     """Write ``codes`` (N, K, h, w) of ``files`` encoded by ``model`` to the ``.npz`` ``path`` at once (int16
     when the codebook fits, else int32); the dtype written."""
+    identity = {**tokenizer_identity(model), 'grid': list(codes.shape[2:]), 'image_size': image_size}
     dtype = np.int16 if model.config.codebook_size <= np.iinfo(np.int16).max + 1 else np.int32
     payload = dict(codes=codes.numpy().astype(dtype), files=np.array(files), image_size=np.array(image_size),
-                   config=np.array(model.config.to_json()), codebook_digest=np.array(codebook_digest(model)),
+                   config=np.array(model.config.to_json()), tokenizer=np.array(json.dumps(identity)),
                    skipped=np.array(skipped, dtype=str), precision=np.array(precision))
 
     def write(f):
@@ -63,7 +75,7 @@ def read_codes_file(path: str) -> CodesFile:
     if not (is_npy or is_zip):
         raise ValueError(f'{path!r} is not a codes file: neither a .npz (zip) archive nor a .npy array '
                          f'(it starts with {head!r})')
-    config = digest = None
+    config = digest = tokenizer = None
     try:
         if is_npy:
             codes, files = np.load(path, allow_pickle=False), None
@@ -75,6 +87,7 @@ def read_codes_file(path: str) -> CodesFile:
                 files = [str(f) for f in np.atleast_1d(z['files'])] if 'files' in z.files else None
                 config = str(z['config']) if 'config' in z.files else None
                 digest = str(z['codebook_digest']) if 'codebook_digest' in z.files else None
+                tokenizer = str(z['tokenizer']) if 'tokenizer' in z.files else None
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
         why = 'it holds pickled (object) arrays, which are never loaded' if 'pickle' in str(e) else \
             f'the file is truncated or corrupt ({type(e).__name__}: {e})' if not isinstance(e, ValueError) or \
@@ -88,34 +101,25 @@ def read_codes_file(path: str) -> CodesFile:
     files = files or [f'{i:06d}' for i in range(codes.shape[0])]
     if len(files) != codes.shape[0]:
         raise ValueError(f'{path!r} names {len(files)} file(s) for {codes.shape[0]} code entries')
-    if config is not None:
-        try:
-            config = json.loads(config)
-        except json.JSONDecodeError as e:
-            raise ValueError(f'{path!r}: the stored model config is not valid JSON ({e})') from None
-        if not isinstance(config, dict):
-            raise ValueError(f'{path!r}: the stored model config is not a JSON object')
-    return CodesFile(torch.from_numpy(codes.astype(np.int64)), files, config, digest)
+    config, tokenizer = _json_object(path, config, 'model config'), _json_object(path, tokenizer, 'tokenizer identity')
+    return CodesFile(torch.from_numpy(codes.astype(np.int64)), files, config, digest, tokenizer)
+
+
+def _json_object(path: str, text: str | None, what: str) -> dict | None:
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f'{path!r}: the stored {what} is not valid JSON ({e})') from None
+    if not isinstance(value, dict):
+        raise ValueError(f'{path!r}: the stored {what} is not a JSON object')
+    return value
 
 
 def check_codes_match(path: str, data: CodesFile, model) -> None:
     """Refuse codes written by a model whose code space differs from ``model``'s (another
-    configuration, or the same configuration with other codebooks)."""
-    cfg = model.config.to_dict()
-    if data.config is not None:
-        diffs = [f'{k} {data.config[k]!r} in the file, {cfg[k]!r} in the model'
-                 for k in CODE_FIELDS if k in data.config and data.config[k] != cfg[k]]
-        if diffs:
-            raise ValueError(f'{path!r} was encoded by a model with another configuration ({"; ".join(diffs)}); '
-                             'decode it with that model, or pass --ignore-mismatch')
-    if data.codebook_digest is not None and data.codebook_digest != codebook_digest(model):
-        raise ValueError(f'{path!r} was encoded by a model with other codebooks (digest {data.codebook_digest}, '
-                         f'this model {codebook_digest(model)}): the code ids would mean other vectors; decode '
-                         'it with that model, or pass --ignore-mismatch')
-    n = model.config.codebook_size
-    bad = ((data.codes < 0) | (data.codes >= n)).flatten(1).any(1).nonzero().flatten()
-    if len(bad):
-        i = int(bad[0])
-        raise ValueError(f'codes must lie in [0, {n}) for this model; entry {i} ({data.files[i]}) of {path!r} '
-                         f'has values in [{int(data.codes[i].min())}, {int(data.codes[i].max())}] '
-                         f'({len(bad)} bad entr{"y" if len(bad) == 1 else "ies"})')
+    configuration, or the same configuration with other codebooks), and codes out of its range."""
+    check_agreement(data.identity(), model, where=f'the codes file {path!r}', consumer='the model',
+                    there='in the file', fix=_FIX, skip=DECODER_FIELDS, error=ValueError)
+    check_code_range(data.codes, model.quantizer, repr(path), data.files)

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import CheckpointError
+from ..codes import check_agreement, code_space
 from ..data.files import default_workers
 from ..eval.generation import load_generator
 from ..generation import ExportConfig, export_codes, generate, text_condition
@@ -142,9 +143,9 @@ def run_generate(args) -> int:
     # the generator, its generation.json, and the tokenizer it was trained on (checked against the codes)
     model, tokenizer, info = load_generator(args.gen, args.tokenizer, args.device)
     c = model.config
-    if (tokenizer.config.num_codebooks, tokenizer.config.codebook_size) != (c.num_codebooks, c.codebook_size):
-        raise CheckpointError(f'the tokenizer has {tokenizer.config.num_codebooks} x {tokenizer.config.codebook_size} '
-                              f'codes, the generator {c.num_codebooks} x {c.codebook_size}')
+    check_agreement(code_space(c), tokenizer, where='the generator', consumer='the tokenizer',
+                    there='in the generator', skip=('grid',), error=CheckpointError,
+                    fix='not the tokenizer of its codes')
     if c.cond == 'class':
         if args.prompt:
             raise ValueError('this generator is class-conditional: use --class NAME, not --prompt')

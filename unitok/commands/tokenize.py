@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from .. import checkpoint
+from ..codes.format import check_code_range
 from ..codes.npz import check_codes_match, read_codes_file, write_codes_file
 from ..data.files import collect_images, image_file_batches
 from ..images import side_by_side, to_pil
@@ -110,9 +111,7 @@ def run_decode(args) -> int:
     data = read_codes_file(args.codes)
     model = _load_model(args.model, args.device, args.precision)
     if args.ignore_mismatch:
-        n = model.config.codebook_size
-        if int(data.codes.min()) < 0 or int(data.codes.max()) >= n:
-            raise ValueError(f'codes in {args.codes!r} must lie in [0, {n}) for this model')
+        check_code_range(data.codes, model.quantizer, repr(args.codes), data.files)
     else:
         check_codes_match(args.codes, data, model)
     codes, grid = data.codes, (tuple(args.grid) if args.grid else None)

@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from ..codes import check_agreement, code_space
 from ..data import eval_transform
 from ..images import to_uint8_tensor
 from ..utils import distributed as D
@@ -112,9 +113,9 @@ def _check_inputs(generator, tokenizer, real_source, train_source, classnames):
     gc, tc = generator.config, tokenizer.config
     if gc.cond != 'class':
         raise GenEvalError('eval-gen evaluates class-conditional generators; this one is text-conditional')
-    if (tc.num_codebooks, tc.codebook_size) != (gc.num_codebooks, gc.codebook_size):
-        raise GenEvalError(f'the tokenizer has {tc.num_codebooks} x {tc.codebook_size} codes, the generator models '
-                           f'{gc.num_codebooks} x {gc.codebook_size}: not the tokenizer of its codes')
+    check_agreement(code_space(gc), tokenizer, where='the generator', consumer='the tokenizer',
+                    there='in the generator', skip=('grid',), error=GenEvalError,
+                    fix='not the tokenizer of its codes')
     if tc.num_query:
         raise GenEvalError('eval-gen needs a tokenizer without query tokens (num_query = 0)')
     for name, source in (('held-out', real_source), ('train', train_source)):
@@ -397,7 +398,7 @@ def run_generator_evaluation(gen_path: str, data: str, out_dir: str, cfg: GenEva
     real, train = open_source(data, 'val', resampled=False), open_source(data, 'train', resampled=False)
     val_codes = None
     if codes_val:
-        from ..generation.codes import CodeDataset
+        from ..codes import CodeDataset
         val_codes = CodeDataset(codes_val, view=0, label=info.get('label_set'))
         val_codes.check_tokenizer(tokenizer)
     classnames = info.get('classnames') or getattr(real, 'classnames', None)

@@ -25,7 +25,7 @@ def load_generator(gen_path: str, tokenizer_path: str | None = None, device: str
     the tokenizer defaults to the one recorded there and must be the one whose codes it was trained on."""
     from ..checkpoint import CheckpointError
     from ..generation import GeneratorModel
-    from ..generation.codes import tokenizer_identity
+    from ..codes import check_agreement
     from ..model import UniTok
     from ..train.tasks.generator import GENERATION_INFO
     generator = GeneratorModel.from_pretrained(gen_path, map_location=device)
@@ -42,9 +42,9 @@ def load_generator(gen_path: str, tokenizer_path: str | None = None, device: str
         raise GenEvalError(f'no tokenizer: {info_path} names none; pass --tokenizer (the UniTok model whose codes '
                            'the generator was trained on)')
     tokenizer = UniTok.from_pretrained(tokenizer_path).to(device).eval()
-    mine, theirs = tokenizer_identity(tokenizer), info.get('codes_tokenizer')
-    if theirs and any(mine[k] is not None and theirs.get(k) != mine[k] for k in mine):
-        raise CheckpointError(f'{tokenizer_path!r} is not the tokenizer whose codes {gen_path!r} was trained on')
+    check_agreement(info.get('codes_tokenizer') or {}, tokenizer, where=f'the generator {gen_path!r}',
+                    consumer=f'the tokenizer {tokenizer_path!r}', there='in its codes', error=CheckpointError,
+                    fix='not the tokenizer whose codes it was trained on')
     return generator, tokenizer, info
 
 
@@ -68,7 +68,7 @@ def same_dataset(spec_a: str, spec_b: str) -> bool:
 
 
 def code_dataset(codes, label_set, what):
-    from ..generation.codes import CodeDataset
+    from ..codes import CodeDataset
     if isinstance(codes, CodeDataset):
         if label_set is not None and codes.classnames != codes.label_sets.get(label_set):
             return CodeDataset(codes.directory, view=0, label=label_set)

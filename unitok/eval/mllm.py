@@ -351,7 +351,7 @@ def run_mllm_evaluation(mllm_dir: str, data: str, out: str, cfg: MLLMEvalConfig 
     model = UniTokMLLM.from_pretrained(mllm_dir, llm=llm, map_location=str(device))
     tok = model.image_tokenizer
     if codes_val is None:
-        from ..generation.codes import ExportConfig, export_codes
+        from ..codes import ExportConfig, export_codes
         codes_val = os.path.join(out, 'codes-val')
         export_codes(tok, ExportConfig(data=data, split='val'), codes_val, progress=progress)
     val = code_dataset(codes_val, cfg.label_set, 'held-out')

@@ -15,5 +15,5 @@ __all__ = [
     'generate', 'guidance_scales', 'filter_logits', 'sample_logits', 'text_condition',
 ]
 
-from .codes import CodeDataset, CodeFormatError, ExportConfig, export_codes  # noqa: E402  (exported codes)
+from ..codes import CodeDataset, CodeFormatError, ExportConfig, export_codes  # noqa: E402  (exported codes)
 __all__ += ['CodeDataset', 'CodeFormatError', 'ExportConfig', 'export_codes']

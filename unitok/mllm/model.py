@@ -90,7 +90,7 @@ class UniTokMLLM(Pretrained, nn.Module):
     def build(cls, tokenizer, llm=None, **overrides) -> 'UniTokMLLM':
         """A new MLLM for a UniTok ``tokenizer`` (model or directory) and an LLM (spec string, or a
         ``(model, tokenizer)`` pair of ``transformers`` objects); ``overrides``: :class:`MLLMConfig` fields."""
-        from ..generation.codes import tokenizer_identity
+        from ..codes import tokenizer_identity
         from ..model import UniTok
         path = None
         if isinstance(tokenizer, (str, os.PathLike)):
@@ -178,19 +178,13 @@ class UniTokMLLM(Pretrained, nn.Module):
     def set_image_tokenizer(self, tokenizer) -> None:
         """Use this UniTok tokenizer (model or directory) to encode and decode images; it must be the
         one whose codes this MLLM was trained on (K, codebook size, grid, config and codebook sha256)."""
-        from ..generation.codes import tokenizer_identity
+        from ..codes import check_agreement, code_space
         from ..model import UniTok
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = UniTok.from_pretrained(os.fspath(tokenizer))
-        mine, c = tokenizer_identity(tokenizer), self.config
-        tc = tokenizer.config
-        if (tc.num_codebooks, tc.codebook_size) != (c.num_codebooks, c.codebook_size):
-            raise CheckpointError(f'the tokenizer has {tc.num_codebooks} x {tc.codebook_size} codes, this MLLM\'s '
-                                  f'head writes {c.num_codebooks} x {c.codebook_size}')
-        theirs = c.tokenizer_ref
-        for k in ('config_sha256', 'codebook_sha256'):
-            if theirs.get(k) and mine.get(k) and theirs[k] != mine[k]:
-                raise CheckpointError(f'the tokenizer is not the one this MLLM was trained with ({k} differs)')
+        check_agreement({**self.config.tokenizer_ref, **code_space(self.config)}, tokenizer, where='this MLLM',
+                        consumer='the tokenizer', there='in this MLLM', error=CheckpointError,
+                        fix='use the tokenizer it was trained with')
         self.__dict__['_image_tokenizer'] = tokenizer.to(self.device).eval().requires_grad_(False)
 
     @property

@@ -21,9 +21,9 @@ from ...checkpoint import CheckpointError
 from ...config import ConfigError
 from ...data import TrainStream
 from ...generation import GeneratorConfig, GeneratorModel, generate, text_condition
-from ...generation.codes import CodeDataset
-from ..config import BaseOptimConfig, CodesDataConfig, CodesRunConfig
+from ...codes import CodeDataset, check_agreement
 from ..adapters import CodesSource, Objective
+from ..config import BaseOptimConfig, CodesDataConfig, CodesRunConfig
 from ..task import Phase, Task
 from .tokenizer import param_groups
 
@@ -221,9 +221,8 @@ class GeneratorTask(Task):
 
 
 def _same_codes(a: CodeDataset, b: CodeDataset) -> None:
-    if a.manifest['tokenizer'] != b.manifest['tokenizer']:
-        raise ConfigError(f'the held-out codes {b.directory!r} were exported by another tokenizer than the training '
-                          f'codes {a.directory!r}')
+    check_agreement(b.manifest['tokenizer'], a.manifest['tokenizer'], where=f'the held-out codes {b.directory!r}',
+                    consumer=f'the training codes {a.directory!r}', error=ConfigError)
     if a.classnames != b.classnames:
         raise ConfigError(f'the held-out codes {b.directory!r} have other class names than the training codes')
 

@@ -26,9 +26,9 @@ import torch
 from ...checkpoint import CheckpointError
 from ...config import ConfigError
 from ...data import TrainStream
-from ...generation.codes import CodeDataset
-from ..config import BaseOptimConfig, CodesDataConfig, CodesRunConfig
+from ...codes import CodeDataset
 from ..adapters import CodesSource, Objective
+from ..config import BaseOptimConfig, CodesDataConfig, CodesRunConfig
 from ..task import Phase, Task
 
 log = logging.getLogger('unitok.train')

@@ -17,7 +17,7 @@ from torchvision import transforms as T
 import unitok
 from unitok.cli import main as cli_main
 from unitok.data import eval_transform, open_source
-from unitok.generation.codes import CodeDataset, CodeFormatError, ExportConfig, export_codes, tokenizer_identity
+from unitok.codes import CodeDataset, CodeFormatError, ExportConfig, export_codes, tokenizer_identity
 
 SPEC = 'builtin:emoji'
 
@@ -187,19 +187,19 @@ def test_codes_of_another_tokenizer_or_grid_get_one_clear_error(tokenizer, expor
     ds.check_tokenizer(model.config.replace(drop_path=0.1, grad_checkpointing=True))   # training-only fields
     torch.manual_seed(1)
     other = unitok.create_model('unitok-tiny')                        # same config, other weights
-    with pytest.raises(CodeFormatError, match='exported by another tokenizer.*codebook sha256'):
+    with pytest.raises(CodeFormatError, match='another tokenizer, with other codebooks.*quantizer digest'):
         ds.check_tokenizer(other)
     bigger = model.config.replace(codebook_size=1024, image_size=128)
-    with pytest.raises(CodeFormatError, match=r'codes per sub-codebook 512 there, 1024 .*grid 4x4 there, 8x8'):
+    with pytest.raises(CodeFormatError, match=r'codebook_size 512 there, 1024 in this tokenizer.*grid 4x4 there, 8x8'):
         ds.check_tokenizer(bigger)
-    with pytest.raises(CodeFormatError, match='grid 4x4 here, 8x8 expected'):
+    with pytest.raises(CodeFormatError, match='grid 4x4 there, 8x8 in the model'):
         ds.expect(num_codebooks=8, grid=(8, 8))
-    with pytest.raises(CodeFormatError, match='8 sub-codebooks here, 4 expected'):
+    with pytest.raises(CodeFormatError, match='num_codebooks 8 there, 4 in the model'):
         ds.expect(num_codebooks=4)
     # refusing to mix exports in one directory
     with pytest.raises(CodeFormatError, match=r'different export \(augment: \["flip", "tencrop"\] there, \[\] now'):
         export_codes(model, ExportConfig(SPEC, split='val', shard_size=4, batch_size=3, limit=7), out)
-    with pytest.raises(CodeFormatError, match='tokenizer.codebook_sha256'):
+    with pytest.raises(CodeFormatError, match='tokenizer.digest'):
         export_codes(other, ExportConfig(SPEC, split='val', augment=('flip', 'tencrop'), shard_size=4,
                                          batch_size=3, limit=7), out)
     (tmp_path / 'busy').mkdir()
