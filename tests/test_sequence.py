@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -23,3 +24,14 @@ def test_errors():
         sequence_to_codes(torch.zeros(1, 6, 2, dtype=torch.long), grid=(2, 2))
     with pytest.raises(ValueError):
         codes_to_sequence(torch.zeros(3, dtype=torch.long))
+
+
+def test_sequence_helpers_check_their_arguments():
+    from unitok import codes_to_sequence, sequence_to_codes
+    seq = torch.zeros(1, 16, 8, dtype=torch.long)
+    with pytest.raises(ValueError, match='grid must be'):
+        sequence_to_codes(seq, grid=(-4, -4))
+    with pytest.raises(ValueError, match='num_query must be'):
+        sequence_to_codes(seq, num_query=16)
+    with pytest.raises(TypeError, match='torch.Tensor'):
+        codes_to_sequence(np.zeros((1, 8, 4, 4)))
