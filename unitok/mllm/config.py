@@ -32,7 +32,7 @@ class MLLMConfig:
     base_vocab: int = 0                   # the LLM's vocabulary before the image tokens were added
     image_token_ids: dict = field(default_factory=dict)
     llm_ref: dict = field(default_factory=dict)         # spec, gguf file, config / vocab sha256
-    tokenizer_ref: dict = field(default_factory=dict)   # UniTok path and identity (config / codebook sha256)
+    tokenizer_ref: dict = field(default_factory=dict)   # UniTok path and its codes identity (unitok.codes.format.tokenizer_identity)
 
     def __post_init__(self):
         dataclass_io.coerce_fields(self)
