@@ -121,15 +121,15 @@ class Sampler:
         file when its header matches, else sampled (and written, by rank 0)."""
         if self.directory is None:
             return self.sample(scale)
-        path, header = samples_path(self.directory, scale), self.header(scale)
-        found = self._reusable(path, header) if self.rank == 0 else None
+        path = samples_path(self.directory, scale)
+        found = self._reusable(path, self.header(scale)) if self.rank == 0 else None     # rank 0 decides
         found = D.broadcast_object(found, group=self.group)
         if found is not None:
             log.info('cfg %g: samples read from %s', scale, path)
             return found
         codes = self.sample(scale)
         if self.rank == 0:
-            write_samples(path, codes, self.labels(), header)
+            write_samples(path, codes, self.labels(), self.header(scale))
         return codes
 
     def sample(self, scale: float) -> torch.Tensor:
