@@ -87,7 +87,9 @@ EVAL_GEN_DOC = """``unitok eval-gen``: evaluate a class-conditional generator; w
     torchrun --nproc_per_node 8 -m unitok.cli eval-gen ...     # samples and images sharded over processes
 
 Samples are seeded per chunk of --chunk-size samples, so the numbers do not depend on --batch-size
-or on the number of processes (see unitok.eval.generation).
+or on the number of processes (see unitok.eval.generation). The sampled codes are kept in
+OUT/samples/cfg-<scale>.npz; a rerun with the same generator and sampling settings measures them again
+without sampling.
 """
 
 

@@ -6,17 +6,20 @@ distance, KID with its subsampling interval and precision / recall against held-
 a linear probe (with shuffled-label controls), and the copy rate against the training images. Beside
 them: the floors ``real_vs_real`` and ``reconstruction_vs_real``, ceilings, and the held-out NLL.
 
+Two stages: sampling (:class:`~unitok.eval.samples.Sampler`) writes each scale's codes to a samples
+file ``OUT/samples/cfg-<scale>.npz`` (reused when its header matches), then measuring reads them back.
 Samples are planned (:func:`~unitok.eval.sampling.sample_chunks`): chunk ``i`` is one ``generate``
-call seeded with ``mix_seed(seed, i)``, the same seeds at every scale. Every model pass runs on those
-fixed chunks, so no number depends on ``batch_size``, which batches only the feature extractors.
-Under several processes chunk ``i`` goes to rank ``i % world``; statistics are computed once over
-the gathered features in sample order, in float64.
+call seeded with ``mix_seed(seed, i)``, the same seeds at every scale, and is decoded as one chunk, so
+no number depends on ``batch_size``, which batches only the feature extractors. Under several
+processes chunk ``i`` goes to rank ``i % world``; statistics are computed once over the gathered
+features in sample order, in float64.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -35,6 +38,7 @@ from .subsets import read_images, subset_indices
 from .metrics import (LinearProbe, codebook_nll, consistency, copy_statistics, distribution_metrics, kid_interval,
                       precision_recall, weighted_sums)
 from .report import write_generation_report
+from .samples import Sampler
 from .sampling import gather_rows, progress_bar, rebatch, sample_chunks
 
 log = logging.getLogger(__name__)
@@ -136,7 +140,8 @@ def _check_inputs(generator, tokenizer, real_source, train_source, classnames):
 @torch.no_grad()
 def evaluate_generator(generator, tokenizer, real_source, train_source, cfg: GenEvalConfig | None = None,
                        classnames: Sequence[str] | None = None, val_codes=None, progress: bool = False,
-                       process_group=None) -> GenEvalResult:
+                       process_group=None, samples_dir: str | None = None,
+                       generator_path: str | None = None) -> GenEvalResult:
     """Evaluate a class-conditional :class:`~unitok.generation.GeneratorModel` (see the module docstring).
 
     Args:
@@ -148,6 +153,9 @@ def evaluate_generator(generator, tokenizer, real_source, train_source, cfg: Gen
         val_codes: a :class:`~unitok.generation.CodeDataset` of held-out codes for the NLL (default:
             the held-out images' codes from the tokenizer).
         process_group: every rank of it must call this; samples and images are sharded over it.
+        samples_dir: where the samples files live (sampled first, then measured; files with the same
+            header are reused); None: the samples stay in memory.
+        generator_path: recorded in the samples files' headers.
     """
     cfg = cfg or GenEvalConfig()
     cfg.validate()
@@ -158,6 +166,9 @@ def evaluate_generator(generator, tokenizer, real_source, train_source, cfg: Gen
     tokenizer.eval()
     try:
         start = time.time()
+        sampler = Sampler(generator, cfg, samples_dir, generator_path, process_group, progress)
+        for scale in cfg.cfg_scales if samples_dir is not None else ():
+            sampler.codes(float(scale))           # stage 1: every scale's samples file, before any measure
         run = _Run.create(generator, tokenizer, cfg, classnames, real_source, progress, process_group)
         real, nll = _held_out(run, real_source, val_codes)
         train = _train_features(run, train_source)
@@ -165,7 +176,7 @@ def evaluate_generator(generator, tokenizer, real_source, train_source, cfg: Gen
                             cfg.probe_iters)
         sweep, grids = [], {}
         for scale in cfg.cfg_scales:
-            gen, grid = _samples(run, float(scale))
+            gen, grid = _samples(run, float(scale), sampler.codes(float(scale)))
             if grid is not None:
                 grids[float(scale)] = grid
             sweep.append(_scale_metrics(run, float(scale), real, gen, train, probe))
@@ -291,32 +302,28 @@ def _train_features(run: _Run, source) -> dict:
     return gather_rows(index, rows, run.group)
 
 
-def _decoded(run: _Run, scale: float, side: dict):
-    """Sampling and decoding on this rank's fixed chunks: ``(indices, uint8 samples)``; zero-shot
-    predictions go to ``side``."""
-    from ..generation import generate
+def _decoded(run: _Run, codes: torch.Tensor, side: dict):
+    """Decoding of the sampled ``codes (N, K, h, w)`` on this rank's fixed chunks: ``(indices, uint8
+    samples)``; zero-shot predictions go to ``side``."""
     cfg = run.cfg
     plan = sample_chunks(run.generator.config.num_classes, cfg.samples_per_class, cfg.chunk_size, cfg.seed)
-    for lo, hi, seed in plan[run.rank::run.world]:
-        labels = torch.arange(lo, hi, device=run.device) // cfg.samples_per_class
-        codes = generate(run.generator, labels, cfg_scale=scale, temperature=cfg.temperature, top_k=cfg.top_k,
-                         top_p=cfg.top_p, generator=seed)
-        u8 = to_uint8_tensor(run.tokenizer.decode(codes))
+    for lo, hi, _ in plan[run.rank::run.world]:
+        u8 = to_uint8_tensor(run.tokenizer.decode(codes[lo:hi].to(run.device)))
         side['index'].append(torch.arange(lo, hi))
         side['zero_shot'].append(run.zero_shot_pred(u8))
         yield torch.arange(lo, hi), u8.cpu()
 
 
-def _samples(run: _Run, scale: float) -> tuple[dict, torch.Tensor | None]:
-    """Features and zero-shot predictions of one scale's samples (gathered, in sample order) and the
-    report's grid ``(C, g, 3, H, W)`` in [-1, 1] (``None`` without grid samples)."""
+def _samples(run: _Run, scale: float, codes: torch.Tensor) -> tuple[dict, torch.Tensor | None]:
+    """Stage 2 for one scale: features and zero-shot predictions of its samples ``codes`` (gathered, in
+    sample order) and the report's grid ``(C, g, 3, H, W)`` in [-1, 1] (``None`` without grid samples)."""
     cfg = run.cfg
     C = run.generator.config.num_classes
     side: dict[str, list] = {'index': [], 'zero_shot': []}
     rows: dict[str, list] = {n: [] for n in run.extractors}
     index, grid_index, grid_rows = [], [], []
     steps = -(-C * cfg.samples_per_class // max(run.world, 1) // cfg.batch_size) + 1
-    for idx, u8 in progress_bar(rebatch(_decoded(run, scale, side), cfg.batch_size), f'samples cfg {scale:g}',
+    for idx, u8 in progress_bar(rebatch(_decoded(run, codes, side), cfg.batch_size), f'samples cfg {scale:g}',
                                 steps, run.show):
         index.append(idx)
         for n, f in run.features(u8).items():
@@ -386,7 +393,8 @@ def run_generator_evaluation(gen_path: str, data: str, out_dir: str, cfg: GenEva
                              tokenizer_path: str | None = None, codes_val: str | None = None,
                              device: str | torch.device = 'cpu', progress: bool = False) -> dict:
     """Load, evaluate on ``data``'s 'val' (held-out) and 'train' splits, write ``report.json`` and
-    ``report.html`` to ``out_dir`` (rank 0); returns the report on every rank."""
+    ``report.html`` to ``out_dir`` (rank 0), the samples files to ``out_dir/samples``; returns the
+    report on every rank."""
     from ..data import has_split, open_source
     cfg = cfg or GenEvalConfig()
     cfg.validate()
@@ -403,7 +411,8 @@ def run_generator_evaluation(gen_path: str, data: str, out_dir: str, cfg: GenEva
         val_codes.check_tokenizer(tokenizer)
     classnames = info.get('classnames') or getattr(real, 'classnames', None)
     result = evaluate_generator(generator, tokenizer, real, train, cfg, classnames=classnames, val_codes=val_codes,
-                                progress=progress)
+                                progress=progress, samples_dir=os.path.join(out_dir, 'samples'),
+                                generator_path=gen_path)
     result.metrics['meta'] = {
         'generator': gen_path, 'tokenizer': tokenizer_path or info.get('tokenizer'), 'data': data,
         'codes_val': codes_val, 'generator_config': generator.config.to_dict(),
