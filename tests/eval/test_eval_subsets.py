@@ -53,6 +53,7 @@ class KnownAccuracyModel(nn.Module):
     def __init__(self, shift=0.0):
         super().__init__()
         self.config = SimpleNamespace(image_size=16, num_codebooks=2, codebook_size=8)
+        self.quantizer = SimpleNamespace(num_codebooks=2, vocab_sizes=(8, 8))   # what the evaluator reads of it
         self.logit_scale = nn.Parameter(torch.tensor(2.0))
         self.shift = shift
 
