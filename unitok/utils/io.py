@@ -43,8 +43,23 @@ def output_error(what: str, path: str, e: OSError) -> OutputError:
     return OutputError(e.errno, f'cannot write {what} {path!r}: {describe_os_error(e)}')
 
 
+def process_umask() -> int:
+    """The process umask: read from /proc on Linux (without changing it), else set and restored."""
+    try:
+        with open('/proc/self/status', encoding='ascii') as f:
+            for line in f:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
 def atomic_write(path: str, write_fn, mode: str = 'wb', what: str = 'file') -> None:
-    """Write ``path`` via a temporary file in the same directory and ``os.replace``.
+    """Write ``path`` via a temporary file in the same directory and ``os.replace``; the file gets the
+    permissions a plain ``open()`` would give it under the process umask.
 
     ``mode='path'`` hands ``write_fn`` the temporary path (for writers that open files themselves);
     otherwise ``write_fn`` receives an open file object in ``mode``.
@@ -64,6 +79,8 @@ def atomic_write(path: str, write_fn, mode: str = 'wb', what: str = 'file') -> N
                 write_fn(f)
                 f.flush()
                 os.fsync(f.fileno())
+        # mkstemp's 0600 (and some writers' own) would hide the file from the other users of shared storage
+        os.chmod(tmp, 0o666 & ~process_umask())
         os.replace(tmp, path)
         tmp = None
     except OutputError:
