@@ -195,6 +195,29 @@ def test_bad_inputs_get_one_clear_error(mllm, tokenizer):
         mllm.chat(_codes(), 'What is this emoji?', max_new_tokens=0)
 
 
+@pytest.mark.parametrize('kwargs,error,match', [
+    ({'top_p': 0}, ValueError, r'top_p must be in \(0, 1\]'),
+    ({'top_p': 2}, ValueError, r'top_p must be in \(0, 1\]'),
+    ({'top_k': -4}, ValueError, 'top_k must be >= 0'),
+    ({'temperature': float('nan')}, ValueError, 'temperature must be finite'),
+    ({'top_k': 2.5}, TypeError, 'top_k values must be ints'),
+    ({'temperature': 'hot'}, TypeError, 'temperature values must be floats'),
+])
+def test_chat_and_drawing_check_the_sampling_arguments_as_generate_does(mllm, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        mllm.chat(_codes(), 'What is this emoji?', **kwargs)
+    with pytest.raises(error, match=match):
+        mllm.generate_image('Draw an emoji of a cat.', **kwargs)
+
+
+@pytest.mark.parametrize('prompt', [None, 5, [], ['a cat', 3]])
+def test_questions_and_prompts_of_the_wrong_type_name_the_argument(mllm, prompt):
+    with pytest.raises(TypeError, match='prompt must be a string or a list of strings'):
+        mllm.generate_image(prompt)
+    with pytest.raises(TypeError, match='question must be a string, got NoneType'):
+        mllm.chat(_codes(), None)
+
+
 def test_chat_reads_an_image_file(mllm, tokenizer, tmp_path):
     from PIL import Image
     mllm.set_image_tokenizer(tokenizer)

@@ -58,6 +58,20 @@ def _per_codebook(name: str, value, K: int, kind: type) -> list:
     return [kind(v) for v in values]
 
 
+def sampling_arguments(temperature, top_k, top_p, K: int = 1) -> tuple[list[float], list[int], list[float]]:
+    """The one check of the sampling arguments of every sampler (codes and text): each one value or a
+    list of K (one per sub-code), returned as lists of K; errors name the argument."""
+    temperature = _per_codebook('temperature', temperature, K, float)
+    top_k, top_p = _per_codebook('top_k', top_k, K, int), _per_codebook('top_p', top_p, K, float)
+    if min(temperature) < 0 or not all(math.isfinite(t) for t in temperature):
+        raise ValueError(f'temperature must be finite and >= 0 (0: greedy), got {temperature}')
+    if min(top_k) < 0:
+        raise ValueError(f'top_k must be >= 0 (0: no top-k filter), got {top_k}')
+    if not all(0 < p <= 1 for p in top_p):
+        raise ValueError(f'top_p must be in (0, 1] (1: no nucleus filter), got {top_p}')
+    return temperature, top_k, top_p
+
+
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Keep the ``top_k`` largest logits (0: all) and the smallest set whose probability reaches
     ``top_p`` (1: all) of each row ``(N, V)``; the rest become ``-inf``. At least one stays."""
@@ -89,15 +103,7 @@ class CodeSampler:
     """Guidance and per-sub-codebook sampling of one step's logits (N, V) -> codes (B,)."""
 
     def __init__(self, K, temperature, top_k, top_p, generator, guided):
-        self.temperature = _per_codebook('temperature', temperature, K, float)
-        self.top_k = _per_codebook('top_k', top_k, K, int)
-        self.top_p = _per_codebook('top_p', top_p, K, float)
-        if min(self.temperature) < 0 or not all(math.isfinite(t) for t in self.temperature):
-            raise ValueError(f'temperature must be finite and >= 0 (0: greedy), got {self.temperature}')
-        if min(self.top_k) < 0:
-            raise ValueError(f'top_k must be >= 0 (0: no top-k filter), got {self.top_k}')
-        if not all(0 < p <= 1 for p in self.top_p):
-            raise ValueError(f'top_p must be in (0, 1] (1: no nucleus filter), got {self.top_p}')
+        self.temperature, self.top_k, self.top_p = sampling_arguments(temperature, top_k, top_p, K)
         self.generator, self.guided = generator, guided
 
     def __call__(self, logits: torch.Tensor, k: int, scale: float) -> torch.Tensor:

@@ -13,7 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..generation.sampling import CodeSampler, sample_position, guidance_scales, sample_logits
+from ..generation.sampling import CodeSampler, guidance_scales, sample_logits, sample_position, sampling_arguments
 
 
 def _seeded(generator, device) -> torch.Generator | None:
@@ -125,8 +125,7 @@ def generate_text(model, example: dict, *, max_new_tokens: int = 64, temperature
     end-of-turn / EOS token (not included) or ``max_new_tokens``."""
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f'max_new_tokens must be an int >= 1, got {max_new_tokens!r}')
-    if not (isinstance(temperature, (int, float)) and temperature >= 0):
-        raise ValueError(f'temperature must be a number >= 0 (0: greedy), got {temperature!r}')
+    (temperature,), (top_k,), (top_p,) = sampling_arguments(temperature, top_k, top_p)
     device = model.device
     gen = _seeded(generator, device)
     stops = model._stop | {model._end_of_turn}
@@ -143,7 +142,7 @@ def generate_text(model, example: dict, *, max_new_tokens: int = 64, temperature
         h = model.hidden_states(x, mask, _positions(mask), cache)[:, -1]
         for _ in range(max_new_tokens):
             logits = model.text_logits(h).float()
-            nxt = sample_logits(logits, float(temperature), top_k, top_p, gen)           # (1,)
+            nxt = sample_logits(logits, temperature, top_k, top_p, gen)           # (1,)
             t = int(nxt)
             if t in stops:
                 break

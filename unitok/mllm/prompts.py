@@ -130,6 +130,8 @@ def image_codes(model, image) -> torch.Tensor:
 def chat_sequence(model, image, question: str, max_new_tokens: int) -> dict:
     """The sequence of a question about ``image`` (None: no image; int codes ``(K, h, w)``; else what
     :func:`image_codes` reads), checked to leave room for ``max_new_tokens``."""
+    if not isinstance(question, str):
+        raise TypeError(f'question must be a string, got {type(question).__name__}')
     if image is None:
         example = text_sequence(model, question)
     else:
@@ -142,7 +144,7 @@ def chat_sequence(model, image, question: str, max_new_tokens: int) -> dict:
 
 def image_request_rows(model, prompt: str | Sequence[str], n: int) -> list[list[int]]:
     """The token ids of ``n`` image requests per prompt (each ending with ``<boi>``)."""
-    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt) if isinstance(prompt, (list, tuple)) else None
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise TypeError(f'prompt must be a string or a list of strings, got {prompt!r}')
     if not isinstance(n, int) or n < 1:
