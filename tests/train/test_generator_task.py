@@ -97,6 +97,27 @@ def test_generate_command_writes_a_grid_and_the_codes(exported, tmp_path):
                 '--out', str(tmp_path / 'x.png')]) == 2
 
 
+def test_generate_checks_its_outputs_first_and_gives_n_per_class(exported, tmp_path):
+    Trainer(_cfg(exported, tmp_path / 'run', steps=1)).fit()
+    gen = ['generate', '--gen', str(tmp_path / 'run' / 'model'), '--seed', '0']
+    # without --class: --n samples of every class (the help's "samples per class"), a row each
+    assert cli([*gen, '--n', '2', '--out', str(tmp_path / 'all.png')]) == 0
+    labels = np.load(tmp_path / 'all.npz')['labels']
+    classes = sorted(set(labels.tolist()))
+    assert len(classes) > 1 and labels.tolist() == [c for c in classes for _ in range(2)]
+    # --out naming the codes file or no image format: refused before any work, nothing written
+    for bad in ('x.npz', 'x.txt'):
+        assert cli([*gen, '--class', 'animals & nature', '--n', '1', '--out', str(tmp_path / bad)]) == 2
+    assert not any((tmp_path / n).exists() for n in ('x.npz', 'x.png', 'x.txt'))
+    # a directory where the codes would go: refused before the image is written
+    (tmp_path / 'y.npz').mkdir()
+    assert cli([*gen, '--class', 'animals & nature', '--n', '1', '--out', str(tmp_path / 'y.png')]) != 0
+    assert not (tmp_path / 'y.png').exists()
+    # the suffix names the format written
+    assert cli([*gen, '--class', 'animals & nature', '--n', '1', '--out', str(tmp_path / 'g.jpg')]) == 0
+    assert (tmp_path / 'g.jpg').read_bytes()[:3] == b'\xff\xd8\xff' and (tmp_path / 'g.npz').exists()
+
+
 def test_codes_that_do_not_fit_get_one_clear_error(exported, tmp_path):
     with pytest.raises(ConfigError, match='contradict the exported codes'):
         GeneratorTask(_cfg(exported, tmp_path / 'a').override(['model.codebook_size=1024']))

@@ -122,7 +122,7 @@ def _class_labels(names: list[str] | None, wanted: list[str] | None, n: int) -> 
     if not names:
         raise ValueError('this generator has no class names; it is text-conditional (use --prompt)')
     if not wanted:
-        return torch.arange(len(names)).repeat_interleave(max(1, n // len(names)))[:max(n, len(names))]
+        return torch.arange(len(names)).repeat_interleave(n)        # n per class, a row each
     labels = []
     for w in wanted:
         if w in names:
@@ -139,7 +139,7 @@ def run_generate(args) -> int:
         return _generate_with_mllm(args)
     if args.n < 1:
         raise ValueError(f'--n must be >= 1, got {args.n}')
-    check_writable_file(args.out, what='output image')
+    check_sample_outputs(args.out)
     # the generator, its generation.json, and the tokenizer it was trained on (checked against the codes)
     model, tokenizer, info = load_generator(args.gen, args.tokenizer, args.device)
     c = model.config
@@ -174,7 +174,7 @@ def _generate_with_mllm(args) -> int:
         raise ValueError('generate --mllm takes --prompt, not --class')
     if args.n < 1:
         raise ValueError(f'--n must be >= 1, got {args.n}')
-    check_writable_file(args.out, what='output image')
+    check_sample_outputs(args.out)
     model = load_mllm(args)
     codes = model.generate_image(args.prompt, n=args.n, cfg_scale=args.cfg, temperature=args.temperature,
                                  top_k=args.top_k, top_p=args.top_p, generator=args.seed)
@@ -184,16 +184,34 @@ def _generate_with_mllm(args) -> int:
     return 0
 
 
+# The grid formats ``--out`` may name, by suffix; the codes go beside it with ``.npz``.
+GRID_FORMATS = {'.png': 'PNG', '.jpg': 'JPEG', '.jpeg': 'JPEG', '.webp': 'WEBP'}
+
+
+def check_sample_outputs(out: str) -> str:
+    """The codes path beside the grid image ``out``, after checking both before any work: ``out`` must
+    name an image format (by suffix) and neither path may be a directory or unwritable."""
+    stem, suffix = os.path.splitext(out)
+    if suffix.lower() not in GRID_FORMATS:
+        raise ValueError(f'--out {out!r} must name the grid image ({", ".join(GRID_FORMATS)}); '
+                         f'the codes are written beside it as {stem}.npz')
+    check_writable_file(out, what='output image')
+    check_writable_file(stem + '.npz', what='codes')
+    return stem + '.npz'
+
+
 def write_samples(args, images: torch.Tensor, codes: torch.Tensor, per_row: int, **extra) -> None:
-    """``args.out``: a grid PNG of ``images`` (``per_row`` a row); beside it, the same name with ``.npz``:
-    the codes (uint16), the guidance scale, the seed and ``extra`` arrays (labels or prompts)."""
+    """``args.out``: a grid image of ``images`` (``per_row`` a row) in the format its suffix names;
+    beside it, the same name with ``.npz``: the codes (uint16), the guidance scale, the seed and ``extra``
+    arrays (labels or prompts). The codes are written first, so the image appears only with its codes."""
+    codes_path = check_sample_outputs(args.out)
     grid = make_grid([images[i:i + per_row] for i in range(0, len(images), per_row)])
-    stem = os.path.splitext(args.out)[0]
-    atomic_write(args.out, lambda f: grid.save(f, format='PNG'), what='output image')
+    image_format = GRID_FORMATS[os.path.splitext(args.out)[1].lower()]
     meta = dict(codes=codes.cpu().numpy().astype(np.uint16), cfg=np.float64(args.cfg), seed=np.int64(args.seed),
                 **extra)
-    atomic_write(stem + '.npz', lambda f: np.savez(f, **meta), what='codes')
-    print(f'wrote {args.out} ({len(images)} samples) and {stem}.npz')
+    atomic_write(codes_path, lambda f: np.savez(f, **meta), what='codes')
+    atomic_write(args.out, lambda f: grid.save(f, format=image_format), what='output image')
+    print(f'wrote {args.out} ({len(images)} samples) and {codes_path}')
 
 
 def register_generate(sub) -> None:
@@ -209,5 +227,5 @@ def register_generate(sub) -> None:
     g.add_argument('--cfg', type=float, default=1.0, help='classifier-free guidance scale (1: guidance-free)')
     add_sampling_args(g)
     g.add_argument('--device', default='cpu')
-    g.add_argument('--out', required=True, help='grid PNG; the codes go to the same name with .npz')
+    g.add_argument('--out', required=True, help='grid image (.png, .jpg, .webp); the codes go to the same name with .npz')
     g.set_defaults(fn=run_generate)
