@@ -234,6 +234,14 @@ def test_every_model_saves_and_loads_through_the_one_contract(kind, tiny_model, 
     save_file(state, str(weights))
     with pytest.raises(CheckpointError, match=rf'1 missing key\(s\): {dropped}; 1 unexpected key\(s\): extra.weight'):
         cls.from_pretrained(str(directory), **options)
+    # non-finite weights are refused, naming the tensor and the file
+    state[dropped] = state.pop('extra.weight')
+    poisoned = next(k for k in sorted(state) if state[k].is_floating_point() and state[k].numel() > 3)
+    state[poisoned] = state[poisoned].clone()
+    state[poisoned].view(-1)[:3] = float('nan')
+    save_file(state, str(weights))
+    with pytest.raises(CheckpointError, match=rf"{cls.weights_file}: tensor '{poisoned}' holds 3 non-finite"):
+        cls.from_pretrained(str(directory), **options)
     # a hub id, from a Hugging Face cache filled locally (HF_HUB_OFFLINE=1 in tests)
     _cache_hub_model(monkeypatch, tmp_path, f'someone/{kind}', model)
     _same_state(model, cls.from_pretrained(f'someone/{kind}', **options))

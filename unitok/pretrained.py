@@ -53,6 +53,17 @@ def check_keys(expected: Mapping[str, Any], state: Mapping[str, Any]) -> None:
                                   f'model {tuple(value.shape)}')
 
 
+def check_finite(state: Mapping[str, Any]) -> None:
+    """Raise :class:`CheckpointError` naming the first floating tensor of ``state`` that holds NaN or
+    infinity: such weights load silently and fail, or answer wrongly, much later."""
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor) and value.is_floating_point():
+            bad = int((~torch.isfinite(value)).sum())
+            if bad:
+                raise CheckpointError(f'tensor {key!r} holds {bad} non-finite value(s) (NaN or infinity) of '
+                                      f'{value.numel()}: the weights are corrupt; nothing was loaded')
+
+
 def is_hub_id(name: str) -> bool:
     """Whether ``name`` reads as a hub id ``owner/name`` (never a local-looking path such as ./x or x.pth)."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -244,6 +255,7 @@ class Pretrained:
         model = cls._empty(config, **options)
         try:
             check_keys(model._expected_state(state), state)
+            check_finite(state)
         except CheckpointError as e:
             raise CheckpointError(f'{where}: {e}' if where else str(e)) from None
         model._take_state(state, map_location, **options)
