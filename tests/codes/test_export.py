@@ -153,6 +153,22 @@ def test_unreadable_images_are_skipped_and_listed(tokenizer, tmp_path):
         assert ds[i]['label'] == ds.classnames.index(f.split(os.sep)[0])
 
 
+def test_an_export_where_no_image_is_readable_fails(tokenizer, tmp_path, capsys):
+    _, path = tokenizer
+    (tmp_path / 'images' / 'cat').mkdir(parents=True)
+    for i in range(3):
+        (tmp_path / 'images' / 'cat' / f'{i}.png').write_bytes(b'not a png')
+    out = tmp_path / 'codes'
+    assert cli_main(['export-codes', '--model', path, '--data', f'folder:{tmp_path / "images"}', '--out', str(out),
+                     '--device', 'cpu']) == 2
+    err = capsys.readouterr().err
+    assert 'no readable image' in err and '3 unreadable' in err and os.path.join('cat', '0.png') in err
+    manifest = json.loads((out / 'manifest.json').read_text()) if (out / 'manifest.json').exists() else {}
+    assert not manifest.get('complete')
+    with pytest.raises(CodeFormatError, match='incomplete|no exported codes'):
+        CodeDataset(str(out))
+
+
 def test_interrupted_export_resumes_to_the_same_files(tokenizer, tmp_path, monkeypatch):
     model, _ = tokenizer
     cfg = ExportConfig(SPEC, split='val', augment=('flip',), shard_size=4, batch_size=2, limit=14)

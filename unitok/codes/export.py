@@ -324,6 +324,10 @@ def _finish_manifest(out: str, identity: dict, source, cfg: ExportConfig) -> dic
                               f'rerun the same command to finish it')
     shards = [dict(name=_shard_name(*s), count=done[s]['count']) for s in expected]
     skipped = [dict(shard=_shard_name(*s), **k) for s in expected for k in done[s]['skipped']]
+    if not sum(s['count'] for s in shards):          # an export of nothing is no export: never marked complete
+        first = f'; the first: {skipped[0]["key"]} ({skipped[0]["reason"]})' if skipped else ''
+        raise CodeFormatError(f'no readable image in {cfg.data!r} (split {cfg.split!r}): {len(skipped)} '
+                              f'unreadable{first}; nothing was exported to {out!r}')
     manifest = {**identity, 'complete': True, 'num_items': sum(s['count'] for s in shards), 'shards': shards,
                 'skipped': skipped}
     _write_json(os.path.join(out, MANIFEST), manifest, 'manifest')
