@@ -118,6 +118,22 @@ def test_generate_checks_its_outputs_first_and_gives_n_per_class(exported, tmp_p
     assert (tmp_path / 'g.jpg').read_bytes()[:3] == b'\xff\xd8\xff' and (tmp_path / 'g.npz').exists()
 
 
+def test_a_generator_without_its_generation_json_gets_no_message_loop(exported, tmp_path, capsys):
+    Trainer(_cfg(exported, tmp_path / 'run', steps=1)).fit()
+    model = tmp_path / 'run' / 'model'
+    info = json.loads((model / 'generation.json').read_text())
+    (model / 'generation.json').unlink()
+    gen = ['generate', '--gen', str(model), '--tokenizer', info['tokenizer'], '--n', '1', '--seed', '0']
+    assert cli([*gen, '--class', 'animals & nature', '--out', str(tmp_path / 'a.png')]) == 2
+    err = capsys.readouterr().err
+    assert 'pass --class with class indices 0..' in err and 'text-conditional' not in err
+    assert cli([*gen, '--prompt', 'a cat', '--out', str(tmp_path / 'b.png')]) == 2
+    assert 'class-conditional: use --class' in capsys.readouterr().err
+    with pytest.warns(UserWarning, match='records no identity of the tokenizer of the codes: the check .* is skipped'):
+        assert cli([*gen, '--class', '1', '--out', str(tmp_path / 'c.png')]) == 0
+    assert np.load(tmp_path / 'c.npz')['labels'].tolist() == [1]
+
+
 def test_codes_that_do_not_fit_get_one_clear_error(exported, tmp_path):
     with pytest.raises(ConfigError, match='contradict the exported codes'):
         GeneratorTask(_cfg(exported, tmp_path / 'a').override(['model.codebook_size=1024']))

@@ -118,9 +118,12 @@ def register_train(sub) -> None:
 
 
 # ---------------------------------------------------------------------- unitok generate
-def _class_labels(names: list[str] | None, wanted: list[str] | None, n: int) -> torch.Tensor:
-    if not names:
-        raise ValueError('this generator has no class names; it is text-conditional (use --prompt)')
+def _class_labels(names: list[str] | None, wanted: list[str] | None, n: int, num_classes: int) -> torch.Tensor:
+    if not names:                         # class-conditional, but its generation.json (the names) is missing
+        names = [str(i) for i in range(num_classes)]
+        if wanted and not all(w.isdigit() for w in wanted):
+            raise ValueError(f'this class-conditional generator has no class names (no generation.json beside it): '
+                             f'pass --class with class indices 0..{num_classes - 1}')
     if not wanted:
         return torch.arange(len(names)).repeat_interleave(n)        # n per class, a row each
     labels = []
@@ -149,7 +152,7 @@ def run_generate(args) -> int:
     if c.cond == 'class':
         if args.prompt:
             raise ValueError('this generator is class-conditional: use --class NAME, not --prompt')
-        labels = _class_labels(info.get('classnames'), args.classes, args.n).to(args.device)
+        labels = _class_labels(info.get('classnames'), args.classes, args.n, c.num_classes).to(args.device)
         cond, rows = labels, [labels[i:i + args.n] for i in range(0, len(labels), args.n)]
     else:
         if not args.prompt:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 
 import torch
 
@@ -42,6 +43,9 @@ def load_generator(gen_path: str, tokenizer_path: str | None = None, device: str
         raise GenEvalError(f'no tokenizer: {info_path} names none; pass --tokenizer (the UniTok model whose codes '
                            'the generator was trained on)')
     tokenizer = UniTok.from_pretrained(tokenizer_path).to(device).eval()
+    if not info.get('codes_tokenizer'):
+        warnings.warn(f'{info_path} records no identity of the tokenizer of the codes: the check that '
+                      f'{tokenizer_path!r} is that tokenizer is skipped', stacklevel=2)
     check_agreement(info.get('codes_tokenizer') or {}, tokenizer, where=f'the generator {gen_path!r}',
                     consumer=f'the tokenizer {tokenizer_path!r}', there='in its codes', error=CheckpointError,
                     fix='not the tokenizer whose codes it was trained on')
