@@ -134,6 +134,17 @@ def test_a_generator_without_its_generation_json_gets_no_message_loop(exported, 
     assert np.load(tmp_path / 'c.npz')['labels'].tolist() == [1]
 
 
+def test_a_prompt_longer_than_the_text_tower_reads_is_refused(exported, tmp_path, capsys):
+    cfg = _cfg(exported, tmp_path / 'run', steps=1)
+    Trainer(cfg.override(['model.cond=text'])).fit()
+    gen = ['generate', '--gen', str(tmp_path / 'run' / 'model'), '--n', '1', '--seed', '0']
+    assert cli([*gen, '--prompt', 'a red apple', '--out', str(tmp_path / 'ok.png')]) == 0
+    assert cli([*gen, '--prompt', 'a red apple, ' * 2000, '--out', str(tmp_path / 'long.png')]) == 2
+    err = capsys.readouterr().err
+    assert 'is 8002 text tokens; the text tower reads at most 32' in err          # unitok-tiny's context
+    assert not (tmp_path / 'long.png').exists() and not (tmp_path / 'long.npz').exists()
+
+
 def test_codes_that_do_not_fit_get_one_clear_error(exported, tmp_path):
     with pytest.raises(ConfigError, match='contradict the exported codes'):
         GeneratorTask(_cfg(exported, tmp_path / 'a').override(['model.codebook_size=1024']))

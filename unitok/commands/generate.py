@@ -14,6 +14,7 @@ from ..eval.generation import load_generator
 from ..generation import ExportConfig, export_codes, generate, text_condition
 from ..images import make_grid
 from ..model import UniTok
+from ..modules.text import check_fits
 from ..precision import INFERENCE_PRECISIONS
 from ..train.tasks.generator import GenTrainConfig
 from ..utils import distributed as D
@@ -157,6 +158,7 @@ def run_generate(args) -> int:
     else:
         if not args.prompt:
             raise ValueError('this generator is text-conditional: pass --prompt "..."')
+        check_fits(args.prompt, tokenizer.config.text_context_length, what='--prompt')
         prompts = [p for p in args.prompt for _ in range(args.n)]
         cond, rows = text_condition(tokenizer, prompts), [None] * len(args.prompt)
     with torch.no_grad():

@@ -33,6 +33,17 @@ def tokenize(texts: str | Sequence[str], context_length: int = 77) -> torch.Long
     return _tokenizer(context_length)(list(texts), context_length=context_length)
 
 
+def check_fits(texts: Sequence[str], context_length: int, what: str = 'text') -> None:
+    """Refuse a text whose BPE tokens (plus start and end) exceed ``context_length``: the tower would read
+    only its beginning."""
+    tok = _tokenizer(context_length)
+    for i, t in enumerate(texts):
+        n = len(tok.encode(t)) + 2
+        if n > context_length:
+            raise ValueError(f'{what} {i} ({t[:40]!r}...) is {n} text tokens; the text tower reads at most '
+                             f'{context_length} (start and end included): shorten it')
+
+
 def text_ids(texts, context_length: int, vocab_size: int) -> torch.Tensor:
     """Token ids ``(N, context_length)`` from a string, a list of strings, or ids to check (integers in
     ``[0, vocab_size)``), with a clear error for anything else."""
