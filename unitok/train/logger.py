@@ -9,7 +9,29 @@ import os
 import sys
 import time
 
+from ..utils.io import atomic_write
+
 log = logging.getLogger('unitok.train')
+
+
+def keep_steps_up_to(path: str, step: int) -> None:
+    """Drop the rows of the JSONL log ``path`` past ``step`` (logged after the checkpoint a resumed run
+    starts from, and logged again by it) and any line cut by a kill, atomically: after any resume each
+    step appears once."""
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding='utf-8') as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get('step', 0) <= step:
+            kept.append(line if line.endswith('\n') else line + '\n')
+    if kept != lines:
+        atomic_write(path, lambda f: f.writelines(kept), mode='w', what='metrics log')
 
 
 class MetricsLogger:
@@ -20,7 +42,10 @@ class MetricsLogger:
         if not enabled:
             return
         os.makedirs(directory, exist_ok=True)
-        self.jsonl = open(os.path.join(directory, 'metrics.jsonl'), 'a', encoding='utf-8')
+        path = os.path.join(directory, 'metrics.jsonl')
+        if start_step > 0:
+            keep_steps_up_to(path, start_step)
+        self.jsonl = open(path, 'a', encoding='utf-8')
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(os.path.join(directory, 'tensorboard'))
