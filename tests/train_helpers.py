@@ -82,3 +82,14 @@ def kill_9_then_resume(args: list[str], out, checkpoint: str, timeout: float = 6
     assert resumed.returncode == 0, output
     assert 'resumed from' in output, output
     return output
+
+
+def saved_tiny_tokenizer(root):
+    """A seeded random ``unitok-tiny`` tokenizer, saved to ``root/tokenizer`` and returned in eval mode
+    (the tokenizer the code-export fixtures of the generator and MLLM tests encode with)."""
+    import unitok
+    torch.manual_seed(0)
+    tok = unitok.create_model('unitok-tiny')
+    tok.init_weights()
+    tok.save_pretrained(str(root / 'tokenizer'))
+    return tok.eval()

@@ -2,23 +2,20 @@
 tiny random Llama (llm='tiny-random'), and one clear error for bad command lines."""
 import numpy as np
 import pytest
-import torch
 
 pytest.importorskip('transformers')
 
 import unitok  # noqa: E402
 from unitok.commands import main as cli  # noqa: E402
 from unitok.codes import ExportConfig, export_codes  # noqa: E402
+from train_helpers import saved_tiny_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp('mllm_cli')
-    torch.manual_seed(0)
-    tok = unitok.create_model('unitok-tiny')
-    tok.init_weights()
-    tok.save_pretrained(str(root / 'tokenizer'))
-    export_codes(tok.eval(), ExportConfig(data='builtin:emoji', split='train', limit=16), str(root / 'codes'))
+    tok = saved_tiny_tokenizer(root)
+    export_codes(tok, ExportConfig(data='builtin:emoji', split='train', limit=16), str(root / 'codes'))
     assert cli(['train-mllm', '--codes', str(root / 'codes'), '--tokenizer', str(root / 'tokenizer'), '--llm',
                 'tiny-random', '--out', str(root / 'run'), '--steps', '2', '--batch-size', '2', 'precision=fp32',
                 'eval_every=0', 'image_every=0', 'model.head_width=32', 'model.head_heads=2',

@@ -14,6 +14,7 @@ from unitok.eval.generation import (GenEvalConfig, GenEvalError, LinearProbe, co
                                     sample_chunks)
 from unitok.generation import GeneratorConfig, GeneratorModel
 from unitok.codes import tokenizer_identity
+from train_helpers import saved_tiny_tokenizer
 
 
 # ---------------------------------------------------------------------- metrics with known answers
@@ -100,10 +101,7 @@ def cheap_features(monkeypatch):
 @pytest.fixture(scope='module')
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp('evalgen')
-    torch.manual_seed(0)
-    tok = unitok.create_model('unitok-tiny')
-    tok.init_weights()
-    tok.save_pretrained(str(root / 'tokenizer'))
+    tok = saved_tiny_tokenizer(root)
     gen = GeneratorModel(GeneratorConfig.from_preset('gen-tiny', num_classes=9, dim=64, num_heads=2, depth=2,
                                                      grid=(4, 4)))
     with torch.no_grad():                 # zero-initialised heads sample uniform codes: give them some structure

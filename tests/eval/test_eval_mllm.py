@@ -17,6 +17,7 @@ from unitok.eval.subsets import subset_indices  # noqa: E402
 from unitok.codes import CodeDataset, CodeFormatError, ExportConfig, export_codes  # noqa: E402
 from unitok.mllm.data import IGNORE, collate  # noqa: E402
 from unitok.mllm.model import UniTokMLLM  # noqa: E402
+from train_helpers import saved_tiny_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 HEAD = dict(head_width=32, head_heads=2, head_depth=1)
@@ -27,11 +28,7 @@ ITEMS = 18                   # held-out items evaluated: a class-balanced subset
 @pytest.fixture(scope='module')
 def root(tmp_path_factory):
     root = tmp_path_factory.mktemp('eval_mllm')
-    torch.manual_seed(0)
-    tok = unitok.create_model('unitok-tiny')
-    tok.init_weights()
-    tok.save_pretrained(str(root / 'tokenizer'))
-    tok.eval()
+    tok = saved_tiny_tokenizer(root)
     export_codes(tok, ExportConfig(data='builtin:emoji', split='train', limit=24), str(root / 'train'))
     export_codes(tok, ExportConfig(data='builtin:emoji', split='val'), str(root / 'val'))       # 380 images, 2 s
     return root

@@ -8,7 +8,7 @@ import torch
 
 import unitok
 from unitok.cli import main as cli
-from train_helpers import kill_9_then_resume, load_params, max_param_diff, run_unitok, sigterm_at
+from train_helpers import kill_9_then_resume, load_params, max_param_diff, run_unitok, saved_tiny_tokenizer, sigterm_at
 from unitok.config import ConfigError
 from unitok.generation import GeneratorModel
 from unitok.codes import ExportConfig, export_codes
@@ -19,11 +19,7 @@ from unitok.train.tasks.generator import GeneratorTask, GenTrainConfig
 @pytest.fixture(scope='module')
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp('gen')
-    torch.manual_seed(0)
-    tok = unitok.create_model('unitok-tiny')
-    tok.init_weights()
-    tok.save_pretrained(str(root / 'tokenizer'))
-    tok.eval()
+    tok = saved_tiny_tokenizer(root)
     export_codes(tok, ExportConfig(data='builtin:emoji', split='train', limit=96, augment=('flip',)),
                  str(root / 'train'))
     export_codes(tok, ExportConfig(data='builtin:emoji', split='val', limit=32), str(root / 'val'))

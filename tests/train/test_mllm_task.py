@@ -8,8 +8,8 @@ import torch
 
 pytest.importorskip('transformers')
 
-import unitok  # noqa: E402
-from train_helpers import kill_9_then_resume, load_params, max_param_diff, run_unitok, sigterm_at  # noqa: E402
+from train_helpers import (kill_9_then_resume, load_params, max_param_diff, run_unitok,  # noqa: E402
+                           saved_tiny_tokenizer, sigterm_at)
 from unitok.checkpoint import CheckpointError  # noqa: E402
 from unitok.config import ConfigError  # noqa: E402
 from unitok.codes import ExportConfig, export_codes  # noqa: E402
@@ -21,11 +21,7 @@ from unitok.train.tasks.mllm import MLLMTrainConfig, item_name  # noqa: E402
 @pytest.fixture(scope='module')
 def exported(tmp_path_factory):
     root = tmp_path_factory.mktemp('mllm')
-    torch.manual_seed(0)
-    tok = unitok.create_model('unitok-tiny')
-    tok.init_weights()
-    tok.save_pretrained(str(root / 'tokenizer'))
-    tok.eval()
+    tok = saved_tiny_tokenizer(root)
     export_codes(tok, ExportConfig(data='builtin:emoji', split='train', limit=48, augment=('flip',)), str(root / 'train'))
     export_codes(tok, ExportConfig(data='builtin:emoji', split='val', limit=16), str(root / 'val'))
     return root
