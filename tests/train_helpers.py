@@ -43,6 +43,20 @@ def sigterm_at(trainer, step: int, monkeypatch) -> None:
     monkeypatch.setattr(trainer.task, 'loss', signalled)
 
 
+def uninterrupted_and_resumed(make_config, root, monkeypatch, stop_at: int = 2):
+    """Two Trainers of ``make_config(out)``: one run straight through in ``root/ref``, one stopped by
+    SIGTERM at ``stop_at`` and resumed from its latest checkpoint in ``root/cut``."""
+    from unitok.train import Trainer
+    ref = Trainer(make_config(root / 'ref'))
+    ref.fit()
+    cut = Trainer(make_config(root / 'cut'))
+    sigterm_at(cut, stop_at, monkeypatch)
+    assert cut.fit()['exit'] == 'signal SIGTERM'
+    again = Trainer(make_config(root / 'cut'))
+    again.fit(resume='latest')
+    return ref, again
+
+
 # The environment of a `unitok` subprocess in the tests: offline, one thread, unbuffered output.
 CLI_ENV = {**os.environ, 'HF_HUB_OFFLINE': '1', 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
 

@@ -8,7 +8,8 @@ import torch
 
 import unitok
 from unitok.cli import main as cli
-from train_helpers import kill_9_then_resume, load_params, max_param_diff, run_unitok, saved_tiny_tokenizer, sigterm_at
+from train_helpers import (kill_9_then_resume, load_params, max_param_diff, run_unitok, saved_tiny_tokenizer,
+                           uninterrupted_and_resumed)
 from unitok.config import ConfigError
 from unitok.generation import GeneratorModel
 from unitok.codes import ExportConfig, export_codes
@@ -53,13 +54,7 @@ def test_generator_learns_on_exported_codes_and_reports_held_out_nll(exported, t
 
 
 def test_generator_resume_after_sigterm_is_exact(exported, tmp_path, monkeypatch):
-    ref = Trainer(_cfg(exported, tmp_path / 'ref', steps=6))
-    ref.fit()
-    cut = Trainer(_cfg(exported, tmp_path / 'cut', steps=6))
-    sigterm_at(cut, 2, monkeypatch)
-    assert cut.fit()['exit'] == 'signal SIGTERM'
-    again = Trainer(_cfg(exported, tmp_path / 'cut', steps=6))
-    again.fit(resume='latest')
+    ref, again = uninterrupted_and_resumed(lambda out: _cfg(exported, out, steps=6), tmp_path, monkeypatch)
     for (name, a), b in zip(ref.model.state_dict().items(), again.model.state_dict().values()):
         assert torch.equal(a, b), name
 

@@ -9,7 +9,7 @@ import torch
 pytest.importorskip('transformers')
 
 from train_helpers import (kill_9_then_resume, load_params, max_param_diff, run_unitok,  # noqa: E402
-                           saved_tiny_tokenizer, sigterm_at)
+                           saved_tiny_tokenizer, uninterrupted_and_resumed)
 from unitok.checkpoint import CheckpointError  # noqa: E402
 from unitok.config import ConfigError  # noqa: E402
 from unitok.codes import ExportConfig, export_codes  # noqa: E402
@@ -61,13 +61,7 @@ def test_mllm_learns_both_tasks_and_exports_a_model_that_loads(exported, tmp_pat
 
 
 def test_mllm_resume_after_sigterm_is_exact(exported, tmp_path, monkeypatch):
-    ref = Trainer(_cfg(exported, tmp_path / 'ref', steps=5))
-    ref.fit()
-    cut = Trainer(_cfg(exported, tmp_path / 'cut', steps=5))
-    sigterm_at(cut, 2, monkeypatch)
-    assert cut.fit()['exit'] == 'signal SIGTERM'
-    again = Trainer(_cfg(exported, tmp_path / 'cut', steps=5))
-    again.fit(resume='latest')
+    ref, again = uninterrupted_and_resumed(lambda out: _cfg(exported, out, steps=5), tmp_path, monkeypatch)
     a, b = ref.model.state_dict(), again.model.state_dict()
     assert a.keys() == b.keys() and not any(k.startswith('llm.') for k in a)
     for k in a:
