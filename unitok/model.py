@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .config import PRESETS, UniTokConfig
+from .hub import official_release
 from .images import check_images
 from .model_card import unitok_model_card
 from .modules.decoder import ViTaminDecoder
@@ -115,8 +116,8 @@ class UniTok(Pretrained, nn.Module):
     def from_pretrained(cls, path_or_hub_id: str, map_location: str | torch.device = 'cpu',
                         revision: str | None = None, dtype: torch.dtype | None = None,
                         fp32_encoder_tail: int = 0, fp32_encoder_convs: bool = False) -> 'UniTok':
-        """Load ``config.json`` + ``model.safetensors`` from a directory or a Hugging Face hub id (``owner/name``,
-        at ``revision``), or an official ``.pth`` release (without executing pickled code); else CheckpointError.
+        """Load a directory (``config.json`` + ``model.safetensors``), an official ``.pth`` release (read without
+        executing pickled code) or a hub id of either (``'FoundationVision/unitok_tokenizer'``); else CheckpointError.
         ``dtype=torch.bfloat16`` (or float16) returns the inference fast path: see :meth:`to`;
         ``fp32_encoder_tail=n`` keeps the last n encoder blocks float32 (:meth:`keep_encoder_tail_fp32`);
         ``fp32_encoder_convs=True`` keeps the encoder's convolutional stages float32
@@ -133,9 +134,13 @@ class UniTok(Pretrained, nn.Module):
             return cls._from_state(*read_official_checkpoint(path, map_location), where=repr(path))
         if path in PRESETS:
             raise CheckpointError(f'{path!r} is a preset name, not a saved model: use unitok.create_model({path!r}) '
-                                  f'for a randomly initialised model of that preset, or pass a model directory, '
-                                  f'an official .pth file or a hub id (owner/name)')
+                                  f'for a random model of it, or pass a model directory, an official .pth or a hub id')
         return None
+
+    @classmethod
+    def _load_hub(cls, repo_id: str, revision: str | None, map_location, **options) -> 'UniTok':
+        release = official_release(repo_id, revision, (cls.config_file, cls.weights_file))  # None: our layout
+        return cls._load_other(release, map_location) if release else super()._load_hub(repo_id, revision, map_location)
 
     def _expected_state(self, state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
         # the official per-sub-codebook quantizer layout is accepted too

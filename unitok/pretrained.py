@@ -78,30 +78,37 @@ def is_hub_id(name: str) -> bool:
 
 def download(repo_id: str, revision: str | None, patterns: list[str]) -> str:
     """The local snapshot directory of ``repo_id`` (files matching ``patterns``), or a clear CheckpointError."""
-    from huggingface_hub import constants, snapshot_download
-    from huggingface_hub.utils import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
-                                       RepositoryNotFoundError, RevisionNotFoundError)
-    at = f' at revision {revision!r}' if revision else ''
-    not_local = f'(there is no local directory {repo_id!r} either)'
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.utils import HfHubHTTPError
     try:
         return snapshot_download(repo_id, revision=revision, allow_patterns=patterns)
-    except LocalEntryNotFoundError:
-        if constants.HF_HUB_OFFLINE:
-            msg = (f'hub model {repo_id!r}{at} is not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 '
-                   f'forbids downloading it {not_local}. Download it once while online, or pass a local directory.')
-        else:
-            msg = (f'cannot reach the Hugging Face hub to fetch {repo_id!r}{at}, and it is not in the local cache '
-                   f'{not_local}. Check the network, or pass a local directory.')
-    except GatedRepoError:
+    except (HfHubHTTPError, OSError) as e:      # the hub's errors, local-cache misses and offline mode among them
+        raise hub_error(e, repo_id, revision) from None
+
+
+def hub_error(e: Exception, repo_id: str, revision: str | None) -> CheckpointError:
+    """The CheckpointError saying what to do about ``e``, an error of a huggingface_hub call for ``repo_id``."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import (GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                       RevisionNotFoundError)
+    at = f' at revision {revision!r}' if revision else ''
+    not_local = f'(there is no local directory {repo_id!r} either)'
+    if isinstance(e, LocalEntryNotFoundError) and constants.HF_HUB_OFFLINE:
+        msg = (f'hub model {repo_id!r}{at} is not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 '
+               f'forbids downloading it {not_local}. Download it once while online, or pass a local directory.')
+    elif isinstance(e, LocalEntryNotFoundError):
+        msg = (f'cannot reach the Hugging Face hub to fetch {repo_id!r}{at}, and it is not in the local cache '
+               f'{not_local}. Check the network, or pass a local directory.')
+    elif isinstance(e, GatedRepoError):
         msg = f'hub model {repo_id!r} is gated: accept its terms on huggingface.co and log in (`hf auth login`)'
-    except RepositoryNotFoundError:
+    elif isinstance(e, RepositoryNotFoundError):
         msg = (f'no model {repo_id!r} on the Hugging Face hub {not_local}; if it is private, '
                f'log in with `hf auth login`')
-    except RevisionNotFoundError:
+    elif isinstance(e, RevisionNotFoundError):
         msg = f'hub model {repo_id!r} has no revision {revision!r}'
-    except (HfHubHTTPError, OSError) as e:
+    else:
         msg = f'could not fetch {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {first_line(e)})'
-    raise CheckpointError(msg) from None
+    return CheckpointError(msg)
 
 
 def first_line(e: BaseException) -> str:
@@ -161,7 +168,7 @@ class Pretrained:
     (what the config file holds), ``_empty`` (the model the tensors are loaded into; default: built on
     the meta device), ``_expected_state`` (what the file must hold), ``_take_state`` (loading the
     tensors and what follows), ``_load_other`` (paths that are neither a directory nor the weights
-    file) and ``model_card`` (None: no card).
+    file), ``_load_hub`` (hub repositories in another layout) and ``model_card`` (None: no card).
     """
     config_class: ClassVar[type]
     config_file: ClassVar[str] = 'config.json'
@@ -225,8 +232,14 @@ class Pretrained:
         if not is_hub_id(path):
             raise CheckpointError(f'no model at {path!r}: no such file or directory, and not a Hugging Face hub '
                                   f'id of the form owner/name (no {cls.model_kind} directory there)')
+        return cls._load_hub(path, revision, map_location, **options)
+
+    @classmethod
+    def _load_hub(cls, repo_id: str, revision: str | None, map_location, **options):
+        """The model of hub repository ``repo_id`` (files in this library's layout)."""
         patterns = [cls.config_file, cls.weights_file, *cls.hub_extra_files]
-        return cls._load_dir(download(path, revision, patterns), map_location, f'hub model {path!r}', **options)
+        return cls._load_dir(download(repo_id, revision, patterns), map_location, f'hub model {repo_id!r}',
+                             **options)
 
     @classmethod
     def _load_dir(cls, directory: str, map_location, source: str | None, **options):

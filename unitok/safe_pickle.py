@@ -48,6 +48,20 @@ def read_official_checkpoint(path: str, map_location: str | torch.device = 'cpu'
     return config, state
 
 
+def read_state_dict(path: str, what: str) -> dict[str, torch.Tensor]:
+    """The ``{name: tensor}`` state dict in the file at ``path`` (``what`` names it in errors), read safely;
+    a file holding anything else is a CheckpointError."""
+    state = safe_load(path)
+    state = state.get('state_dict', state) if isinstance(state, Mapping) else state
+    if not isinstance(state, Mapping) or not state:
+        raise CheckpointError(f'{what} {path!r}: expected a state dict {{name: tensor}}, got '
+                              f'{"an empty one" if isinstance(state, Mapping) else type(state).__name__}')
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f'{what} {path!r}: non-tensor entries in the state dict: {bad[:5]}')
+    return dict(state)
+
+
 def safe_load(path: str, map_location: str | torch.device = 'cpu'):
     """``torch.load(path, weights_only=True)`` (memory-mapped for torch's zip format); an unsafe or
     unreadable file raises :class:`CheckpointError` saying why."""

@@ -1,4 +1,5 @@
-"""Feature extractors for Fréchet distances, all loaded from local files (no downloads).
+"""Feature extractors for Fréchet distances. Weights come from a file, a folder holding the official
+name, or a hub id (``FoundationVision/unitok_external``), read without executing pickled code.
 
 * ``inception``: the standard FID Inception-v3 (TF 2015-12-05 weights) via torch-fidelity's
   implementation, so the numbers follow torch-fidelity / pytorch-fid conventions: uint8 input,
@@ -19,9 +20,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..losses.perceptual import MissingWeightsError, load_effnet_lite0
+from ..losses.perceptual import EXTERNAL_REPO, external_weights, load_effnet_lite0
+from ..pretrained import CheckpointError
+from ..safe_pickle import read_state_dict
 
 EXTRACTORS = ('inception', 'effnet-lite0', 'dinov2')
+INCEPTION_FILE = 'weights-inception-2015-12-05-6726825d.pth'   # torch-fidelity's, as the official recipe names it
 
 
 class InceptionFeatures(nn.Module):
@@ -29,19 +33,23 @@ class InceptionFeatures(nn.Module):
 
     def __init__(self, weights_path: str | None):
         super().__init__()
-        if not weights_path or not os.path.isfile(weights_path):
-            raise MissingWeightsError(
-                f'the inception extractor needs the FID Inception-v3 weights in a local file (got {weights_path!r}): '
-                "torch-fidelity's weights-inception-2015-12-05-6726825d.pth; offline, use --extractor effnet-lite0")
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        path = external_weights(weights_path, INCEPTION_FILE, 'Inception weights', (
+            f'the inception extractor needs the FID Inception-v3 weights (got {weights_path!r}): '
+            f"torch-fidelity's {INCEPTION_FILE}, a folder holding it, or the hub id {EXTERNAL_REPO}; offline, "
+            'use --extractor effnet-lite0'))
         # Read the file without executing pickled code, then hand torch-fidelity a re-saved copy that
         # holds tensors only (it would otherwise unpickle the user's file unrestricted).
-        state = torch.load(weights_path, map_location='cpu', weights_only=True)
+        state = read_state_dict(path, 'Inception weights')
         with tempfile.TemporaryDirectory() as tmp:
             clean = os.path.join(tmp, 'inception.pth')
             torch.save(state, clean)
-            self.net = FeatureExtractorInceptionV3('inception-v3-compat', ['2048', 'logits_unbiased'],
-                                                   feature_extractor_weights_path=clean)
+            try:
+                self.net = FeatureExtractorInceptionV3('inception-v3-compat', ['2048', 'logits_unbiased'],
+                                                       feature_extractor_weights_path=clean)
+            except RuntimeError as e:      # its strict load_state_dict names the missing keys and wrong shapes
+                raise CheckpointError(f'Inception weights {path!r} are not the layout torch-fidelity reads from '
+                                      f"{INCEPTION_FILE}: {' '.join(str(e).split())[:400]}") from None
 
     def forward(self, images_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (pool features (B, 2048), logits (B, 1008))."""
@@ -72,11 +80,10 @@ class DinoV2Features(nn.Module):
 
     def __init__(self, weights_path: str | None):
         super().__init__()
-        if not weights_path or not os.path.isfile(weights_path):
-            raise MissingWeightsError(f'the dinov2 extractor needs DINOv2 ViT-S/14 weights in a local file '
-                                      f'(got {weights_path!r}); offline, use --extractor effnet-lite0')
-        from ..losses.adversarial import IMAGENET_MEAN, IMAGENET_STD, load_dinov2
-        self.net = load_dinov2(weights_path, 16)
+        from ..losses.adversarial import DINO_FILE, IMAGENET_MEAN, IMAGENET_STD, load_dinov2
+        self.net = load_dinov2(external_weights(weights_path, DINO_FILE, 'DINOv2 weights', (
+            f'the dinov2 extractor needs DINOv2 ViT-S/14 weights ({DINO_FILE}, a folder holding it or a hub id; '
+            f'got {weights_path!r}); offline, use --extractor effnet-lite0')), 16)
         self.register_buffer('mean', torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer('std', torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 

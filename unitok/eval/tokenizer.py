@@ -22,6 +22,7 @@ from ..data import eval_transform
 from ..images import to_uint8_tensor
 from ..losses.contrastive import ContrastiveLoss
 from ..losses.perceptual import LPIPSPerceptual
+from ..pretrained import is_hub_id
 from ..utils import distributed as D
 from .features import build_extractors
 from .subsets import describe_subset, image_batches, native_crop, source_samples, subset_indices
@@ -81,8 +82,9 @@ class EvalConfig:
             raise ValueError("metric 'lpips' needs LPIPS-VGG weights in a local file: pass --lpips-weights PATH "
                              "(EvalConfig.lpips_weights) with torchvision's vgg16-397923af.pth or the official "
                              "lpips_with_vgg.pth, or leave lpips out of the metrics")
-        if 'lpips' in self.metrics and not os.path.isfile(self.lpips_weights):
-            raise FileNotFoundError(f'--lpips-weights (EvalConfig.lpips_weights): no file at {self.lpips_weights!r}')
+        if 'lpips' in self.metrics and not (os.path.exists(self.lpips_weights) or is_hub_id(self.lpips_weights)):
+            raise FileNotFoundError(f'--lpips-weights (EvalConfig.lpips_weights): no file or folder at '
+                                    f'{self.lpips_weights!r}, and not a hub id (owner/name)')
 
 
 @dataclass

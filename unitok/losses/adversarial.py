@@ -1,7 +1,8 @@
 """Adversarial training parts: discriminators, differentiable augmentation, hinge losses and the
 adaptive generator weight.
 
-* ``DinoDiscriminator``: a frozen DINOv2 ViT-S/14 (timm; weights from a local file) whose tokens at
+* ``DinoDiscriminator``: a frozen DINOv2 ViT-S/14 (timm; the released weights from a file, its
+  folder or the hub id ``FoundationVision/unitok_external``) whose tokens at
   several depths feed small trainable 1-D conv heads, as in the UniTok / VAR recipe.
 * ``PatchGANDiscriminator``: the pix2pix convolutional patch discriminator, trained from scratch.
 * ``DiffAug``: translation, colour and cutout augmentation applied to real and fake images alike
@@ -10,7 +11,6 @@ adaptive generator weight.
 from __future__ import annotations
 
 import math
-import os
 import random
 
 import torch
@@ -18,8 +18,12 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..pretrained import CheckpointError
+from ..safe_pickle import read_state_dict
 from ..sequence import square_grid
-from .perceptual import MissingWeightsError
+from .perceptual import EXTERNAL_REPO, external_weights
+
+DINO_FILE = 'dinov2_vits14_pretrain.pth'        # the official recipe's name (utils/config.py)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -159,13 +163,12 @@ class DinoDiscriminator(nn.Module):
     def __init__(self, dino_path: str | None, image_size: int, key_depths=(0, 2, 5, 8, 11), kernel_size: int = 9,
                  norm: str = 'gn', spectral: bool = False):
         super().__init__()
-        if not dino_path or not os.path.isfile(dino_path):
-            raise MissingWeightsError(
-                f"discriminator='dino' needs DINOv2 ViT-S/14 weights in a local file (got {dino_path!r}): pass "
-                'loss.dino_path=PATH (dinov2_vits14_pretrain.pth), or use loss.discriminator=patchgan')
+        path = external_weights(dino_path, DINO_FILE, 'DINOv2 weights', (
+            f"discriminator='dino' needs DINOv2 ViT-S/14 weights (got {dino_path!r}): pass loss.dino_path=PATH "
+            f'({DINO_FILE}, a folder holding it, or the hub id {EXTERNAL_REPO}), or use loss.discriminator=patchgan'))
         self.grid = max(1, image_size // 14)
         # Kept out of the module tree: frozen, not in the state dict, the optimizer or DDP.
-        self._dino = [load_dinov2(dino_path, self.grid)]
+        self._dino = [load_dinov2(path, self.grid)]
         self.key_depths = tuple(key_depths)
         width = self._dino[0].embed_dim
         self.heads = nn.ModuleList(
@@ -201,12 +204,18 @@ class DinoDiscriminator(nn.Module):
 
 def load_dinov2(path: str, grid: int) -> nn.Module:
     """Frozen timm DINOv2 ViT-S/14 (eval mode, no gradients) from the released ``dinov2_vits14``
-    weights file, for ``grid`` x ``grid`` patches (``14 * grid`` px; position embeddings interpolated)."""
+    weights file, for ``grid`` x ``grid`` patches (``14 * grid`` px; position embeddings interpolated).
+    The file is read without executing pickled code and must hold the released layout (the keys and
+    shapes the official discriminator loads strictly): anything else is one CheckpointError."""
     import timm
     from timm.models.vision_transformer import checkpoint_filter_fn
     model = timm.create_model('vit_small_patch14_dinov2', pretrained=False, img_size=grid * 14, num_classes=0)
-    state = torch.load(path, map_location='cpu', weights_only=True)
+    state = read_state_dict(path, 'DINOv2 weights')
     pe = state.get('pos_embed')
+    if pe is None or pe.dim() != 3 or pe.shape[0] != 1 or pe.shape[-1] != model.embed_dim:
+        raise CheckpointError(f'DINOv2 weights {path!r} are not the released ViT-S/14 layout of {DINO_FILE}: '
+                              f'pos_embed is {None if pe is None else tuple(pe.shape)}, expected (1, 1 + n, '
+                              f'{model.embed_dim}); the file holds {len(state)} tensors, e.g. {sorted(state)[:4]}')
     if pe is not None and pe.shape[1] != 1 + grid * grid:
         # DINOv2's own interpolation (bicubic, scale factor with a 0.1 offset, no antialias), so that
         # features equal the reference implementation's at this resolution.
@@ -214,7 +223,12 @@ def load_dinov2(path: str, grid: int) -> nn.Module:
         patch = pe[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
         patch = F.interpolate(patch, scale_factor=((grid + 0.1) / side,) * 2, mode='bicubic', antialias=False)
         state['pos_embed'] = torch.cat([pe[:, :1], patch.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)], 1)
-    model.load_state_dict(checkpoint_filter_fn(state, model), strict=True)
+    try:
+        model.load_state_dict(checkpoint_filter_fn(state, model), strict=True)
+    except RuntimeError as e:       # torch names every missing / unexpected key and wrong shape
+        detail = ' '.join(str(e).split())[:400]
+        raise CheckpointError(f'DINOv2 weights {path!r} are not the released ViT-S/14 layout of {DINO_FILE}: '
+                              f'{detail}') from None
     return model.requires_grad_(False).eval()
 
 

