@@ -2,7 +2,8 @@
 
 Every fenced ``python`` block of README.md is executed in one namespace, in a temporary working
 directory that holds what the examples name: ``unitok_tokenizer.pth`` (a tiny model in the official
-release format), ``cat.jpg`` and ``dog.png``. ``push_to_hub`` goes to a stand-in for the hub that
+release format, also in a local Hugging Face cache as ``FoundationVision/unitok_tokenizer``), ``cat.jpg``
+and ``dog.png``. ``push_to_hub`` goes to a stand-in for the hub that
 puts the uploaded folder into a local Hugging Face cache, so the example that loads the model back
 from the hub reads exactly what was pushed. A block preceded by ``<!-- readme-test: skip -->`` is not
 run; the test keeps the number of such blocks small.
@@ -16,6 +17,7 @@ import torch
 from PIL import Image
 
 import unitok
+from hub_cache import cache_repo
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SKIP = '<!-- readme-test: skip -->'
@@ -66,6 +68,8 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, fake_hub):
     torch.manual_seed(0)
     released = unitok.create_model('unitok-tiny').eval()
     unitok.save_official_checkpoint(released, str(tmp_path / 'unitok_tokenizer.pth'))
+    cache_repo(tmp_path / 'hub-cache', 'FoundationVision/unitok_tokenizer',      # the cache of fake_hub
+               {'unitok_tokenizer.pth': tmp_path / 'unitok_tokenizer.pth'})
     Image.new('RGB', (300, 260), (220, 120, 40)).save(tmp_path / 'cat.jpg')
     Image.new('RGB', (256, 256), (30, 90, 200)).save(tmp_path / 'dog.png')
     monkeypatch.chdir(tmp_path)
@@ -78,6 +82,7 @@ def test_readme_python_examples_run(tmp_path, monkeypatch, fake_hub):
     x, codes = scope['x'], scope['codes']
     assert x.shape == (2, 3, 256, 256) and codes.dtype == torch.int64 and codes.shape == (2, 8, 16, 16)
     assert torch.equal(codes, released.encode(x))                     # the released weights were used
+    assert torch.equal(scope['released'].encode(x), codes)            # ... also by their hub name
     assert scope['images'].shape == (2, 3, 256, 256) and os.path.isfile('cat_rec.png')
     torch.testing.assert_close(scope['same'], scope['images'], rtol=0, atol=1e-6)
     assert scope['seq'].shape == (2, 256, 8)

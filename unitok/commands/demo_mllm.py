@@ -32,6 +32,7 @@ from ..images import to_pil
 from ..mllm import UniTokMLLM
 from ..model import UniTok
 from ..precision import bf16_runs_in_hardware
+from ..pretrained import is_hub_id
 from ..train import TrainConfig, fit_to_end
 from ..train.tasks.mllm import MLLMTrainConfig, item_name
 from ..utils.io import atomic_write, check_writable_dir, staged_directory
@@ -247,9 +248,12 @@ def run(args) -> int:
     for name in ('steps', 'batch_size', 'tokenizer_steps', 'eval_items', 'limit'):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise DemoError(f'--{name.replace("_", "-")} must be >= 1, got {getattr(args, name)}')
-    if args.tokenizer and not os.path.isfile(os.path.join(args.tokenizer, 'config.json')):
-        raise DemoError(f'--tokenizer {args.tokenizer!r} is not a UniTok model directory (no config.json); pass '
-                        'e.g. demo_output/train/model of `unitok demo`, or leave it out to train one')
+    local = args.tokenizer and os.path.exists(args.tokenizer)
+    if args.tokenizer and not (os.path.isfile(os.path.join(args.tokenizer, 'config.json')) or
+                               (os.path.isfile(args.tokenizer) if local else is_hub_id(args.tokenizer))):
+        raise DemoError(f'--tokenizer {args.tokenizer!r} is not a UniTok model directory (no config.json), an official '
+                        '.pth or a hub id; pass e.g. demo_output/train/model of `unitok demo`, or leave it out to '
+                        'train one')
     out = os.path.abspath(args.out)
     check_writable_dir(out, 'demo directory')
     os.makedirs(out, exist_ok=True)
@@ -258,7 +262,7 @@ def run(args) -> int:
     precision = 'bf16' if (bf16_runs_in_hardware('cpu') or torch.cuda.is_available()) and not args.fp32 else 'fp32'
 
     if args.tokenizer:
-        tokenizer_dir = os.path.abspath(args.tokenizer)
+        tokenizer_dir = os.path.abspath(args.tokenizer) if local else args.tokenizer      # else a hub id
         print(f'[demo-mllm] 1/4 tokenizer: {tokenizer_dir}', flush=True)
     else:
         cfg = _tokenizer_config(out, args, precision)
@@ -315,7 +319,8 @@ def run(args) -> int:
 def register(sub) -> None:
     p = add_command(sub, 'demo-mllm', 'train and show the multimodal LLM on the built-in emoji (CPU, ~20 min)', __doc__)
     p.add_argument('--out', default='demo_mllm')
-    p.add_argument('--tokenizer', help='a UniTok model directory (default: train one in OUT/tokenizer)')
+    p.add_argument('--tokenizer', help='a UniTok model directory, official .pth or hub id (default: train one in '
+                                       'OUT/tokenizer)')
     p.add_argument('--llm', default='smollm2', help="the LLM: 'smollm2' (default), a model directory or hub id")
     p.add_argument('--steps', type=int, default=MLLM_STEPS, help='MLLM training steps')
     p.add_argument('--batch-size', type=int, default=MLLM_BATCH, help='emoji per MLLM training step')

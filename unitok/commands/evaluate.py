@@ -27,6 +27,11 @@ EVAL_DOC = """``unitok eval``: evaluate a tokenizer and write report.json + repo
 """
 
 
+INCEPTION_HELP = ('FID Inception-v3 weights weights-inception-2015-12-05-6726825d.pth: the file, its folder or the '
+                  'hub id FoundationVision/unitok_external')
+DINO_HELP = 'DINOv2 ViT-S/14 weights dinov2_vits14_pretrain.pth: the file, its folder or the hub id'
+
+
 def register_eval(sub) -> None:
     p = add_command(sub, 'eval', 'evaluate a tokenizer (rFID, PSNR/SSIM, zero-shot, codebook health)', EVAL_DOC)
     p.add_argument('--model', help='model directory, hub id or official .pth')
@@ -35,9 +40,10 @@ def register_eval(sub) -> None:
     p.add_argument('--out', required=True, help='output directory')
     p.add_argument('--metrics', nargs='+', default=list(DEFAULT_METRICS), choices=ALL_METRICS)
     p.add_argument('--extractor', nargs='+', default=['effnet-lite0'], choices=EXTRACTORS)
-    p.add_argument('--inception-weights')
-    p.add_argument('--dinov2-weights')
-    p.add_argument('--lpips-weights', help='VGG16 weights for the lpips metric')
+    p.add_argument('--inception-weights', help=INCEPTION_HELP)
+    p.add_argument('--dinov2-weights', help=DINO_HELP)
+    p.add_argument('--lpips-weights', help='VGG16 weights for the lpips metric: torchvision vgg16-397923af.pth, or '
+                   'lpips_with_vgg.pth (the file, its folder or the hub id FoundationVision/unitok_external)')
     p.add_argument('--batch-size', type=int, default=32)
     p.add_argument('--resize', default='crop', choices=['crop', 'native'])
     p.add_argument('--size', type=int, help='evaluation resolution (default: the model size)')
@@ -108,8 +114,8 @@ def register_eval_gen(sub) -> None:
     p.add_argument('--batch-size', type=int, default=32, help='decoding and feature batches (changes no number)')
     p.add_argument('--extractor', nargs='+', default=['effnet-lite0'], choices=EXTRACTORS,
                    help='feature extractors; the first also feeds the probe and the copy rate')
-    p.add_argument('--inception-weights')
-    p.add_argument('--dinov2-weights')
+    p.add_argument('--inception-weights', help=INCEPTION_HELP)
+    p.add_argument('--dinov2-weights', help=DINO_HELP)
     p.add_argument('--max-real', type=int, help='held-out images: a fixed class-balanced subset of this size')
     p.add_argument('--max-train', type=int, help='train images: a fixed class-balanced subset of this size')
     p.add_argument('--template', action='append', help='zero-shot prompt template with {} (repeatable)')
@@ -184,7 +190,8 @@ def register_eval_mllm(sub) -> None:
     p.add_argument('--chunk-size', type=int, default=8, help='items per model call (decides the samples)')
     p.add_argument('--batch-size', type=int, default=32, help='feature-extractor batches (changes no number)')
     p.add_argument('--extractor', default='effnet-lite0', choices=EXTRACTORS)
-    p.add_argument('--extractor-weights', help="local weights of the 'inception' / 'dinov2' extractor")
+    p.add_argument('--extractor-weights', help="weights of the 'inception' / 'dinov2' extractor: the file, its "
+                   'folder or the hub id FoundationVision/unitok_external')
     p.add_argument('--device', help='default: cuda when available, else cpu')
     p.set_defaults(fn=run_eval_mllm)
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 import torch.nn as nn
@@ -73,20 +74,26 @@ class LPIPSPerceptual(nn.Module):
         return self.per_image(target, reconstruction).mean()
 
 
+_VGG_SLICES = ((0, 4), (4, 9), (9, 16), (16, 23), (23, 30))     # torchvision vgg16.features index ranges
+
+
 def _to_lpips_keys(state: dict, net: nn.Module, path: str) -> dict:
-    """Map torchvision VGG16 (``features.N.*``) or official UniTok LPIPS (``net.sliceK.N.*``,
-    ``lins.K.model.1.weight``) keys onto the lpips package's module names; check coverage."""
+    """Map torchvision VGG16 (``features.N.*``) or official UniTok LPIPS keys onto the lpips package's
+    module names; check coverage. The official file numbers each slice's layers from 0 (its slices are
+    ``nn.Sequential(*layers)``: ``net.slice2.1.weight`` is ``features.5``), the lpips package keeps
+    torchvision's numbers (``net.slice2.5.weight``); its heads are ``lins.K.model.1.weight``."""
     ours = net.state_dict()
-    slice_of = {n: s for s, (a, b) in enumerate(((0, 4), (4, 9), (9, 16), (16, 23), (23, 30)), 1) for n in range(a, b)}
+    slice_of = {n: s for s, (a, b) in enumerate(_VGG_SLICES, 1) for n in range(a, b)}
     mapped = {}
     for key, value in state.items():
-        if key.startswith('features.'):
-            idx, rest = key[len('features.'):].split('.', 1)
-            if int(idx) in slice_of:
-                mapped[f'net.slice{slice_of[int(idx)]}.{idx}.{rest}'] = value
-        elif key.startswith('lins.'):
-            k, rest = key[len('lins.'):].split('.', 1)
-            mapped[f'lin{k}.model.1.weight'] = value
+        if m := re.fullmatch(r'features\.(\d+)\.(\w+)', key):
+            if int(m[1]) in slice_of:
+                mapped[f'net.slice{slice_of[int(m[1])]}.{m[1]}.{m[2]}'] = value
+        elif m := re.fullmatch(r'net\.slice([1-5])\.(\d+)\.(\w+)', key):
+            start, idx = _VGG_SLICES[int(m[1]) - 1][0], int(m[2])
+            mapped[f'net.slice{m[1]}.{idx + start if idx < start else idx}.{m[3]}'] = value   # local -> torchvision
+        elif m := re.fullmatch(r'lins\.(\d+)\.model\.1\.weight', key):
+            mapped[f'lin{m[1]}.model.1.weight'] = value
         elif key in ours:
             mapped[key] = value
     trunk = [k for k in ours if k.startswith('net.')]
