@@ -101,8 +101,8 @@ def test_cached_hub_model_loads_offline(tiny_model, images64, tmp_path, monkeypa
 
 def test_hub_repo_that_is_not_a_unitok_model(tmp_path, monkeypatch):
     _cache_hub_model(monkeypatch, tmp_path, 'someone/other', files={'config.json': '{"model_type": "bert"}'})
-    with pytest.raises(CheckpointError, match="hub model 'someone/other' is not a UniTok model: it has no "
-                                              'model.safetensors'):
+    with pytest.raises(CheckpointError, match="hub model 'someone/other' is not a UniTok model: it holds neither "
+                                              r'config.json \+ model.safetensors .* the local cache holds: config.json$'):
         UniTok.from_pretrained('someone/other')
 
 

@@ -250,7 +250,7 @@ def test_lpips_without_weights_names_the_eval_option(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"metric 'lpips' needs LPIPS-VGG weights in a local file: pass "
                                          r'--lpips-weights PATH \(EvalConfig.lpips_weights\)'):
         EvalConfig(metrics=('psnr', 'lpips')).validate()
-    with pytest.raises(FileNotFoundError, match="--lpips-weights .*no file at 'missing.pth'"):
+    with pytest.raises(FileNotFoundError, match="--lpips-weights .*no file or folder at 'missing.pth', and not a hub id"):
         EvalConfig(metrics=('lpips',), lpips_weights='missing.pth').validate()
     from unitok.cli import main
     rc = main(['eval', '--model', str(tmp_path / 'no-model'), '--data', 'builtin:emoji', '--metrics', 'lpips',

@@ -14,6 +14,7 @@ from unitok.losses import (ContrastiveLoss, DiffAug, DinoDiscriminator, EffNetPe
                            reconstruction_losses)
 from unitok.losses.adversarial import gaussian_blur
 from unitok.losses.perceptual import MissingWeightsError
+from unitok.pretrained import CheckpointError
 
 
 def images(b=2, size=64, seed=0):
@@ -123,7 +124,13 @@ def test_dino_discriminator_loads_released_layout_frozen(tmp_path):
 def test_dino_discriminator_rejects_a_file_of_another_model(tmp_path):
     path = tmp_path / 'wrong.pth'
     torch.save({'weight': torch.zeros(3)}, path)
-    with pytest.raises(RuntimeError, match='Missing key'):
+    with pytest.raises(CheckpointError, match="DINOv2 weights '.*wrong.pth' are not the released ViT-S/14 layout of "
+                                              'dinov2_vits14_pretrain.pth: pos_embed is None'):
+        DinoDiscriminator(str(path), image_size=64)
+    state = _dinov2_release_file(path)
+    del state['blocks.3.attn.qkv.weight']
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match='not the released ViT-S/14 layout .*Missing key.*blocks.3.attn.qkv.weight'):
         DinoDiscriminator(str(path), image_size=64)
 
 
@@ -176,7 +183,7 @@ def test_lpips_file_without_the_full_trunk_is_refused(tmp_path):
     pytest.importorskip('lpips')
     path = tmp_path / 'partial.pth'
     _vgg16_release_file(path, drop='features.10.weight')
-    with pytest.raises(MissingWeightsError, match='lacks 1 VGG16 trunk tensors'):
+    with pytest.raises(CheckpointError, match=r'lack 1 of the 26 VGG16 trunk tensors \(e.g. net.slice3.10.weight\)'):
         LPIPSPerceptual(str(path))
 
 
