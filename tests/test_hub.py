@@ -155,6 +155,8 @@ def test_external_weights_by_file_folder_or_hub_id(hub, released):
     folder = released / 'external'
     assert resolve_file(str(folder / DINO_FILE), DINO_FILE, 'w') == str(folder / DINO_FILE)
     assert resolve_file(str(folder), DINO_FILE, 'w') == str(folder / DINO_FILE)
+    from unitok.eval import EvalConfig
+    EvalConfig(metrics=('lpips',), lpips_weights=EXTERNAL).validate()     # --lpips-weights takes the hub id too
     from_hub = resolve_file(EXTERNAL, DINO_FILE, 'w')
     assert from_hub.startswith(str(hub)) and open(from_hub, 'rb').read() == (folder / DINO_FILE).read_bytes()
     with pytest.raises(CheckpointError, match=rf"DINOv2 weights: the folder '.*tokenizer' has no {DINO_FILE} \(it "
