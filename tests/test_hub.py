@@ -146,7 +146,8 @@ def test_bad_release_file_on_the_hub_is_one_error_and_runs_nothing(hub, tmp_path
 def test_hub_file_missing_offline_lists_the_cache(hub):
     with pytest.raises(CheckpointError, match=r"'nope.pth' of hub repository 'FoundationVision/unitok_tokenizer' is "
                                               r'not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids '
-                                              r'downloading it \(the local cache holds: README.md, unitok_tokenizer.pth'):
+                                              r'downloading it \(the local cache holds: README.md, '
+                                              r'unitok_tokenizer.pth'):
         hub_file(TOKENIZER, 'nope.pth')
 
 
@@ -191,7 +192,7 @@ def test_dino_reads_the_released_layout_from_the_hub(hub, released):
 def test_inception_reads_torch_fidelity_layout_from_the_hub(hub, released):
     from unitok.eval.features import build_extractor
     state = torch.load(released / 'external' / INCEPTION_FILE, weights_only=True)
-    e = build_extractor('inception', EXTERNAL)                        # --inception-weights FoundationVision/unitok_external
+    e = build_extractor('inception', EXTERNAL)                        # --inception-weights <the hub id>
     assert torch.equal(e.net.state_dict()['fc.weight'], state['fc.weight'])
     assert _same_weights(e, build_extractor('inception', str(released / 'external')))
 

@@ -64,7 +64,7 @@ class MLLMEvalConfig:
     chunk_size: int = 8                  # items per model / tokenizer call (decides the samples)
     batch_size: int = 32                 # feature-extractor batches (changes no number)
     extractor: str = 'effnet-lite0'      # features of the Fréchet distance and precision / recall
-    extractor_weights: str | None = None   # local weights file of 'inception' / 'dinov2'
+    extractor_weights: str | None = None   # weights of 'inception' / 'dinov2': file, folder or hub id
     templates: tuple[str, ...] | None = None   # tokenizer zero-shot templates with {}; default: the source's
     pr_k: int = 3                        # neighbourhood size of precision / recall
     kid_subsets: int = 20
