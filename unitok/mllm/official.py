@@ -113,7 +113,7 @@ class OfficialMLLM(UniTokMLLM):
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
         head.rotary = LlamaRotaryEmbedding(config)                  # its buffers are not in the checkpoint
         lm = load_lm(layout, config, dtype)
-        text_tok = load_tokenizer(folder)
+        text_tok = load_tokenizer(folder, config)
         K, V, d = embedder.codebooks.shape
         cfg = MLLMConfig(llm=os.path.abspath(folder), num_codebooks=K, codebook_size=V, code_dim=d, grid=GRID,
                          post_quant=False, llm_dim=config.hidden_size, base_vocab=config.vocab_size,

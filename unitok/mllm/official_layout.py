@@ -114,18 +114,14 @@ def check_keys(layout: Layout, expected: list[str]) -> None:
                               f'checkpoint (e.g. {missing[:4]}); nothing was loaded')
 
 
-def load_tokenizer(folder: str):
-    """The Llama tokenizer of the folder (``transformers.AutoTokenizer``)."""
+def load_tokenizer(folder: str, config):
+    """The Llama tokenizer of the folder (``transformers.AutoTokenizer``, told the config: the mini_gemini
+    type in config.json is not one it knows)."""
     from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()           # it reads config.json, whose mini_gemini type it does not know
     try:
-        return AutoTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder, config=config)
     except (OSError, ValueError) as e:
         raise CheckpointError(f'cannot load the tokenizer of {folder}: {str(e).splitlines()[0]}') from None
-    finally:
-        hf_logging.set_verbosity(level)
 
 
 def load_lm(layout: Layout, config, dtype: torch.dtype):
