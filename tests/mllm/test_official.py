@@ -52,6 +52,7 @@ def test_loads_as_the_library_class_in_the_asked_dtype(official_dir):
     assert {p.dtype for p in m.parameters()} == {torch.bfloat16}
     assert m.config.num_codebooks == 8 and m.config.codebook_size == 4096 and m.config.grid == (16, 16)
     assert m.embedder.projection.attn.causal and len(m.head.layers) == 3 and len(m.head.codebooks) == 7
+    assert m.embedder.projector.norm.eps == 1e-6 and m.embedder.projection.norm1.eps == 1e-5
 
 
 def test_understanding_logits(mllm):
@@ -189,3 +190,21 @@ def test_hub_id_resolves_from_the_local_cache(official_dir, tmp_path, monkeypatc
     (repo / 'refs' / 'main').write_text('a' * 40)
     m = UniTokMLLM.from_pretrained('FoundationVision/unitok_mllm', dtype=torch.float32)
     assert isinstance(m, OfficialMLLM) and m.generation_prompt(None) == META['cfg7']['ids'][2][-6:]
+
+
+def test_images_are_padded_square_then_resized_as_officially(loaded, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+    from PIL import Image
+
+    class Reader(torch.nn.Module):           # hands back the pixels the tokenizer would encode
+        config, device = SimpleNamespace(image_size=256), torch.device('cpu')
+
+        def encode(self, x):
+            return x
+    monkeypatch.setitem(loaded.__dict__, '_image_tokenizer', Reader())
+    img = Image.new('RGB', (40, 20), (255, 255, 255))
+    img.save(tmp_path / 'wide.png')
+    x = loaded.encode_image(str(tmp_path / 'wide.png'))
+    want = np.asarray(expand2square(img).resize((256, 256), Image.BILINEAR)).astype(np.float32) / 127.5 - 1
+    assert x.shape == (3, 256, 256) and np.allclose(x.permute(1, 2, 0).numpy(), want, atol=1e-6)
+    assert np.allclose(x[:, 0, 0].numpy(), np.array([122, 116, 104]) / 127.5 - 1, atol=1e-6)
