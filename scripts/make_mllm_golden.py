@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 import types
 import zlib
 
@@ -156,9 +157,9 @@ def teacher_forced(model, folder: str, codes: torch.Tensor) -> dict:
     return {'ids': ids.tolist(), 'image_start': int(start), 'head_logits': logits.numpy()}
 
 
-def generate(model, folder: str, cfg_scale: float, prompts) -> dict:
+def generate(model, folder: str, cfg_scale: float, prompts, positions: int = POSITIONS) -> dict:
     """Greedy image positions through T2I_forward_withcache, driven as eval/infer_genai.py drives it
-    (its sample() with sample_logits=False)."""
+    (its sample() with sample_logits=False). ``head_seconds``: the time spent in the ar_head loop."""
     from transformers import AutoTokenizer
     from eval.infer_genai import sample
     tok = AutoTokenizer.from_pretrained(folder, padding_side='left')
@@ -168,13 +169,14 @@ def generate(model, folder: str, cfg_scale: float, prompts) -> dict:
     inputs = tok(texts, return_tensors='pt', padding=True)
     kwargs = {'attention_mask': inputs['attention_mask'], 'use_cache': True,
               'cache_position': torch.arange(inputs['input_ids'].shape[1])}
-    input_ids, multi, pred, kept = inputs['input_ids'], None, [], []
+    input_ids, multi, pred, kept, head_seconds = inputs['input_ids'], None, [], [], 0.0
     with torch.no_grad():
-        for pos in range(POSITIONS):
+        for pos in range(positions):
             step = model.prepare_inputs_for_generation(input_ids, **kwargs)
             out = model.T2I_forward_withcache(**step, input_multi_ids=multi, return_dict=True,
                                               output_attentions=False, output_hidden_states=False)
             h, codes = out['last_hidden_state'][:, -1:, :], []
+            t = time.perf_counter()
             for k in range(8):
                 logits = model.ar_head.linear_head(model.ar_head(inputs_embeds=h, use_cache=False,
                                                                  output_attentions=False, output_hidden_states=False,
@@ -193,22 +195,46 @@ def generate(model, folder: str, cfg_scale: float, prompts) -> dict:
                 codes.append(nxt)
                 if k < 7:
                     h = torch.cat([h, model.ar_head.codebooks[k](nxt)], dim=1)
+            head_seconds += time.perf_counter() - t
             pred.append(torch.cat(codes, dim=1))
             multi = torch.stack(pred, dim=-1)
             input_ids = torch.cat([input_ids, torch.zeros_like(input_ids[:, :1])], dim=-1)
             kwargs = model._update_model_kwargs_for_generation(out, kwargs, is_encoder_decoder=False)
     codes = torch.stack(pred, dim=-1)[:len(prompts)]                      # (B, 8, POSITIONS)
     return {'texts': texts, 'ids': inputs['input_ids'].tolist(), 'mask': inputs['attention_mask'].tolist(),
-            'codes': codes.numpy(), 'logits': np.stack(kept, 1)}          # (N, KEPT*8, 4096)
+            'codes': codes.numpy(), 'logits': np.stack(kept, 1), 'head_seconds': head_seconds}
+
+
+def time_official(folder: str, prompt: str, cfg_scale: float, positions: int, dtype: str) -> None:
+    """Print (JSON) the seconds of ``positions`` greedy positions of the official cached path on ``folder``
+    (for benchmarks/mllm_speed.py --official), its head's share and the codes."""
+    from transformers import AutoModelForCausalLM
+    import model.language_model.mini_gemini_llama  # noqa: F401  (registers the mini_gemini type, as builder.py does)
+    model = AutoModelForCausalLM.from_pretrained(folder, torch_dtype=getattr(torch, dtype),
+                                                 attn_implementation='sdpa').eval()
+    generate(model, folder, cfg_scale, [prompt], 2)                        # warm-up
+    t = time.perf_counter()
+    out = generate(model, folder, cfg_scale, [prompt], positions)
+    seconds = time.perf_counter() - t
+    print(json.dumps({'seconds': seconds, 'head_seconds': out['head_seconds'], 'codes': out['codes'].tolist()}))
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument('--official', required=True, help='a clone of github.com/FoundationVision/UniTok')
-    ap.add_argument('--out', required=True)
+    ap.add_argument('--out', help='where the fixtures go')
     ap.add_argument('--work', default='/tmp/unitok_mllm_golden')
+    ap.add_argument('--time', metavar='FOLDER', help='instead: time the official generation on this checkpoint')
+    ap.add_argument('--prompt', default=PROMPTS[0])
+    ap.add_argument('--cfg', type=float, default=5.0)
+    ap.add_argument('--positions', type=int, default=16)
+    ap.add_argument('--dtype', default='float32')
     a = ap.parse_args()
     shims(a.official)
+    if a.time:
+        return time_official(a.time, a.prompt, a.cfg, a.positions, a.dtype)
+    if not a.out:
+        ap.error('--out is required (or --time)')
     folder = os.path.join(a.work, 'unitok_mllm_tiny')
     os.makedirs(folder, exist_ok=True)
     os.makedirs(a.out, exist_ok=True)
