@@ -31,7 +31,8 @@ with torch.no_grad():                  # touch every weight: memory-mapped ones 
         p.sum()
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 n = sum(p.numel() * p.element_size() for p in m.state_dict().values())
-print(json.dumps({'base': base, 'loading_peak': loading_peak, 'peak': peak, 'after': rss(), 'weights': n, 'seconds': took,
+print(json.dumps({'base': base, 'loading_peak': loading_peak, 'peak': peak, 'after': rss(), 'weights': n,
+                  'seconds': took,
                   'dtypes': sorted({str(p.dtype) for p in m.parameters()})}))
 '''
 

@@ -185,12 +185,12 @@ def generate(model, folder: str, cfg_scale: float, prompts, positions: int = POS
                     c, u = torch.split(logits, len(logits) // 2, dim=0)
                     guided = u + (c - u) * cfg_scale
                     if pos < KEPT_CFG_POSITIONS:
-                        kept.append(guided[:, -1].numpy())
+                        kept.append(guided[:, -1].float().numpy())
                     half, _ = sample(guided, sample_logits=False)
                     nxt = torch.cat([half, half])
                 else:
                     if pos < KEPT_CFG_POSITIONS:
-                        kept.append(logits[:, -1].numpy())
+                        kept.append(logits[:, -1].float().numpy())
                     nxt, _ = sample(logits, sample_logits=False)
                 codes.append(nxt)
                 if k < 7:

@@ -16,7 +16,8 @@ FIXTURES = os.path.join(ROOT, 'tests', 'fixtures', 'golden_mllm')
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location('make_mllm_golden', os.path.join(ROOT, 'scripts', 'make_mllm_golden.py'))
+    path = os.path.join(ROOT, 'scripts', 'make_mllm_golden.py')
+    spec = importlib.util.spec_from_file_location('make_mllm_golden', path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -68,5 +68,6 @@ class VicunaV1(PromptFormat):
         ids = tokenizer(self.generation_text(prompt))['input_ids']
         if ids[-1:] != [self.boi_id]:
             raise LLMError(f'the LLM tokenizer does not end an image request with the byte token {self.boi_id} '
-                           f'(<boi>, the text {self.boi_text!r}); got {ids[-3:]}: not the Llama tokenizer of the release')
+                           f'(<boi>, the text {self.boi_text!r}); got {ids[-3:]}: not the Llama tokenizer of the '
+                           'release')
         return ids

@@ -1,8 +1,9 @@
 """The released UniTok MLLM (``FoundationVision/unitok_mllm``) as a :class:`~unitok.mllm.UniTokMLLM`.
 
-    >>> mllm = unitok.UniTokMLLM.from_pretrained('FoundationVision/unitok_mllm', tokenizer='FoundationVision/unitok_tokenizer')
+    >>> mllm = unitok.UniTokMLLM.from_pretrained('FoundationVision/unitok_mllm',
+    ...                                          tokenizer='FoundationVision/unitok_tokenizer')
     >>> mllm.chat('cat.jpg', 'What is in this image?')
-    >>> codes = mllm.generate_image('a red apple on a wooden table', cfg_scale=5.0, temperature=0.9, top_k=2048, top_p=0.96)
+    >>> codes = mllm.generate_image('a red apple', cfg_scale=5.0, temperature=0.9, top_k=2048, top_p=0.96)
 
 Its parts, mapped from the official checkpoint (:mod:`unitok.mllm.official_layout`): the Llama-2-7B LM as
 ``transformers``' ``LlamaForCausalLM``; the image input as a :class:`~unitok.mllm.connector.CausalCodeEmbedder`

@@ -205,8 +205,8 @@ def save_layout(directory: str, config: dict, lm, parts: dict[str, torch.Tensor]
     with staged_directory(directory, 'MLLM directory') as stage:
         for name, keys in split.filename_to_tensors.items():
             save_file({k: state[k] for k in keys}, os.path.join(stage, name), metadata={'format': 'pt'})
-        index = {'metadata': {**split.metadata, 'total_size': sum(v.numel() * v.element_size() for v in state.values())},
-                 'weight_map': split.tensor_to_filename}
+        total = sum(v.numel() * v.element_size() for v in state.values())
+        index = {'metadata': {**split.metadata, 'total_size': total}, 'weight_map': split.tensor_to_filename}
         if not split.is_sharded:                  # one file: keep the index form the release uses
             os.replace(os.path.join(stage, SINGLE), os.path.join(stage, 'model-00001-of-00001.safetensors'))
             index['weight_map'] = {k: 'model-00001-of-00001.safetensors' for k in state}
