@@ -144,6 +144,7 @@ class LlamaCodeHead(nn.Module):
         self.norm = LlamaRMSNorm(C, eps=config.rms_norm_eps)
         self.codebooks = nn.ModuleList(nn.Embedding(codebook_size, C) for _ in range(num_codebooks - 1))
         self.rotary = LlamaRotaryEmbedding(config)
+        self.cache_name = self._cache_name(self.layers[0])
 
     @property
     def pos_embed(self) -> torch.Tensor:
@@ -162,10 +163,19 @@ class LlamaCodeHead(nn.Module):
         mask = None
         if T > 1:            # an explicit causal mask: eager attention adds it, SDPA reads it
             mask = torch.full((T, T), torch.finfo(x.dtype).min, dtype=x.dtype, device=x.device).triu(1)[None, None]
+        kw = {self.cache_name: cache} if cache is not None else {}
         for layer in self.layers:
-            x = layer(x, attention_mask=mask, position_ids=pos, cache=cache, use_cache=cache is not None,
-                      position_embeddings=rope)
+            x = layer(x, attention_mask=mask, position_ids=pos, use_cache=cache is not None, position_embeddings=rope,
+                      **kw)
         return self.linear_head(self.norm(x))
+
+    @staticmethod
+    def _cache_name(layer) -> str:
+        """The layers' name of the cache argument: ``cache`` (transformers 5), else ``past_key_values`` /
+        ``past_key_value`` (older)."""
+        import inspect
+        params = inspect.signature(layer.forward).parameters
+        return next((n for n in ('cache', 'past_key_values', 'past_key_value') if n in params), 'cache')
 
     def forward(self, h: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Teacher-forced logits ``(N, K, V)`` of ``h (N, C)`` and the target sub-codes ``(N, K)``."""
