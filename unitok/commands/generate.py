@@ -223,7 +223,8 @@ def register_generate(sub) -> None:
     g = add_command(sub, 'generate', 'sample images from a trained generator', GEN_DOC)
     which = g.add_mutually_exclusive_group(required=True)
     which.add_argument('--gen', help='generator model directory (RUN/model of unitok train-gen)')
-    which.add_argument('--mllm', help='multimodal LLM directory (RUN/model of unitok train-mllm); takes --prompt')
+    which.add_argument('--mllm', help='multimodal LLM directory (RUN/model of unitok train-mllm) or the released '
+                       'UniTok MLLM (folder or FoundationVision/unitok_mllm); takes --prompt')
     g.add_argument('--llm', help='with --mllm: the LLM to use instead of the referenced one')
     g.add_argument('--tokenizer', help='UniTok model that decodes the codes (default: the one it was trained with)')
     g.add_argument('--class', dest='classes', action='append', help='class name (repeatable; default: every class)')

@@ -16,6 +16,7 @@ MLLM_DOC = """``unitok chat``, ``unitok train-mllm`` and ``unitok generate --mll
     unitok train-mllm --codes codes/train --val-codes codes/val --tokenizer TOKENIZER --out runs/mllm --steps 300
     unitok train-mllm --out runs/mllm --resume latest
     unitok chat --mllm runs/mllm/model --image x.png "What is in this image?"
+    unitok chat --mllm FoundationVision/unitok_mllm --tokenizer FoundationVision/unitok_tokenizer --image x.png "Why?"
     unitok generate --mllm runs/mllm/model --prompt "Draw an emoji of a red apple." --out img.png
 """
 
@@ -62,7 +63,8 @@ def run_chat(args) -> int:
 
 def register_chat(sub) -> None:
     c = add_command(sub, 'chat', 'ask the multimodal LLM about an image (streamed answer)', MLLM_DOC)
-    c.add_argument('--mllm', required=True, help='MLLM directory (RUN/model of unitok train-mllm)')
+    c.add_argument('--mllm', required=True, help='MLLM directory (RUN/model of unitok train-mllm), or the released '
+                   'UniTok MLLM: its folder or hub id FoundationVision/unitok_mllm')
     c.add_argument('--image', help='image file (without: a text-only question)')
     c.add_argument('question', help='the question, e.g. "What is in this image?"')
     c.add_argument('--llm', help='the LLM to use instead of the referenced one (checked against it)')

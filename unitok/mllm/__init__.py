@@ -7,5 +7,6 @@
 """
 from .llm import DEFAULT_LLM, LLMError, load_llm
 from .model import MLLMConfig, UniTokMLLM
+from .official import OfficialMLLM
 
-__all__ = ['UniTokMLLM', 'MLLMConfig', 'LLMError', 'load_llm', 'DEFAULT_LLM']
+__all__ = ['UniTokMLLM', 'OfficialMLLM', 'MLLMConfig', 'LLMError', 'load_llm', 'DEFAULT_LLM']

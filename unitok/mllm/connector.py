@@ -51,11 +51,41 @@ class CodeInput(nn.Module):
 class Projector(nn.Module):
     """Per-token MLP ``in_dim -> hidden -> out_dim`` (LayerNorm, Linear, GELU, Linear)."""
 
-    def __init__(self, in_dim: int, hidden: int, out_dim: int):
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, norm_eps: float = 1e-5):
         super().__init__()
-        self.norm = nn.LayerNorm(in_dim)
+        self.norm = nn.LayerNorm(in_dim, eps=norm_eps)
         self.fc1 = nn.Linear(in_dim, hidden)
         self.fc2 = nn.Linear(hidden, out_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+class CausalCodeEmbedder(nn.Module):
+    """The released MLLM's image input (``multi_embedder``): sub-codes ``(B, L, K)`` -> unit code vectors
+    ``(B, L, K*d)`` -> a causal :class:`~unitok.modules.projection.AttnProjection` (K*d -> ``proj_dim``; position
+    t sees positions 0..t of the same call) -> :class:`Projector` (LayerNorm eps 1e-6) -> ``(B, L, llm_dim)``.
+
+    ``usage`` keeps the checkpoint's per-code usage statistic (a training record, unused here) for saving.
+    """
+
+    def __init__(self, num_codebooks: int, codebook_size: int, code_dim: int, llm_dim: int, proj_dim: int = 1024,
+                 proj_heads: int = 16):
+        super().__init__()
+        from ..modules.projection import AttnProjection
+        K, V, d = num_codebooks, codebook_size, code_dim
+        self.num_codebooks, self.codebook_size, self.code_dim = K, V, d
+        self.codebooks = nn.Parameter(torch.zeros(K, V, d))
+        self.register_buffer('usage', torch.zeros(K, V))
+        self.projection = AttnProjection(K * d, proj_dim, proj_heads, causal=True)
+        self.projector = Projector(proj_dim, llm_dim, llm_dim, norm_eps=1e-6)
+
+    def code_vectors(self, codes: torch.Tensor) -> torch.Tensor:
+        """``(B, L, K)`` -> ``(B, L, K*d)``: each sub-code's l2-normalised vector, sub-codebooks side by side."""
+        table = F.normalize(self.codebooks, dim=-1)
+        return torch.cat([F.embedding(codes[..., k], table[k]) for k in range(self.num_codebooks)], dim=-1)
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        if codes.dim() != 3 or codes.shape[-1] != self.num_codebooks:
+            raise ValueError(f'codes must be (B, L, {self.num_codebooks}), got {tuple(codes.shape)}')
+        return self.projector(self.projection(self.code_vectors(codes.long())))

@@ -97,7 +97,7 @@ def _codes_cached(model, ids, mask, sampler, scales, out) -> None:
     for i in range(len(scales)):
         out[:, i] = sample_position(model, h.to(head_dtype), sampler, scales[i], head_cache)
         if i < len(scales) - 1:
-            x = model.image_embeds(sampler.both(out[:, i]))[:, None].to(h.dtype)    # (N, 1, C)
+            x = model.next_image_embeds(sampler.both(out[:, :i + 1])).to(h.dtype)   # (N, 1, C)
             mask = torch.cat([mask, mask.new_ones(N, 1)], dim=1)
             pos = pos[:, -1:] + 1
             h = model.hidden_states(x, mask, pos, cache)[:, -1]
@@ -114,7 +114,8 @@ def _codes_uncached(model, ids, mask, sampler, scales, out) -> None:
         codes = torch.zeros(N, P + i, K, dtype=torch.long, device=ids.device)
         codes[:, P:] = sampler.both(out[:, :i])
         full_mask = torch.cat([mask, mask.new_ones(N, i)], dim=1)
-        h = model.hidden_states(model.embed(full_ids, image, codes), full_mask, _positions(full_mask))[:, -1]
+        x = model.embed(full_ids, image, codes, generated=True)
+        h = model.hidden_states(x, full_mask, _positions(full_mask))[:, -1]
         out[:, i] = sample_position(model, h.to(head_dtype), sampler, scales[i], None)
 
 

@@ -41,10 +41,11 @@ from ..pretrained import CheckpointError, Pretrained
 from .config import MLLMConfig
 from .connector import CodeInput, Projector
 from .data import IGNORE
+from .official_layout import resolve_official
 from .llm import IMAGE_TOKENS, LLMError, add_image_tokens, check_reference, load_llm, stop_ids
 from .generate import generate_codes, generate_text
 from .prompts import (chat_sequence, codes_as_rows, end_of_turn, generation_prefix, generation_sequence, image_codes,
-                      image_request_rows, understanding_sequence)
+                      image_request_rows, text_sequence, understanding_sequence)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class UniTokMLLM(Pretrained, nn.Module):
     """
     config_class = MLLMConfig
     config_file, weights_file, weights_format, model_kind = CONFIG_NAME, WEIGHTS_NAME, FORMAT, 'UniTok MLLM'
+    released: type | None = None         # the released MLLM's class (unitok.mllm.official.OfficialMLLM)
     hub_extra_files = (f'{LLM_COPY}/*',)
 
     def __init__(self, config: MLLMConfig, llm: nn.Module, text_tokenizer, code_input: CodeInput,
@@ -206,11 +208,15 @@ class UniTokMLLM(Pretrained, nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str, llm=None, tokenizer=None, map_location: str = 'cpu',
-                        revision: str | None = None) -> 'UniTokMLLM':
+                        revision: str | None = None, **official) -> 'UniTokMLLM':
         """Load a directory of :meth:`save_pretrained` (or a hub id). ``llm``: another spec or
         ``(model, tokenizer)`` pair for the referenced LLM (checked against the saved config and
         vocabulary digests); ``tokenizer``: the UniTok tokenizer (default: the referenced path, loaded
-        on first use)."""
+        on first use). The released MLLM (``FoundationVision/unitok_mllm``) loads as an :class:`OfficialMLLM`
+        (``official``: its options, e.g. ``dtype``)."""
+        folder = resolve_official(os.fspath(directory), revision) if llm is None else None
+        if folder is not None:         # the class registers itself (unitok.mllm.official, imported by unitok.mllm)
+            return UniTokMLLM.released.load(folder, tokenizer=tokenizer, device=map_location, **official)
         return cls._load_pretrained(directory, map_location, revision, llm=llm, tokenizer=tokenizer)
 
     @classmethod
@@ -233,10 +239,15 @@ class UniTokMLLM(Pretrained, nn.Module):
         """Sub-codes ``(N, K)`` -> LLM input embeddings ``(N, llm_dim)`` (the one input path of images)."""
         return self.projector(self.code_input(codes))
 
+    def next_image_embeds(self, codes: torch.Tensor) -> torch.Tensor:
+        """The input ``(N, 1, C)`` of the last generated position of ``codes (N, n, K)``."""
+        return self.image_embeds(codes[:, -1])[:, None]
+
     def embed(self, input_ids: torch.Tensor, image_mask: torch.Tensor | None = None,
-              codes: torch.Tensor | None = None) -> torch.Tensor:
+              codes: torch.Tensor | None = None, generated: bool = False) -> torch.Tensor:
         """Input embeddings ``(B, T, C)``: text ids through the LLM's table, ``<boi>``/``<eoi>`` through
-        :attr:`special_embed`, positions of ``image_mask`` from ``codes (B, T, K)`` through :meth:`image_embeds`."""
+        :attr:`special_embed`, positions of ``image_mask`` from ``codes (B, T, K)`` through :meth:`image_embeds`
+        (each position alone, so ``generated``, set for positions being sampled, changes nothing here)."""
         base = self.config.base_vocab
         table = self.llm.get_input_embeddings()
         x = table(input_ids.clamp(0, base - 1))
@@ -298,6 +309,9 @@ class UniTokMLLM(Pretrained, nn.Module):
     def understanding_example(self, codes: torch.Tensor, question: str, answer: str | None = None) -> dict:
         """The sequence of one question about an image (and its answer as the text target)."""
         return understanding_sequence(self, codes, question, answer)
+
+    def text_example(self, question: str) -> dict:          # a question without an image
+        return text_sequence(self, question)
 
     def generation_prompt(self, prompt: str | None) -> list[int]:
         """Token ids of a text-to-image request, ending with ``<boi>``; ``None`` -> the null prompt."""

@@ -133,7 +133,7 @@ def chat_sequence(model, image, question: str, max_new_tokens: int) -> dict:
     if not isinstance(question, str):
         raise TypeError(f'question must be a string, got {type(question).__name__}')
     if image is None:
-        example = text_sequence(model, question)
+        example = model.text_example(question)
     else:
         codes = image if isinstance(image, torch.Tensor) and not image.dtype.is_floating_point \
             else model.encode_image(image)

@@ -18,12 +18,13 @@ class CrossWidthAttention(nn.Module):
     Down (in > out): ``num_heads`` heads of width in/num_heads attend over the tokens; their outputs
     are averaged over heads (and average-pooled to ``out_dim`` if the head width differs).
     Up (in <= out): q, k, v are projected to ``out_dim`` and the heads concatenated as usual.
-    The key bias is a fixed zero buffer (as in BEiT-style attention).
+    The key bias is a fixed zero buffer (as in BEiT-style attention). ``causal``: token t attends to tokens
+    0..t only (the released MLLM's image input, read in generation order).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, num_heads: int):
+    def __init__(self, in_dim: int, out_dim: int, num_heads: int, causal: bool = False):
         super().__init__()
-        self.in_dim, self.out_dim, self.num_heads = in_dim, out_dim, num_heads
+        self.in_dim, self.out_dim, self.num_heads, self.causal = in_dim, out_dim, num_heads, causal
         self.reduce = in_dim > out_dim
         width = in_dim if self.reduce else out_dim      # width of q, k and v
         if width % num_heads:
@@ -40,7 +41,7 @@ class CrossWidthAttention(nn.Module):
         bias = torch.cat((self.q_bias, self.zero_k_bias, self.v_bias))
         qkv = F.linear(x, self.qkv.weight, bias)
         q, k, v = qkv.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, h, N, hd)
-        x = F.scaled_dot_product_attention(q, k, v)                                                      # (B, h, N, hd)
+        x = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)                               # (B, h, N, hd)
         if self.reduce:
             x = x.mean(dim=1)                                                                            # (B, N, hd)
             if self.head_dim != self.out_dim:
@@ -51,14 +52,16 @@ class CrossWidthAttention(nn.Module):
 
 
 class AttnProjection(nn.Module):
-    """``y = Linear(LN(x)) + Attn(LN(x)); y = y + GeGLU(LN(y))``, mapping (B, N, in) -> (B, N, out)."""
+    """``y = Linear(LN(x)) + Attn(LN(x)); y = y + GeGLU(LN(y))``, mapping (B, N, in) -> (B, N, out);
+    ``causal``: causal attention (see :class:`CrossWidthAttention`)."""
 
-    def __init__(self, in_dim: int, out_dim: int, num_heads: int, mlp_ratio: float = 2.0, norm_eps: float = 1e-5):
+    def __init__(self, in_dim: int, out_dim: int, num_heads: int, mlp_ratio: float = 2.0, norm_eps: float = 1e-5,
+                 causal: bool = False):
         super().__init__()
         if in_dim % out_dim and out_dim % in_dim:
             raise ValueError(f'AttnProjection needs in_dim ({in_dim}) and out_dim ({out_dim}) to divide one another')
         self.norm1 = nn.LayerNorm(in_dim, eps=norm_eps)
-        self.attn = CrossWidthAttention(in_dim, out_dim, num_heads)
+        self.attn = CrossWidthAttention(in_dim, out_dim, num_heads, causal)
         self.proj = nn.Linear(in_dim, out_dim)
         self.norm3 = nn.LayerNorm(in_dim, eps=norm_eps)
         self.norm2 = nn.LayerNorm(out_dim, eps=norm_eps)

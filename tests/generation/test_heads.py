@@ -1,0 +1,31 @@
+"""LlamaCodeHead (the released MLLM's sub-code head, unitok.generation.heads): the teacher-forced pass is causal
+and equals step-by-step decoding with its cache."""
+import pytest
+import torch
+
+from unitok.generation.heads import LlamaCodeHead
+
+
+@pytest.mark.parametrize('attn', ['eager', 'sdpa'])
+def test_teacher_forced_equals_cached_steps(attn):
+    from transformers import LlamaConfig
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=4,
+                      max_position_embeddings=64)
+    cfg._attn_implementation = attn
+    torch.manual_seed(0)
+    head = LlamaCodeHead(cfg, num_codebooks=4, codebook_size=16, depth=2).eval()
+    h, codes = torch.randn(3, 32), torch.randint(0, 16, (3, 4))
+    with torch.no_grad():
+        full = head(h, codes)                                                    # (3, 4, 16)
+        cache = head.allocate_cache(3, torch.float32, 'cpu')
+        x, steps = head.first_input(h), []
+        for k in range(4):
+            steps.append(head.step(x, k, cache))
+            if k < 3:
+                x = head.code_input(codes[:, k], k + 1)
+        assert torch.allclose(full, torch.stack(steps, 1), atol=1e-5)
+        # step k reads sub-codes 0..k-1 only: changing sub-code 1 leaves steps 0 and 1 as they were
+        changed = codes.clone()
+        changed[:, 1] = (changed[:, 1] + 1) % 16
+        again = head(h, changed)
+        assert torch.allclose(again[:, :2], full[:, :2], atol=1e-6) and not torch.allclose(again[:, 2:], full[:, 2:])
