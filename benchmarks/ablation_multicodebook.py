@@ -39,9 +39,10 @@ def run(cmd):
     subprocess.run(cmd, check=True)
 
 
-def train_and_evaluate(out, tag, steps, seed, overrides, recipe=RECIPE):
+def train_and_evaluate(out, tag, steps, seed, overrides, recipe=RECIPE, eval_args=()):
     """Train ``unitok-tiny`` with the recipe and ``overrides`` into ``out/tag`` and evaluate it on the
-    held-out split; returns the eval report (reused when it exists, resumed when checkpoints exist)."""
+    held-out split (``eval_args``: more ``unitok eval`` arguments); returns the eval report (reused
+    when it exists, resumed when checkpoints exist)."""
     unitok = [sys.executable, '-m', 'unitok.cli']
     run_dir = os.path.join(out, tag)
     report = os.path.join(run_dir, 'eval', 'report.json')
@@ -51,7 +52,7 @@ def train_and_evaluate(out, tag, steps, seed, overrides, recipe=RECIPE):
         run(unitok + ['train', '--preset', 'unitok-tiny', '--data', 'builtin:emoji', '--out', run_dir,
                       '--steps', str(steps), f'seed={seed}', f'eval_every={steps}', *recipe, *overrides, *resume])
         run(unitok + ['eval', '--model', os.path.join(run_dir, 'model'), '--data', 'builtin:emoji',
-                      '--out', os.path.join(run_dir, 'eval'), '--batch-size', '64', '--name', tag])
+                      '--out', os.path.join(run_dir, 'eval'), '--batch-size', '64', '--name', tag, *eval_args])
         print(f'{tag}: {(time.time() - t) / 60:.1f} min', flush=True)
     with open(report) as f:
         return json.load(f)

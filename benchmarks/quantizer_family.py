@@ -103,11 +103,16 @@ def generator_stage(args, name: str, seed: int, tok_dir: str) -> dict:
             'minutes': record['minutes']}
 
 
+def eval_args(args) -> list[str]:
+    return ['--max-samples', str(args.eval_samples)] if args.eval_samples else []
+
+
 def tokenizer_stage(args, name: str, seed: int) -> dict:
     tag = tag_of(name, seed)
     holder: dict = {}
     record = timed(os.path.join(args.out, tag, 'time.json'),
-                   lambda: holder.update(train_and_evaluate(args.out, tag, args.steps, seed, QUANTIZERS[name][1])))
+                   lambda: holder.update(train_and_evaluate(args.out, tag, args.steps, seed, QUANTIZERS[name][1],
+                                                            eval_args=eval_args(args))))
     if 'failed' in record:
         return {'failed': record['failed']}
     if not holder:                                               # finished earlier: read its report
@@ -124,6 +129,8 @@ def main(argv=None):
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1])
     p.add_argument('--samples-per-class', type=int, default=30)
     p.add_argument('--max-train', type=int, default=1800)
+    p.add_argument('--eval-samples', type=int, help='held-out images of the tokenizer evaluation: a fixed '
+                   'class-balanced subset of this many (default: all 380)')
     p.add_argument('--only', nargs='*', help='subset of: ' + ', '.join(QUANTIZERS))
     p.add_argument('--report-only', action='store_true', help='run nothing: the table of the stages that finished')
     args = p.parse_args(argv)
@@ -131,21 +138,18 @@ def main(argv=None):
     names = [n for n in QUANTIZERS if not args.only or n in args.only]
     tokenizers: dict[str, list[dict]] = {n: [] for n in names}
     generators: dict[str, list[dict]] = {n: [] for n in names}
-    for seed in args.seeds:                     # seed by seed: a cut-short sweep has every quantizer once
-        for name in names:
-            if args.report_only and not os.path.isfile(os.path.join(args.out, tag_of(name, seed), 'time.json')):
-                continue
-            tok = tokenizer_stage(args, name, seed)
+    for seed in args.seeds:     # seed by seed, tokenizers first: a cut-short sweep has every tokenizer once
+        this_seed = {name: tokenizer_stage(args, name, seed) for name in names
+                     if not args.report_only or os.path.isfile(os.path.join(args.out, tag_of(name, seed), 'time.json'))}
+        for name, tok in this_seed.items():
             tokenizers[name].append(tok)
-            gen_done = os.path.isfile(os.path.join(args.out, 'gen', tag_of(name, seed), 'time.json'))
             if 'failed' in tok:
                 generators[name].append({'failed': 'tokenizer failed'})
-            elif gen_done or not args.report_only:
-                tok_dir = os.path.join(args.out, tag_of(name, seed), 'model')
-                generators[name].append(generator_stage(args, name, seed, tok_dir))
+            elif not args.report_only or os.path.isfile(os.path.join(args.out, 'gen', tag_of(name, seed), 'time.json')):
+                generators[name].append(generator_stage(args, name, seed, os.path.join(args.out, tag_of(name, seed), 'model')))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, 'results.json'), 'w') as f:
-        json.dump({'steps': args.steps, 'gen_steps': args.gen_steps, 'seeds': args.seeds, 'recipe': RECIPE,
+        json.dump({'steps': args.steps, 'gen_steps': args.gen_steps, 'eval_samples': args.eval_samples, 'seeds': args.seeds, 'recipe': RECIPE,
                    'gen_recipe': GEN_RECIPE, 'quantizers': {n: QUANTIZERS[n] for n in names},
                    'tokenizers': tokenizers, 'generators': generators}, f, indent=2)
     table = markdown(names, tokenizers, generators, len(args.seeds))

@@ -43,6 +43,17 @@ class FamilyChecks:
             assert q.code_vectors(k).shape[0] == V
         assert len(codes.unique()) > 16                                  # not one constant code
 
+    def test_codebook_health_is_counted_per_sub_code(self):
+        from unitok.eval.metrics.codebook import CodebookStats
+        q = self.model().quantizer
+        codes = q.nearest_codes(self.latents(q))
+        stats = CodebookStats.for_quantizer(q)
+        stats.update(codes)
+        out = stats.compute()
+        assert len(out['per_codebook']) == len(self.vocab_sizes) and out['tokens'] == 4 * 24
+        for k, (V, row) in enumerate(zip(self.vocab_sizes, out['per_codebook'])):
+            assert row['usage'] == codes[:, k].unique().numel() / V     # for FSQ/LFQ/BSQ: the values of group k
+
     @pytest.mark.parametrize('training', [True, False])
     def test_lookup_of_the_codes_is_the_quantized_output_without_autograd(self, training):
         q = self.model().quantizer.train(training)
