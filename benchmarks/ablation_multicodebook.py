@@ -39,6 +39,25 @@ def run(cmd):
     subprocess.run(cmd, check=True)
 
 
+def train_and_evaluate(out, tag, steps, seed, overrides, recipe=RECIPE, eval_args=()):
+    """Train ``unitok-tiny`` with the recipe and ``overrides`` into ``out/tag`` and evaluate it on the
+    held-out split (``eval_args``: more ``unitok eval`` arguments); returns the eval report (reused
+    when it exists, resumed when checkpoints exist)."""
+    unitok = [sys.executable, '-m', 'unitok.cli']
+    run_dir = os.path.join(out, tag)
+    report = os.path.join(run_dir, 'eval', 'report.json')
+    if not os.path.isfile(report):
+        t = time.time()
+        resume = ['--resume', 'latest'] if os.path.isdir(os.path.join(run_dir, 'checkpoints')) else []
+        run(unitok + ['train', '--preset', 'unitok-tiny', '--data', 'builtin:emoji', '--out', run_dir,
+                      '--steps', str(steps), f'seed={seed}', f'eval_every={steps}', *recipe, *overrides, *resume])
+        run(unitok + ['eval', '--model', os.path.join(run_dir, 'model'), '--data', 'builtin:emoji',
+                      '--out', os.path.join(run_dir, 'eval'), '--batch-size', '64', '--name', tag, *eval_args])
+        print(f'{tag}: {(time.time() - t) / 60:.1f} min', flush=True)
+    with open(report) as f:
+        return json.load(f)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument('--out', default='runs/ablation')
@@ -46,26 +65,13 @@ def main(argv=None):
     p.add_argument('--seeds', type=int, nargs='+', default=[0])
     p.add_argument('--only', nargs='*', help='subset of configuration names')
     args = p.parse_args(argv)
-    unitok = [sys.executable, '-m', 'unitok.cli']
     results = {}
     for name, overrides in CONFIGS.items():
         if args.only and name not in args.only:
             continue
         for seed in args.seeds:
             tag = name.replace('=', '').replace(' ', '_') + f'_seed{seed}'
-            run_dir = os.path.join(args.out, tag)
-            report = os.path.join(run_dir, 'eval', 'report.json')
-            if not os.path.isfile(report):
-                t = time.time()
-                resume = ['--resume', 'latest'] if os.path.isdir(os.path.join(run_dir, 'checkpoints')) else []
-                run(unitok + ['train', '--preset', 'unitok-tiny', '--data', 'builtin:emoji', '--out', run_dir,
-                              '--steps', str(args.steps), f'seed={seed}', f'eval_every={args.steps}',
-                              *RECIPE, *overrides, *resume])
-                run(unitok + ['eval', '--model', os.path.join(run_dir, 'model'), '--data', 'builtin:emoji',
-                              '--out', os.path.join(run_dir, 'eval'), '--batch-size', '64', '--name', tag])
-                print(f'{tag}: {(time.time() - t) / 60:.1f} min', flush=True)
-            with open(report) as f:
-                results.setdefault(name, []).append(json.load(f))
+            results.setdefault(name, []).append(train_and_evaluate(args.out, tag, args.steps, seed, overrides))
     summary = {name: {m: [r[m] for r in runs if m in r] for m in METRICS} for name, runs in results.items()}
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, 'results.json'), 'w') as f:

@@ -41,6 +41,9 @@ class UniTokConfig:
     commitment_beta: float = 0.25        # weight of ||sg(q) - z||^2 in the quantizer loss
     entropy_loss: bool = False           # also compute the codebook entropy loss (costs B*L*K*n memory)
     entropy_temperature: float = 0.01    # softmax temperature of the entropy loss
+    # quantizer='fsq': levels of each dim of a group (product = codebook_size); () picks levels of 8.
+    # Not written while empty, like `quantizer`.
+    quantizer_levels: tuple[int, ...] = field(default=(), metadata={'omit_if_default': True})
     # --- projections and decoder ---
     projection: str = 'attn'             # 'attn': attention projection with GeGLU MLP, or 'linear'
     decoder_depth: int | None = None     # ViT blocks in the decoder; None = same as the encoder
@@ -114,6 +117,8 @@ class UniTokConfig:
             raise ConfigError(f'text_width ({self.text_width}) must be divisible by text_heads ({self.text_heads})')
         if not 0.0 <= self.drop_path < 1.0:
             raise ConfigError(f'drop_path must be in [0, 1), got {self.drop_path}')
+        if any(not isinstance(v, int) or v < 2 for v in self.quantizer_levels):
+            raise ConfigError(f'quantizer_levels must be integers >= 2, got {list(self.quantizer_levels)}')
         if self.commitment_beta < 0 or self.entropy_temperature <= 0:
             raise ConfigError('commitment_beta must be >= 0 and entropy_temperature > 0')
 

@@ -71,16 +71,19 @@ def _build(config):
 
 
 # ---------------------------------------------------------------------------- the interface, every quantizer
+SHAPES = {'vq': dict(num_codebooks=1, codebook_size=4096, code_dim=32)}     # a 32-wide latent for every one
+
+
 def _model(name, **overrides):
     torch.manual_seed(0)
-    model = unitok.create_model('unitok-tiny', quantizer=name, **overrides)
+    model = unitok.create_model('unitok-tiny', quantizer=name, **{**SHAPES.get(name, {}), **overrides})
     model.init_weights()
     return model.eval()
 
 
 @pytest.mark.parametrize('name', sorted(QUANTIZERS))
 def test_every_quantizer_keeps_the_interface_invariants(name, tmp_path):
-    q = create_quantizer(UniTokConfig.from_preset('unitok-tiny', quantizer=name))
+    q = create_quantizer(UniTokConfig.from_preset('unitok-tiny', quantizer=name, **SHAPES.get(name, {})))
     q.init_weights()
     K = q.num_codebooks
     assert isinstance(q, Quantizer) and len(q.vocab_sizes) == K and q.latent_dim == 32

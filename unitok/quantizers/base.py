@@ -130,3 +130,18 @@ class Quantizer(nn.Module):
 
     def load_extra_state(self, state: dict) -> None:
         """Restore what :meth:`extra_state` returned."""
+
+
+@torch.no_grad()
+def usage_stats(codes: torch.Tensor, vocab_size: int) -> dict[str, torch.Tensor]:
+    """Per-sub-code statistics of one batch of codes (K, N): ``'usage'`` (K,), the share of the
+    vocabulary drawn more often than 1% of uniform, and ``'perplexity'`` (K,), exp of the entropy.
+
+    For quantizers with implicit codebooks (FSQ, LFQ, BSQ) a sub-code is one group of dimensions, so
+    this is the usage of each group's values."""
+    K = codes.shape[0]
+    offsets = torch.arange(K, device=codes.device)[:, None] * vocab_size
+    counts = torch.bincount((codes + offsets).flatten(), minlength=K * vocab_size).view(K, vocab_size).float()
+    freq = counts / counts.sum(-1, keepdim=True).clamp_min(1)
+    entropy = -(freq * torch.log(freq.clamp_min(1e-30))).sum(-1)
+    return {'usage': (freq > 0.01 / vocab_size).float().mean(-1), 'perplexity': entropy.exp()}

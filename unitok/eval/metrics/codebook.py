@@ -4,6 +4,10 @@ and the number of distinct K-tuples of codes (the effective vocabulary of multi-
 A ``torchmetrics.Metric`` with exact integer states: code counts (summed over processes) and the
 distinct K-tuples seen (concatenated over processes, de-duplicated in ``compute``), so the result
 does not depend on batching or on the number of processes.
+
+For the quantizers without a learned codebook (FSQ, LFQ, BSQ: :mod:`unitok.quantizers`) sub-code k
+is group k of the latent's dims, so usage, perplexity and dead codes are those of the values each
+group takes; for residual VQ sub-code k is level k.
 """
 from __future__ import annotations
 
