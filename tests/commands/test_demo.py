@@ -18,7 +18,8 @@ def test_demo_end_to_end_in_a_few_steps(tmp_path, capsys):
     report = json.loads((tmp_path / 'demo' / 'report' / 'report.json').read_text())
     assert report['samples'] == 380 and report['zero_shot_classes'] == 9
     samples = os.listdir(tmp_path / 'demo' / 'samples')
-    assert 'codes.npz' in samples and len([s for s in samples if s.endswith('.png')]) == 12
+    assert 'codes.npz' in samples and 'reconstructions.png' in samples
+    assert len([s for s in samples if s.startswith('val_') and s.endswith('.png')]) == 12
     # generation: a class-conditional generator on the exported codes, a row of samples per category
     from PIL import Image
     from unitok.codes import CodeDataset

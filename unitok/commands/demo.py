@@ -27,7 +27,7 @@ import torch
 
 from ..data import eval_transform, open_source
 from ..eval import EvalConfig, run_evaluation
-from ..images import side_by_side
+from ..images import make_grid, side_by_side
 from ..model import UniTok
 from ..precision import bf16_runs_in_hardware
 from ..train import TrainConfig, fit_to_end
@@ -144,19 +144,23 @@ def _print_summary(result: dict, out: str, samples: str, model_dir: str) -> None
 
 
 def reconstruct_examples(model_dir: str, data: str, samples: str, count: int = 12) -> str:
-    """Codes and side-by-side PNGs (input | reconstruction, shown at about 512 px wide) of ``count``
-    held-out images, into ``samples``."""
+    """Codes, side-by-side PNGs (input | reconstruction, shown at about 512 px wide) and one grid
+    (``reconstructions.png``: inputs above, reconstructions below) of ``count`` held-out images."""
     model = UniTok.from_pretrained(model_dir)
     source = open_source(data, 'val')
     picks = list(range(0, len(source), max(1, len(source) // count)))[:count]
     size = model.config.image_size
     x = torch.stack([eval_transform(size)(source.read(i)[0]) for i in picks])
     codes = model.encode(x)
+    decoded = model.decode(codes)
     os.makedirs(samples, exist_ok=True)
     scale = max(1, 512 // size)
-    for i, image in zip(picks, side_by_side(x, model.decode(codes))):
+    for i, image in zip(picks, side_by_side(x, decoded)):
         image = image.resize((image.width * scale, image.height * scale), resample=0)
         atomic_write(os.path.join(samples, f'val_{i:04d}.png'), lambda f: image.save(f, format='PNG'))
+    grid = make_grid([x, decoded])                     # all of them: inputs above, reconstructions below
+    grid = grid.resize((grid.width * max(1, 128 // size), grid.height * max(1, 128 // size)), resample=0)
+    atomic_write(os.path.join(samples, 'reconstructions.png'), lambda f: grid.save(f, format='PNG'))
     atomic_write(os.path.join(samples, 'codes.npz'), lambda f: np.savez_compressed(
         f, codes=codes.numpy().astype(np.int16), keys=np.array([source.key(i) for i in picks]),
         captions=np.array([source.captions[i] for i in picks])))
