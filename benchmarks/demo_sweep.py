@@ -69,7 +69,10 @@ def main(argv=None) -> int:
     p.add_argument('--data', default='builtin:emoji')
     args = p.parse_args(argv)
     path = os.path.join(args.out, 'sweep.json')
-    results = json.load(open(path, encoding='utf-8')) if os.path.exists(path) else {}
+    results = {}
+    if os.path.exists(path):
+        with open(path, encoding='utf-8') as f:
+            results = json.load(f)
     for name in args.recipes:
         if name in results:
             print(f'[sweep] {name}: done before, kept')

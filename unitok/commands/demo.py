@@ -157,7 +157,7 @@ def reconstruct_examples(model_dir: str, data: str, samples: str, count: int = 1
     scale = max(1, 512 // size)
     for i, image in zip(picks, side_by_side(x, decoded)):
         image = image.resize((image.width * scale, image.height * scale), resample=0)
-        atomic_write(os.path.join(samples, f'val_{i:04d}.png'), lambda f: image.save(f, format='PNG'))
+        atomic_write(os.path.join(samples, f'val_{i:04d}.png'), lambda f, image=image: image.save(f, format='PNG'))
     grid = make_grid([x, decoded])                     # all of them: inputs above, reconstructions below
     grid = grid.resize((grid.width * max(1, 128 // size), grid.height * max(1, 128 // size)), resample=0)
     atomic_write(os.path.join(samples, 'reconstructions.png'), lambda f: grid.save(f, format='PNG'))
