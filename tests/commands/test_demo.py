@@ -129,3 +129,17 @@ def test_targets_met_reads_each_figure_against_its_threshold():
         assert [k for k, ok in met.items() if not ok] == [key.replace('gen_control_zero_shot', 'gen_control_off_chance')]
     assert set(targets_met({'total_minutes': 1, 'psnr': 30, 'zero_shot_top1': 1})) == {
         'total_minutes', 'psnr', 'zero_shot_top1'}
+
+
+def test_recipe_legacy_trains_the_earlier_128_px_tokenizer(tmp_path, monkeypatch):
+    from unitok.commands import demo
+    seen = []
+    monkeypatch.setattr(demo, 'fit_to_end', lambda cfg, announce=None: seen.append(cfg) or {'exit': 'finished'})
+    monkeypatch.setattr(demo, 'run_evaluation', lambda *a, **k: {'psnr': 19.4, 'zero_shot_top1': 0.48})
+    monkeypatch.setattr(demo, 'reconstruct_examples', lambda model_dir, data, samples: samples)
+    assert main(['demo', '--out', str(tmp_path / 'd'), '--recipe', 'legacy', '--gen-steps', '0']) == 0
+    assert (seen[0].preset, seen[0].model['image_size'], seen[0].steps, seen[0].loss.clip) == ('unitok-tiny', 128, 500, 1.0)
+    summary = json.loads((tmp_path / 'd' / 'demo_summary.json').read_text())
+    assert summary['recipe'] == 'legacy' and 'gen_consistency_zero_shot' not in summary['targets_met']
+    assert main(['demo', '--out', str(tmp_path / 'd'), '--gen-steps', '0']) == 0    # the default: 8 px patches
+    assert (seen[1].preset, seen[1].model, seen[1].steps, seen[1].loss.clip) == ('unitok-tiny-p8', {}, 900, 0.5)
