@@ -65,3 +65,15 @@ def test_unknown_fields_are_named():
 def test_official_args_with_indivisible_vocab():
     with pytest.raises(ConfigError, match='divisible by num_codebooks'):
         UniTokConfig.from_official_args({'vocab_size': 1000, 'num_codebooks': 3})
+
+
+def test_patch_size_8_halves_the_token_side_and_travels_only_when_not_16():
+    cfg = UniTokConfig.from_preset('unitok-tiny-p8')
+    assert (cfg.image_size, cfg.patch_size, cfg.grid_size) == (64, 8, 8)
+    assert UniTokConfig.from_preset('unitok-tiny').grid_size == 4
+    assert cfg.to_dict()['patch_size'] == 8 and 'patch_size' not in PRESETS['unitok-tiny'].to_dict()
+    assert cfg.to_official_args()['unitok_patch_size'] == 8
+    assert UniTokConfig.from_official_args(cfg.to_official_args()) == cfg
+    assert 'unitok_patch_size' not in PRESETS['unitok-tiny'].to_official_args()
+    with pytest.raises(ConfigError, match='patch_size must be one of'):
+        UniTokConfig.from_preset('unitok-tiny', patch_size=4)

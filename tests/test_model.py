@@ -149,3 +149,15 @@ def test_classify_is_scaled_cosine_similarity(tiny_model, images64):
     cos = torch.nn.functional.cosine_similarity(raw[:, :, None], classifier[None], dim=1)  # (2, 3)
     torch.testing.assert_close(tiny_model.classify(images64, classifier), cos * torch.e ** 1.7,
                                rtol=1e-5, atol=1e-5)
+
+
+def test_patch_size_8_gives_an_8x8_grid_at_64_px_and_decodes_back_to_64_px():
+    torch.manual_seed(0)
+    model = UniTok.from_preset('unitok-tiny-p8').eval()
+    x = torch.rand(2, 3, 64, 96) * 2 - 1
+    codes = model.encode(x)
+    assert codes.shape == (2, 8, 8, 12)
+    assert model.decode(codes).shape == x.shape
+    assert tuple(model.decoder.up_conv1.weight.shape[-2:]) == (3, 3)          # a same-size conv, not an up-sample
+    assert model.encoder.patch_embed.backbone.pool.proj.stride == (1, 1)
+    assert UniTok.from_preset('unitok-tiny').encode(x).shape == (2, 8, 4, 6)

@@ -15,6 +15,7 @@ from .utils import dataclass_io
 from .utils.dataclass_io import ConfigError
 
 PROJECTIONS = ('attn', 'linear')
+PATCH_SIZES = (16, 8)
 __all__ = ['ConfigError', 'PRESETS', 'PROJECTIONS', 'UniTokConfig']
 
 
@@ -29,6 +30,9 @@ class UniTokConfig:
     # --- image side ---
     encoder: str = 'vitamin_large'       # ViTamin variant, a key of modules.encoder.VITAMIN_VARIANTS
     image_size: int = 256                # training resolution; inference takes any multiple of 16
+    # pixels per token side: 16 (official) or 8 (the encoder's last conv keeps the size and the decoder
+    # skips one up-sampling: 4x the tokens of a small image at little extra cost); not written while 16
+    patch_size: int = field(default=16, metadata={'omit_if_default': True})
     num_query: int = 0                   # learned register/query tokens prepended to the token grid
     drop_path: float = 0.1               # stochastic depth (max rate) in encoder and decoder ViT blocks
     # --- quantizer ---
@@ -80,7 +84,7 @@ class UniTokConfig:
     @property
     def grid_size(self) -> int:
         """Token grid side at ``image_size``."""
-        return self.image_size // 16
+        return self.image_size // self.patch_size
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
@@ -96,6 +100,8 @@ class UniTokConfig:
         for name in ('image_size', 'num_codebooks', 'codebook_size', 'code_dim', 'text_width', 'text_heads',
                      'text_layers', 'text_vocab_size', 'text_context_length', 'embed_dim'):
             positive(name)
+        if self.patch_size not in PATCH_SIZES:
+            raise ConfigError(f'patch_size must be one of {PATCH_SIZES}, got {self.patch_size!r}')
         if self.image_size % 16:
             raise ConfigError(f'image_size must be a multiple of 16 (the encoder downsamples 16x), got {self.image_size}')
         if not isinstance(self.num_query, int) or self.num_query < 0:
@@ -205,6 +211,7 @@ class UniTokConfig:
             embed_dim=int(get('embed_dim')),
             decoder_depth=args.get('unitok_decoder_depth'),
             decoder_conv_depths=tuple(args.get('unitok_decoder_conv_depths', (4, 2))),
+            patch_size=int(args.get('unitok_patch_size', 16)),
         )
 
     def to_official_args(self) -> dict[str, Any]:
@@ -214,6 +221,8 @@ class UniTokConfig:
         ``Args`` ignores them, so only our loader rebuilds such a model).
         """
         extra = {}
+        if self.patch_size != 16:
+            extra['unitok_patch_size'] = self.patch_size
         if self.decoder_depth not in (None, VITAMIN_VARIANTS[self.encoder].depth):
             extra['unitok_decoder_depth'] = self.decoder_depth
         if self.decoder_conv_depths != (4, 2):
@@ -243,6 +252,13 @@ PRESETS: dict[str, UniTokConfig] = {
     # Small enough to train on two CPU cores at 64 px in minutes (4x4 tokens of 8 x 512 codes).
     'unitok-tiny': UniTokConfig(
         encoder='vitamin_tiny', image_size=64, drop_path=0.0,
+        num_codebooks=8, codebook_size=512, code_dim=4,
+        decoder_conv_depths=(1, 1),
+        text_width=128, text_heads=2, text_layers=2, text_context_length=32, embed_dim=128,
+    ),
+    # unitok-tiny with 8 px patches: 8x8 tokens of a 64 px image without up-sampling it (the demo's).
+    'unitok-tiny-p8': UniTokConfig(
+        encoder='vitamin_tiny', image_size=64, patch_size=8, drop_path=0.0,
         num_codebooks=8, codebook_size=512, code_dim=4,
         decoder_conv_depths=(1, 1),
         text_width=128, text_heads=2, text_layers=2, text_context_length=32, embed_dim=128,

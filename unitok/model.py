@@ -88,14 +88,15 @@ class UniTok(Pretrained, nn.Module):
         width, latent = spec.embed_dim, config.latent_dim
         proj_heads = max(1, width // latent)
 
-        self.encoder = build_encoder(config.encoder, config.image_size, config.num_query, config.drop_path)
+        self.encoder = build_encoder(config.encoder, config.image_size, config.num_query, config.drop_path,
+                                     config.patch_size)
         self.quant_proj = build_projection(config.projection, width, latent, proj_heads)
         self.quantizer = create_quantizer(config)
         self.post_quant_proj = build_projection(config.projection, latent, width, proj_heads)
         self.decoder = ViTaminDecoder(
             width, conv_dims=(spec.conv_dims[1], spec.conv_dims[0]), depth=config.decoder_depth or spec.depth,
             num_heads=spec.num_heads, conv_depths=config.decoder_conv_depths, num_query=config.num_query,
-            drop_path=config.drop_path)
+            drop_path=config.drop_path, patch_size=config.patch_size)
         self.text_encoder = build_text_tower(
             config.text_width, config.text_heads, config.text_layers, config.text_vocab_size,
             config.text_context_length, config.embed_dim)
@@ -255,7 +256,8 @@ class UniTok(Pretrained, nn.Module):
     def encode_latents(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Continuous latents before quantization: ``(B, Q + h*w, K*d)`` float32, and the grid ``(h, w)``."""
         images = self._as_model_dtype(images)
-        grid = (images.shape[-2] // 16, images.shape[-1] // 16)
+        p = self.config.patch_size
+        grid = (images.shape[-2] // p, images.shape[-1] // p)
         return self._project(self.quant_proj, self.encoder(images)), grid
 
     def _as_model_dtype(self, images: torch.Tensor) -> torch.Tensor:

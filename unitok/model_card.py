@@ -14,11 +14,11 @@ def unitok_model_card(model, repo_id: str) -> str:
 
     c = model.config
     meta = ModelCardData(library_name='unitok', tags=TAGS)
-    grid = c.image_size // 16
+    grid = c.grid_size
     tokens = f'{grid} x {grid} grid' + (f' + {c.num_query} query tokens' if c.num_query else '')
     params = model.parameter_counts()
     rows = [
-        ('encoder', f'`{c.encoder}` (ViTamin, downsampling 16x), {c.projection} projection'),
+        ('encoder', f'`{c.encoder}` (ViTamin, downsampling {c.patch_size}x), {c.projection} projection'),
         ('image size', f'{c.image_size} px for training; any multiple of 16 at inference'),
         ('codes', f'{c.num_codebooks} sub-codebooks x {c.codebook_size} codes of {c.code_dim} dims '
                   f'(latent width {c.latent_dim})'),

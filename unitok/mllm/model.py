@@ -114,7 +114,7 @@ class UniTokMLLM(Pretrained, nn.Module):
         if [ids[t] for t in IMAGE_TOKENS] != [base_vocab + i for i in range(len(IMAGE_TOKENS))]:
             raise LLMError(f'the LLM tokenizer already holds image tokens {ids} below its size {base_vocab}: pass '
                            'the original tokenizer')
-        g = tc.image_size // 16
+        g = tc.grid_size
         post_quant = overrides.pop('post_quant', True)
         width = tokenizer.post_quant_proj(torch.zeros(1, 1, tc.num_codebooks * tc.code_dim)).shape[-1] \
             if post_quant else 0

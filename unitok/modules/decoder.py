@@ -123,7 +123,7 @@ class InvStem(nn.Module):
 
 
 class ViTaminDecoder(nn.Module):
-    """Tokens ``(B, Q + h*w, C)`` -> image ``(B, 3, 16h, 16w)`` (unbounded; ~[-1, 1] when trained).
+    """Tokens ``(B, Q + h*w, C)`` -> image ``(B, 3, ph, pw)`` (p: patch_size) (unbounded; ~[-1, 1] when trained).
 
     Args:
         embed_dim: token width C (the encoder width).
@@ -132,11 +132,12 @@ class ViTaminDecoder(nn.Module):
         conv_depths: inverted-MbConv blocks in the two conv stages (the first of each up-samples).
         num_query: leading query/register tokens, attended to and then dropped.
         drop_path: max stochastic-depth rate of the transformer blocks (linear in depth).
+        patch_size: 16 (four 2x up-samplings) or 8 (three).
     """
 
     def __init__(self, embed_dim: int, conv_dims: tuple[int, int], depth: int, num_heads: int,
                  conv_depths: tuple[int, int] = (4, 2), num_query: int = 0, drop_path: float = 0.0,
-                 mlp_ratio: float = 2.0):
+                 mlp_ratio: float = 2.0, patch_size: int = 16):
         super().__init__()
         self.num_query = num_query
         self.grad_checkpointing = False
@@ -148,7 +149,8 @@ class ViTaminDecoder(nn.Module):
             for r in rates])
         self.norm = LayerNorm(embed_dim, eps=1e-6)
         c2, c1 = conv_dims
-        self.up_conv1 = Upsample2d(embed_dim, c2)
+        # patch 8: the first stage keeps the grid's size (a 3x3 conv), so three stages up-sample 8x
+        self.up_conv1 = Upsample2d(embed_dim, c2) if patch_size == 16 else nn.Conv2d(embed_dim, c2, 3, padding=1)
         self.up_conv2 = nn.Sequential(*[InvMbConvBlock(c2, c2, upsample=i == 0) for i in range(conv_depths[0])])
         self.up_conv3 = nn.Sequential(*[InvMbConvBlock(c2 if i == 0 else c1, c1, upsample=i == 0)
                                         for i in range(conv_depths[1])])
@@ -172,4 +174,4 @@ class ViTaminDecoder(nn.Module):
         x = x.view(B, h, w, C).permute(0, 3, 1, 2)                # (B, C, h, w), channels-last strides
         for stage in (self.up_conv1, self.up_conv2, self.up_conv3):
             x = checkpoint(stage, x, use_reentrant=False) if ckpt else stage(x)
-        return self.up_conv4(x)                                   # (B, 3, 16h, 16w)
+        return self.up_conv4(x)                                   # (B, 3, p*h, p*w)

@@ -36,13 +36,15 @@ VITAMIN_VARIANTS: dict[str, ViTaminSpec] = {
 }
 
 
-def build_encoder(variant: str, image_size: int, num_query: int = 0, drop_path: float = 0.0) -> VisionTransformer:
+def build_encoder(variant: str, image_size: int, num_query: int = 0, drop_path: float = 0.0,
+                  patch_size: int = 16) -> VisionTransformer:
     """A timm ``VisionTransformer`` with a ViTamin conv backbone as patch embedding.
 
     Parameter names and numerics match the official UniTok encoder: tanh-GELU GeGLU MLPs, eps 1e-6
     LayerNorms, ``num_query`` register tokens in front, a final norm and no pooling or head. Input
     ``(B, 3, H, W)`` with H, W multiples of 16; output ``(B, num_query + H/16 * W/16, embed_dim)``.
-    ``image_size`` only fixes the size of timm's dummy forward at build time.
+    ``image_size`` only fixes the size of timm's dummy forward at build time. ``patch_size=8``: the
+    last strided conv keeps the size (stride 1, same padding), so the grid is H/8 x W/8.
     """
     spec = VITAMIN_VARIANTS[variant]
     backbone = MbConvStages(cfg=VitCfg(
@@ -52,6 +54,10 @@ def build_encoder(variant: str, image_size: int, num_query: int = 0, drop_path: 
         conv_cfg=VitConvCfg(norm_layer='layernorm2d', norm_eps=1e-6),
         head_type='1d',
     ))
+    if patch_size == 8:
+        backbone.pool.proj.stride = (1, 1)
+    elif patch_size != 16:
+        raise ValueError(f'patch_size must be 16 or 8, got {patch_size}')
     encoder = VisionTransformer(
         img_size=image_size, patch_size=1, embed_layer=partial(HybridEmbed, backbone=backbone, proj=False),
         embed_dim=spec.embed_dim, depth=spec.depth, num_heads=spec.num_heads, mlp_ratio=2.0,

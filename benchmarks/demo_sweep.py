@@ -1,0 +1,103 @@
+"""Which ``unitok demo`` recipe: run recipes end to end, record each one's stage times and issue 27's
+figures in one JSON file, re-judge each generator's samples at several guidance scales, and name the
+fastest recipe that meets every target.
+
+    python benchmarks/demo_sweep.py --out runs/demo_sweep                      # fast and legacy
+    python benchmarks/demo_sweep.py --out runs/demo_sweep --recipes fast fast-clip1 --guidance 1 2 3 4
+
+Resumable: a recipe already in ``OUT/sweep.json`` is not run again, a finished demo in ``OUT/RECIPE``
+(e.g. ``unitok demo --out OUT/fast``) is taken as it is, and an interrupted one continues from its
+checkpoints. Times are wall clock on a machine that may be shared: the file keeps the CPU
+model and the load average before and after each recipe beside them.
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
+from unitok.commands.demo import run_demo  # noqa: E402
+from unitok.commands.demo_generation import judge_samples  # noqa: E402
+from unitok.commands.demo_recipes import RECIPES  # noqa: E402
+from unitok.data import open_source  # noqa: E402
+from unitok.eval.generation import load_generator  # noqa: E402
+from unitok.utils.io import atomic_write  # noqa: E402
+
+_FAST = RECIPES['fast']
+# Variants of the default recipe, one lever each (see docs/RESULTS.md for what they measured).
+VARIANTS = {
+    **RECIPES,
+    'fast-clip1': dataclasses.replace(_FAST, overrides=tuple(o for o in _FAST.overrides if not o.startswith('loss.clip'))
+                                      + ('loss.clip=1.0',)),
+    'fast-lr2e-3': dataclasses.replace(_FAST, overrides=tuple(o.replace('optim.lr=1e-3', 'optim.lr=2e-3')
+                                                              for o in _FAST.overrides)),
+    'fast-short': dataclasses.replace(_FAST, steps=600, gen_steps=400),
+}
+
+
+def guidance_sweep(out: str, data: str, recipe, scales: list[float], seed: int = 0) -> dict[str, dict]:
+    """Consistency and shuffled-label control of the recipe's generator at each guidance scale."""
+    generator, tokenizer, info = load_generator(os.path.join(out, 'generator', 'model'),
+                                                os.path.join(out, 'train', 'model'))
+    templates = getattr(open_source(data, 'val'), 'templates', None) or ('a photo of a {}.',)
+    rows = {}
+    for g in scales:
+        t = time.time()
+        judged = judge_samples(generator, tokenizer, info['classnames'], templates, recipe, seed, guidance=g)
+        rows[f'{g:g}'] = {'consistency': judged['gen_consistency_zero_shot'],
+                          'control': judged['gen_control_zero_shot'], 'samples': judged['gen_judged'],
+                          'seconds': time.time() - t}
+        print(f'[sweep]   guidance {g:g}: consistency {rows[f"{g:g}"]["consistency"]:.3f} '
+              f'(control {rows[f"{g:g}"]["control"]:.3f})', flush=True)
+    return rows
+
+
+def choose(results: dict) -> str | None:
+    """The recipe with the smallest total time among those that met every target, else None."""
+    met = [(r['summary']['total_minutes'], name) for name, r in results.items()
+           if r.get('summary') and all(r['summary']['targets_met'].values())]
+    return min(met)[1] if met else None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument('--out', default='runs/demo_sweep')
+    p.add_argument('--recipes', nargs='+', default=['fast', 'legacy'], choices=sorted(VARIANTS))
+    p.add_argument('--guidance', nargs='+', type=float, default=[1.0, 2.0, 3.0, 4.0])
+    p.add_argument('--data', default='builtin:emoji')
+    args = p.parse_args(argv)
+    path = os.path.join(args.out, 'sweep.json')
+    results = {}
+    if os.path.exists(path):
+        with open(path, encoding='utf-8') as f:
+            results = json.load(f)
+    for name in args.recipes:
+        if name in results:
+            print(f'[sweep] {name}: done before, kept')
+            continue
+        recipe, out = VARIANTS[name], os.path.join(args.out, name)
+        load_before = os.getloadavg()
+        finished = os.path.join(out, 'demo_summary.json')     # a demo run that finished before: its own times
+        if not os.path.exists(finished) and run_demo(name, recipe, out, args.data) != 0:
+            print(f'[sweep] {name}: interrupted; run again to continue')
+            return 143
+        with open(os.path.join(out, 'demo_summary.json'), encoding='utf-8') as f:
+            summary = json.load(f)
+        results[name] = {'recipe': dataclasses.asdict(recipe), 'summary': summary,
+                         'load_average_before': load_before, 'load_average_after': os.getloadavg(),
+                         'guidance': guidance_sweep(out, args.data, recipe, args.guidance)}
+        atomic_write(path, lambda f: f.write(json.dumps(results, indent=2).encode()))
+    chosen = choose(results)
+    for name, r in results.items():
+        s = r['summary']
+        print(f'[sweep] {name}: {s["total_minutes"]:.1f} min, PSNR {s["psnr"]:.2f}, zero-shot {s["zero_shot_top1"]:.3f}, '
+              f'consistency {s.get("gen_consistency_zero_shot", float("nan")):.3f} at guidance '
+              f'{s.get("gen_guidance", float("nan")):g}; targets met: {s["targets_met"]}')
+    print(f'[sweep] chosen: {chosen or "none meets every target"}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
