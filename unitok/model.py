@@ -73,7 +73,7 @@ class UniTokOutput:
 class UniTok(Pretrained, nn.Module):
     """The UniTok tokenizer: image <-> multi-codebook codes, plus CLIP-aligned image/text embeddings.
 
-    Code layout: :meth:`encode` returns ``(B, K, h, w)`` int64 codes, ``h, w = H/16, W/16``, sub-codebook
+    Code layout: :meth:`encode` returns ``(B, K, h, w)`` int64 codes, ``h, w = H/p, W/p`` (p: ``config.patch_size``), sub-codebook
     k in channel k. A model with ``num_query = Q > 0`` query tokens returns ``(B, K, Q + h*w)`` instead:
     the Q query codes first, then the grid in raster order (the grid alone cannot hold them); pass
     ``grid=(h, w)`` to :meth:`decode` for non-square images in that case.
@@ -85,8 +85,7 @@ class UniTok(Pretrained, nn.Module):
         config.validate()
         self.config = config
         spec = VITAMIN_VARIANTS[config.encoder]
-        width, latent = spec.embed_dim, config.latent_dim
-        proj_heads = max(1, width // latent)
+        width, latent, proj_heads = spec.embed_dim, config.latent_dim, max(1, spec.embed_dim // config.latent_dim)
 
         self.encoder = build_encoder(config.encoder, config.image_size, config.num_query, config.drop_path,
                                      config.patch_size)
@@ -256,8 +255,7 @@ class UniTok(Pretrained, nn.Module):
     def encode_latents(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Continuous latents before quantization: ``(B, Q + h*w, K*d)`` float32, and the grid ``(h, w)``."""
         images = self._as_model_dtype(images)
-        p = self.config.patch_size
-        grid = (images.shape[-2] // p, images.shape[-1] // p)
+        grid = (images.shape[-2] // self.config.patch_size, images.shape[-1] // self.config.patch_size)
         return self._project(self.quant_proj, self.encoder(images)), grid
 
     def _as_model_dtype(self, images: torch.Tensor) -> torch.Tensor:
