@@ -73,8 +73,8 @@ class UniTokOutput:
 class UniTok(Pretrained, nn.Module):
     """The UniTok tokenizer: image <-> multi-codebook codes, plus CLIP-aligned image/text embeddings.
 
-    Code layout: :meth:`encode` returns ``(B, K, h, w)`` int64 codes, ``h, w = H/p, W/p`` (p: ``config.patch_size``), sub-codebook
-    k in channel k. A model with ``num_query = Q > 0`` query tokens returns ``(B, K, Q + h*w)`` instead:
+    Code layout: :meth:`encode` returns ``(B, K, h, w)`` int64 codes, ``h, w = H/p, W/p`` (p: the patch size),
+    sub-codebook k in channel k. A model with ``num_query = Q > 0`` query tokens returns ``(B, K, Q + h*w)`` instead:
     the Q query codes first, then the grid in raster order (the grid alone cannot hold them); pass
     ``grid=(h, w)`` to :meth:`decode` for non-square images in that case.
     """
