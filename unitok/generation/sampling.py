@@ -187,7 +187,7 @@ def generate(model: GeneratorModel, cond: Condition, grid: tuple[int, int] | Non
     sampler = CodeSampler(K, temperature, top_k, top_p, generator, guided)
     if callback is not None and not callable(callback):
         raise TypeError(f'callback must be callable or None, got {type(callback).__name__}')
-    report = None if callback is None else lambda done, out: callback(done, _partial_codes(out, done, (h, w)))
+    report = None if callback is None else lambda done, out: callback(done, partial_codes(out, done, (h, w)))
 
     was_training = model.training
     model.eval()
@@ -204,7 +204,7 @@ def generate(model: GeneratorModel, cond: Condition, grid: tuple[int, int] | Non
     return seq.transpose(1, 2).reshape(B, K, h, w).clone()                      # (B, L, K) -> (B, K, h, w); a normal tensor
 
 
-def _partial_codes(out: torch.Tensor, done: int, grid: tuple[int, int]) -> torch.Tensor:
+def partial_codes(out: torch.Tensor, done: int, grid: tuple[int, int]) -> torch.Tensor:
     """Sequence ``out (B, L, K)`` with its first ``done`` positions sampled -> codes ``(B, K, h, w)``, -1 elsewhere."""
     partial = out.clone()
     partial[:, done:] = -1
