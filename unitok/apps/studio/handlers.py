@@ -100,9 +100,10 @@ class Handlers:
         codes_b = tok.encode(tokens.model_input(tok, read_image(path_b, self.limits, 'image B')))
         mixed = tokens.mix_codes(codes_a, codes_b, chosen)
         drops = torch.cat([tokens.drop_codebook(codes_a, k) for k in range(K)])
-        decoded = tok.decode(torch.cat([codes_a, codes_b, mixed, drops])).clamp(-1, 1)
-        a, b, m, *dropped = to_pil(decoded)
-        gallery = [(im, f'A without sub-codebook {k}') for k, im in enumerate(dropped)]
+        # Each decoded on its own: a batch of another size may round differently from the library call.
+        a, b, m = (to_pil(tok.decode(c).clamp(-1, 1))[0] for c in (codes_a, codes_b, mixed))
+        dropped = to_pil(tok.decode(drops).clamp(-1, 1))
+        gallery = [(im, f'drop {k}') for k, im in enumerate(dropped)]
         return a, b, m, gallery
 
     # ------------------------------------------------------------------ Understand

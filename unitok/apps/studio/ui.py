@@ -104,7 +104,7 @@ def subcodebook_tab(h: Handlers, examples: list[str]) -> None:
         recon_a = _image_output('A, reconstructed', 'mix-recon-a')
         recon_b = _image_output('B, reconstructed', 'mix-recon-b')
         mixed = _image_output('The mix', 'mix-out')
-    drops = gr.Gallery(label='A without sub-codebook k', columns=8, height=220, format='png', elem_id='mix-drops',
+    drops = gr.Gallery(label='A with sub-codebook k dropped (drop k)', columns=8, height=220, format='png', elem_id='mix-drops',
                        elem_classes='unitok-map')
     run.click(h.mix, [a, b, from_b], [recon_a, recon_b, mixed, drops], api_name='mix', concurrency_id=QUEUE)
 
