@@ -60,8 +60,12 @@ def npz_codes(data: bytes, tmp_path) -> torch.Tensor:
 
 
 def upload(page, selector: str, path: str) -> None:
+    """Upload ``path`` into an image input and wait until its preview shows the new file."""
+    img = page.locator(f'{selector} img')
+    before = img.first.get_attribute('src') if img.count() else None
     page.locator(f'{selector} input[type=file]').set_input_files(path)
-    page.locator(f'{selector} img').first.wait_for()             # the preview: the upload finished
+    page.wait_for_function('([sel, old]) => { const e = document.querySelector(sel + " img"); '
+                           'return e && e.getAttribute("src") !== old; }', arg=[selector, before])
 
 
 def run_and_wait(page, button: str, output: str) -> None:
@@ -75,7 +79,9 @@ def run_and_wait(page, button: str, output: str) -> None:
 
 
 def shot(page, tmp_path, name: str) -> None:
-    page.evaluate('() => document.querySelectorAll("[class*=toast]").forEach(e => e.remove())')   # old messages
+    for button in page.locator('button.toast-close').all():                 # close old messages first
+        button.click()
+    page.locator('.toast-body').first.wait_for(state='detached')
     out = tmp_path / 'screenshots'
     out.mkdir(exist_ok=True)
     page.screenshot(path=str(out / f'studio_{name}.png'), full_page=True)

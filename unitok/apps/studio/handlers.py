@@ -60,6 +60,16 @@ class Handlers:
         os.makedirs(folder)
         return os.path.join(folder, name)
 
+    def _pngs(self, images, stem: str) -> list[str]:
+        """PNG files of ``images`` (PIL) in a new request folder. Paths, not PIL images, go to gradio: it
+        copies files into its cache atomically, whereas it rewrites a PIL image's cached file in place,
+        which a concurrent download of the same picture can catch half-written."""
+        folder = os.path.dirname(self._output_path(''))
+        paths = [os.path.join(folder, f'{stem}_{i}.png') for i in range(len(images))]
+        for path, im in zip(paths, images):
+            im.save(path, format='PNG')
+        return paths
+
     def _tokenizer(self):
         if self.models.tokenizer is None:
             raise StudioInputError(self.models.notes['tokenizer'])
@@ -71,10 +81,10 @@ class Handlers:
         tok = self._tokenizer()
         t = tokens.tokenize(tok, read_image(path, self.limits))
         V = tok.config.codebook_size
-        maps = [(im, f'sub-codebook {k}') for k, im in enumerate(tokens.code_maps(t.codes[0], V))]
+        maps = [(im, f'sub-codebook {k}') for k, im in enumerate(self._pngs(tokens.code_maps(t.codes[0], V), 'map'))]
         codes_path = self._output_path('codes.npz')
         tokens.save_codes(codes_path, tok, t.codes, ['upload'])
-        return to_pil(t.reconstruction)[0], tokens.summary(t, V), maps, codes_path
+        return self._pngs(to_pil(t.reconstruction), 'reconstruction')[0], tokens.summary(t, V), maps, codes_path
 
     @checked
     def decode_file(self, path):
@@ -83,7 +93,7 @@ class Handlers:
         if os.path.getsize(path) > self.limits.max_upload_bytes:
             raise StudioInputError(f'The codes file is over the {self.limits.max_upload_mb:g} MB limit.')
         images, names = tokens.decode_codes_file(path, self._tokenizer())
-        return [(im, name) for im, name in zip(to_pil(images), names)]
+        return list(zip(self._pngs(to_pil(images), 'decoded'), names))
 
     # ------------------------------------------------------------------ Sub-codebooks
     @checked
@@ -101,8 +111,8 @@ class Handlers:
         mixed = tokens.mix_codes(codes_a, codes_b, chosen)
         drops = torch.cat([tokens.drop_codebook(codes_a, k) for k in range(K)])
         # Each decoded on its own: a batch of another size may round differently from the library call.
-        a, b, m = (to_pil(tok.decode(c).clamp(-1, 1))[0] for c in (codes_a, codes_b, mixed))
-        dropped = to_pil(tok.decode(drops).clamp(-1, 1))
+        a, b, m = self._pngs([to_pil(tok.decode(c).clamp(-1, 1))[0] for c in (codes_a, codes_b, mixed)], 'mix')
+        dropped = self._pngs(to_pil(tok.decode(drops).clamp(-1, 1)), 'drop')
         gallery = [(im, f'drop {k}') for k, im in enumerate(dropped)]
         return a, b, m, gallery
 
@@ -151,7 +161,7 @@ class Handlers:
         progress((0, 1), desc='sampling rows of codes')
         for rows, total, images, codes in draw.draw(self.models, req):
             progress((rows, total), desc='rows of codes sampled', unit='rows')
-            gallery = [(im, f'sample {i}') for i, im in enumerate(to_pil(images))]
+            gallery = [(im, f'sample {i}') for i, im in enumerate(self._pngs(to_pil(images), 'sample'))]
             if codes is None:
                 yield gallery, None, f'{rows} / {total} rows of codes sampled ...'
             else:
