@@ -134,9 +134,10 @@ class Handlers:
     # ------------------------------------------------------------------ Generate
     def request(self, source, label, prompt, n, guidance, temperature, top_k, top_p, seed) -> draw.DrawRequest:
         """A checked :class:`DrawRequest` from the page's values."""
-        if source not in ('generator', 'mllm') or (source == 'mllm' and self.models.mllm is None) or \
-                (source == 'generator' and self.models.generator is None):
-            raise StudioInputError(self.models.notes.get('generator') or f'No model {source!r} is loaded.')
+        if source == 'mllm' and self.models.mllm is None:
+            raise StudioInputError(self.models.notes['mllm'])
+        if source not in ('generator', 'mllm') or (source == 'generator' and self.models.generator is None):
+            raise StudioInputError(self.models.notes.get('generator') or 'No model of that name is loaded.')
         text = source == 'mllm' or self.models.text_generator
         classes = len(self.models.classnames) or (self.models.generator.config.num_classes if
                                                   self.models.generator is not None else 0)

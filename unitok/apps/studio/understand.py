@@ -21,7 +21,8 @@ def zero_shot(tokenizer, image: Image.Image, labels: list[str]) -> dict[str, flo
 
 
 def chat(mllm, image: Image.Image | None, question: str, max_new_tokens: int) -> Iterator[str]:
-    """The answer so far after each new piece of text (greedy, :meth:`UniTokMLLM.chat` with ``stream``)."""
+    """The answer so far after each new piece of text (greedy, :meth:`UniTokMLLM.chat` with ``stream``);
+    last, the answer as ``chat`` returns it (special tokens dropped, stripped)."""
     text = ''
     for kind, value in stream_call(lambda emit: mllm.chat(image, question, max_new_tokens=max_new_tokens,
                                                           stream=emit)):
@@ -29,5 +30,5 @@ def chat(mllm, image: Image.Image | None, question: str, max_new_tokens: int) ->
             text += value
             yield text
         else:
-            yield text if text.strip() else str(value)
+            yield value
 
