@@ -82,3 +82,24 @@ def test_a_burst_past_the_queue_size_gets_the_queue_full_message(small_queue):
     assert full >= 1 and done >= 2 and done + full == len(jobs)
     print(f'\nburst of 12 into a queue of 2: {done} served, {full} told the queue is full; '
           f'peak RSS {peak_rss_mib():.0f} MiB')
+
+
+def call(url: str, api: str, data: list) -> str:
+    """A raw call of the HTTP API (what a hand-written client can send): the event stream's text."""
+    import json
+    import httpx
+    body = json.dumps({'data': data})                          # allow_nan: a NaN goes out as the literal NaN
+    event = httpx.post(f'{url}/gradio_api/call/{api}', content=body, headers={'content-type': 'application/json'},
+                       timeout=60).json()['event_id']
+    return httpx.get(f'{url}/gradio_api/call/{api}/{event}', timeout=120).text
+
+
+def test_raw_api_calls_cannot_reach_files_or_send_nan(studio, tmp_path):
+    secret = tmp_path / 'secret.png'                           # an image outside gradio's upload folder
+    Image.new('RGB', (64, 64), 'red').save(secret)
+    for path in (str(secret), '/etc/passwd', '../../../../etc/passwd'):
+        reply = call(studio['url'], 'reconstruct', [{'path': path, 'meta': {'_type': 'gradio.FileData'}}])
+        assert 'event: error' in reply and 'PSNR' not in reply, reply
+    reply = call(studio['url'], 'generate', ['generator', 0, '', 2, float('nan'), 1.0, 0, 1.0, 0])   # JSON NaN
+    assert 'event: error' in reply and 'Guidance must be a finite number' in reply, reply
+    assert 'PSNR' in reconstruct(gradio_client.Client(studio['url'], verbose=False), studio['images']['a.png'])[2]
