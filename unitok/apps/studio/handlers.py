@@ -13,7 +13,9 @@ import gradio as gr
 import torch
 
 from ...images import ImageReadError, to_pil
-from . import draw, tokens, understand
+from .draw import DrawRequest, decoder, draw
+from .tokens import code_maps, decode_codes_file, drop_codebook, mix_codes, model_input, save_codes, summary, tokenize
+from .understand import chat, zero_shot
 from .limits import StudioInputError, StudioLimits, check_labels, check_number, check_text, read_image
 from .models import StudioModels
 
@@ -79,12 +81,12 @@ class Handlers:
     @checked
     def reconstruct(self, path):
         tok = self._tokenizer()
-        t = tokens.tokenize(tok, read_image(path, self.limits))
+        t = tokenize(tok, read_image(path, self.limits))
         V = tok.config.codebook_size
-        maps = [(im, f'sub-codebook {k}') for k, im in enumerate(self._pngs(tokens.code_maps(t.codes[0], V), 'map'))]
+        maps = [(im, f'sub-codebook {k}') for k, im in enumerate(self._pngs(code_maps(t.codes[0], V), 'map'))]
         codes_path = self._output_path('codes.npz')
-        tokens.save_codes(codes_path, tok, t.codes, ['upload'])
-        return self._pngs(to_pil(t.reconstruction), 'reconstruction')[0], tokens.summary(t, V), maps, codes_path
+        save_codes(codes_path, tok, t.codes, ['upload'])
+        return self._pngs(to_pil(t.reconstruction), 'reconstruction')[0], summary(t, V), maps, codes_path
 
     @checked
     def decode_file(self, path):
@@ -92,7 +94,7 @@ class Handlers:
             raise StudioInputError('No codes file: upload the .npz that `unitok encode` or this page wrote.')
         if os.path.getsize(path) > self.limits.max_upload_bytes:
             raise StudioInputError(f'The codes file is over the {self.limits.max_upload_mb:g} MB limit.')
-        images, names = tokens.decode_codes_file(path, self._tokenizer())
+        images, names = decode_codes_file(path, self._tokenizer())
         return list(zip(self._pngs(to_pil(images), 'decoded'), names))
 
     # ------------------------------------------------------------------ Sub-codebooks
@@ -106,10 +108,10 @@ class Handlers:
             raise StudioInputError('Sub-codebooks are chosen by their index.') from None
         if any(not 0 <= k < K for k in chosen):
             raise StudioInputError(f'Sub-codebook indices lie in [0, {K - 1}].')
-        codes_a = tok.encode(tokens.model_input(tok, read_image(path_a, self.limits, 'image A')))
-        codes_b = tok.encode(tokens.model_input(tok, read_image(path_b, self.limits, 'image B')))
-        mixed = tokens.mix_codes(codes_a, codes_b, chosen)
-        drops = torch.cat([tokens.drop_codebook(codes_a, k) for k in range(K)])
+        codes_a = tok.encode(model_input(tok, read_image(path_a, self.limits, 'image A')))
+        codes_b = tok.encode(model_input(tok, read_image(path_b, self.limits, 'image B')))
+        mixed = mix_codes(codes_a, codes_b, chosen)
+        drops = torch.cat([drop_codebook(codes_a, k) for k in range(K)])
         # Each decoded on its own: a batch of another size may round differently from the library call.
         a, b, m = self._pngs([to_pil(tok.decode(c).clamp(-1, 1))[0] for c in (codes_a, codes_b, mixed)], 'mix')
         dropped = self._pngs(to_pil(tok.decode(drops).clamp(-1, 1)), 'drop')
@@ -121,7 +123,7 @@ class Handlers:
     def classify(self, path, labels):
         tok = self._tokenizer()
         labels = check_labels(labels, self.limits)
-        return understand.zero_shot(tok, read_image(path, self.limits), labels)
+        return zero_shot(tok, read_image(path, self.limits), labels)
 
     @checked_stream
     def chat(self, path, question):
@@ -129,10 +131,10 @@ class Handlers:
             raise StudioInputError(self.models.notes['mllm'])
         question = check_text(question, self.limits, 'the question')
         image = read_image(path, self.limits) if path else None
-        yield from understand.chat(self.models.mllm, image, question, self.limits.max_new_tokens)
+        yield from chat(self.models.mllm, image, question, self.limits.max_new_tokens)
 
     # ------------------------------------------------------------------ Generate
-    def request(self, source, label, prompt, n, guidance, temperature, top_k, top_p, seed) -> draw.DrawRequest:
+    def request(self, source, label, prompt, n, guidance, temperature, top_k, top_p, seed) -> DrawRequest:
         """A checked :class:`DrawRequest` from the page's values."""
         if source == 'mllm' and self.models.mllm is None:
             raise StudioInputError(self.models.notes['mllm'])
@@ -145,7 +147,7 @@ class Handlers:
                          or not 0 <= label < classes):
             raise StudioInputError('Pick a class from the list.')
         V = (self.models.mllm if source == 'mllm' else self.models.generator).config.codebook_size
-        return draw.DrawRequest(
+        return DrawRequest(
             source=source, label=None if text else label,
             prompt=check_text(prompt, self.limits) if text else None,
             n=check_number(n, 'The number of images', 1, self.limits.max_images, integer=True),
@@ -160,12 +162,12 @@ class Handlers:
                  progress=gr.Progress()):
         req = self.request(source, label, prompt, n, guidance, temperature, top_k, top_p, seed)
         progress((0, 1), desc='sampling rows of codes')
-        for rows, total, images, codes in draw.draw(self.models, req):
+        for rows, total, images, codes in draw(self.models, req):
             progress((rows, total), desc='rows of codes sampled', unit='rows')
             gallery = [(im, f'sample {i}') for i, im in enumerate(self._pngs(to_pil(images), 'sample'))]
             if codes is None:
                 yield gallery, None, f'{rows} / {total} rows of codes sampled ...'
             else:
                 path = self._output_path('codes.npz')
-                tokens.save_codes(path, draw.decoder(self.models, req), codes, [f'sample_{i}' for i in range(req.n)])
+                save_codes(path, decoder(self.models, req), codes, [f'sample_{i}' for i in range(req.n)])
                 yield gallery, path, f'Done: {req.n} image(s), codes {tuple(codes.shape)}, seed {req.seed}.'

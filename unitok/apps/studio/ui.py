@@ -21,20 +21,23 @@ CSS = ('.unitok-map img { image-rendering: pixelated; } '
        'image-rendering: pixelated; }')
 
 
-class UploadedImage(gr.Image):
-    """``gr.Image`` handing the handler the uploaded file's path in gradio's cache without decoding it:
-    the studio reads it under its own caps and shows its own message for a file that is no image."""
-    is_template = True            # the front end of gr.Image
+def _path_unread(image: gr.Image):
+    """Make ``image`` hand the handler the uploaded file's path in gradio's cache without decoding it: the
+    studio reads it under its own caps and says so itself when the file is no image. (An instance
+    override: a gr.Image subclass would make gradio write a .pyi stub beside this module.)"""
+    decode = image.preprocess
 
-    def preprocess(self, payload):
+    def preprocess(payload):
         if payload is not None and payload.path and not (payload.url or '').startswith('data:'):
             return payload.path
-        return super().preprocess(payload)
+        return decode(payload)
+    image.preprocess = preprocess
+    return image
 
 
 def _image_input(label: str, elem_id: str) -> gr.Image:
-    return UploadedImage(label=label, type='filepath', sources=['upload', 'clipboard'], elem_id=elem_id, height=260,
-                         elem_classes='unitok-pixels')
+    return _path_unread(gr.Image(label=label, type='filepath', sources=['upload', 'clipboard'], elem_id=elem_id,
+                                 height=260, elem_classes='unitok-pixels'))
 
 
 def _image_output(label: str, elem_id: str) -> gr.Image:
