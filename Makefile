@@ -7,7 +7,7 @@ PY      = $(VENV)/bin/python
 # resolves another (multi-GB) torch build.
 TORCH   = torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo studio test test-fast bench clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ $(VENV)/.installed: pyproject.toml
 
 demo: setup
 	$(VENV)/bin/unitok demo --out demo_output
+
+# UniTok Studio on http://127.0.0.1:7860 over what `make demo` (and `unitok demo-mllm`) wrote.
+studio: setup
+	HF_HUB_OFFLINE=1 $(VENV)/bin/unitok studio
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

@@ -39,6 +39,8 @@ CONTRACT = {
                  '--device',
     'demo-mllm': '--out --tokenizer --llm --steps --batch-size --lr --tokenizer-steps --eval-items --limit --seed '
                  '--fp32',
+    'studio': '--tokenizer --gen --mllm --no-defaults --host --port --share --device --max-upload-mb --max-pixels '
+              '--queue-size --max-images',
 }
 PACKAGE = os.path.dirname(unitok.__file__)
 ROOT = os.path.dirname(PACKAGE)

@@ -180,3 +180,22 @@ def test_returned_codes_are_an_ordinary_tensor():
     codes = generate(model, LABELS, **GREEDY)
     codes[0, 0, 0, 0] = 3                                                       # no inference-mode tensor
     assert not torch.is_inference(codes)
+
+
+@pytest.mark.parametrize('use_cache', [True, False])
+def test_callback_reports_each_position_without_changing_the_codes(use_cache):
+    model = small64()
+    kw = dict(temperature=1.0, top_k=10, cfg_scale=1.5, generator=5, use_cache=use_cache)
+    seen = []
+    codes = generate(model, LABELS, callback=lambda done, partial: seen.append((done, partial)), **kw)
+    assert torch.equal(codes, generate(model, LABELS, **kw))                    # same seed, same codes
+    h, w = model.config.grid
+    assert [d for d, _ in seen] == list(range(1, h * w + 1))
+    for done, partial in seen:
+        assert partial.shape == codes.shape
+        flat, final = partial.flatten(2), codes.flatten(2)                      # (B, K, L), raster order
+        assert torch.equal(flat[..., :done], final[..., :done])
+        assert (flat[..., done:] == -1).all()
+    assert seen[0][1] is not seen[1][1]                                         # copies, not one live buffer
+    with pytest.raises(TypeError, match='callback must be callable'):
+        generate(model, LABELS, callback=3, **kw)

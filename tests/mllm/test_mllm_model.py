@@ -245,3 +245,15 @@ def test_cached_and_uncached_paths_give_the_head_the_same_llm_states(mllm):
         hook.remove()
     assert cached.shape == (mllm.config.num_positions, 4, mllm.config.llm_dim)
     torch.testing.assert_close(cached, uncached, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('use_cache', [True, False])
+def test_image_generation_callback_reports_each_position(mllm, use_cache):
+    kw = dict(temperature=1.0, top_k=50, generator=4, cfg_scale=2.0, use_cache=use_cache)
+    seen = []
+    codes = mllm.generate_image('Draw an emoji of a cat.', n=2, callback=lambda d, p: seen.append((d, p)), **kw)
+    assert torch.equal(codes, mllm.generate_image('Draw an emoji of a cat.', n=2, **kw))
+    assert [d for d, _ in seen] == list(range(1, mllm.config.num_positions + 1))
+    for done, partial in seen:
+        flat = partial.flatten(2)
+        assert torch.equal(flat[..., :done], codes.flatten(2)[..., :done]) and (flat[..., done:] == -1).all()

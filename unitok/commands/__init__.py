@@ -9,6 +9,7 @@ One module per command family; each module's ``register*`` functions add its sub
     unitok export-codes / train-gen / generate                 (generate.py)
     unitok train-mllm / chat                                   (mllm.py)
     unitok demo / demo-mllm                                    (demo.py, demo_mllm.py)
+    unitok studio                                              (studio.py; the app: unitok.apps.studio)
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from ..data import DataError
 from ..images import ImageReadError
 from ..train.run import RunDirectoryError
 from ..utils.io import OutputError, describe_os_error
-from . import demo, demo_mllm, evaluate, generate, mllm, tokenize, train
+from . import demo, demo_mllm, evaluate, generate, mllm, studio, tokenize, train
 
 COMMANDS = (
     tokenize.register,                # convert, encode, decode, reconstruct, info
@@ -38,6 +39,7 @@ COMMANDS = (
     mllm.register_chat,               # chat
     evaluate.register_eval_mllm,      # eval-mllm
     demo_mllm.register,               # demo-mllm
+    studio.register,                  # studio
 )
 
 # Errors in the input (exit 2) and in the environment (exit 1), reported in one line each.

@@ -9,7 +9,7 @@ sub-code step, ``u + s * (c - u)``. Logits are filtered and softmaxed in float32
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -148,7 +148,8 @@ def generate(model: GeneratorModel, cond: Condition, grid: tuple[int, int] | Non
              cfg_scale: float = 1.0, cfg_schedule: str = 'constant', cfg_interval: tuple[int, int] | None = None,
              temperature: float | Sequence[float] = 1.0, top_k: int | Sequence[int] = 0,
              top_p: float | Sequence[float] = 1.0, generator: torch.Generator | int | None = None,
-             use_cache: bool = True, batch_uncond: bool | None = None) -> torch.Tensor:
+             use_cache: bool = True, batch_uncond: bool | None = None,
+             callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
     """Sample codes for a batch of conditions.
 
     Args:
@@ -162,6 +163,10 @@ def generate(model: GeneratorModel, cond: Condition, grid: tuple[int, int] | Non
         generator: a ``torch.Generator`` on the model's device, or an int seed; None: torch's global RNG.
         use_cache: static KV caches (else every step recomputes the whole sequence; same codes, slower).
         batch_uncond: run the unconditional branch even where every scale is 1 (None: only when needed).
+        callback: called after each grid position (raster order) as ``callback(done, partial)``: ``done``
+            positions sampled so far (1..h*w) and ``partial``, a copy of the codes ``(B, K, h, w)`` with
+            ``-1`` at the positions not sampled yet (progress bars, partial decodes). It does not change
+            the codes: the same seed gives the same codes with or without it.
     Returns:
         codes ``(B, K, h, w)`` int64, for ``UniTok.decode``.
     """
@@ -180,6 +185,9 @@ def generate(model: GeneratorModel, cond: Condition, grid: tuple[int, int] | Non
     elif generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f'generator must be a torch.Generator, an int seed or None, got {type(generator).__name__}')
     sampler = CodeSampler(K, temperature, top_k, top_p, generator, guided)
+    if callback is not None and not callable(callback):
+        raise TypeError(f'callback must be callable or None, got {type(callback).__name__}')
+    report = None if callback is None else lambda done, out: callback(done, partial_codes(out, done, (h, w)))
 
     was_training = model.training
     model.eval()
@@ -189,14 +197,22 @@ def generate(model: GeneratorModel, cond: Condition, grid: tuple[int, int] | Non
                 null = model.null_condition(B)
                 cond = torch.cat([cond, null]) if isinstance(cond, torch.Tensor) else \
                     (torch.cat([cond[0], null[0].to(cond[0].dtype)]), torch.cat([cond[1], null[1]]))
-            seq = _generate_cached(model, cond, sampler, scales) if use_cache else \
-                _generate_uncached(model, cond, sampler, scales)
+            seq = _generate_cached(model, cond, sampler, scales, report) if use_cache else \
+                _generate_uncached(model, cond, sampler, scales, report)
     finally:
         model.train(was_training)
     return seq.transpose(1, 2).reshape(B, K, h, w).clone()                      # (B, L, K) -> (B, K, h, w); a normal tensor
 
 
-def _generate_cached(model: GeneratorModel, cond: Condition, sampler: CodeSampler, scales: list[float]) -> torch.Tensor:
+def partial_codes(out: torch.Tensor, done: int, grid: tuple[int, int]) -> torch.Tensor:
+    """Sequence ``out (B, L, K)`` with its first ``done`` positions sampled -> codes ``(B, K, h, w)``, -1 elsewhere."""
+    partial = out.clone()
+    partial[:, done:] = -1
+    return partial.transpose(1, 2).reshape(out.shape[0], out.shape[2], *grid)
+
+
+def _generate_cached(model: GeneratorModel, cond: Condition, sampler: CodeSampler, scales: list[float],
+                     report=None) -> torch.Tensor:
     L, K = len(scales), model.config.num_codebooks
     prefix, prefix_mask = model.condition_prefix(cond)                          # (N, P, dim)
     N, P = prefix.shape[:2]
@@ -215,13 +231,16 @@ def _generate_cached(model: GeneratorModel, cond: Condition, sampler: CodeSample
         T = x.shape[1]
         hidden = model.backbone(x, (cos[start:start + T], sin[start:start + T]), key_mask, caches, start)
         out[:, i] = sample_position(model, hidden[:, -1], sampler, scales[i], head_cache)
+        if report is not None:
+            report(i + 1, out)
         start += T
         if i < L - 1:
             x = model.embed_codes(sampler.both(out[:, i:i + 1]))                # (N, 1, dim)
     return out
 
 
-def _generate_uncached(model: GeneratorModel, cond: Condition, sampler: CodeSampler, scales: list[float]) -> torch.Tensor:
+def _generate_uncached(model: GeneratorModel, cond: Condition, sampler: CodeSampler, scales: list[float],
+                       report=None) -> torch.Tensor:
     L, K = len(scales), model.config.num_codebooks
     N = cond.shape[0] if isinstance(cond, torch.Tensor) else cond[0].shape[0]
     B = N // 2 if sampler.guided else N
@@ -229,4 +248,6 @@ def _generate_uncached(model: GeneratorModel, cond: Condition, sampler: CodeSamp
     for i in range(L):
         hidden = model.hidden_states(sampler.both(out[:, :i]), cond)[:, -1]     # (N, dim): whole sequence again
         out[:, i] = sample_position(model, hidden, sampler, scales[i], None)
+        if report is not None:
+            report(i + 1, out)
     return out

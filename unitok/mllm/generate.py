@@ -13,7 +13,9 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..generation.sampling import CodeSampler, guidance_scales, sample_logits, sample_position, sampling_arguments
+from ..generation.sampling import (
+    CodeSampler, guidance_scales, partial_codes, sample_logits, sample_position, sampling_arguments,
+)
 
 
 def _seeded(generator, device) -> torch.Generator | None:
@@ -62,8 +64,9 @@ class _Eval:
 
 
 def generate_codes(model, rows: list[list[int]], *, cfg_scale: float = 1.0, temperature=1.0, top_k=0, top_p=1.0,
-                   generator=None, use_cache: bool = True) -> torch.Tensor:
-    """Codes ``(B, K, h, w)`` for prompts given as token ids ending with ``<boi>`` (one row per sample)."""
+                   generator=None, use_cache: bool = True, callback=None) -> torch.Tensor:
+    """Codes ``(B, K, h, w)`` for prompts given as token ids ending with ``<boi>`` (one row per sample);
+    ``callback(done, partial)`` after each position, as in :func:`unitok.generation.generate`."""
     c = model.config
     L, K = c.num_positions, c.num_codebooks
     scales = guidance_scales(cfg_scale, L)
@@ -71,15 +74,18 @@ def generate_codes(model, rows: list[list[int]], *, cfg_scale: float = 1.0, temp
     device = model.device
     sampler = CodeSampler(K, temperature, top_k, top_p, _seeded(generator, device), guided)
     B = len(rows)
+    if callback is not None and not callable(callback):
+        raise TypeError(f'callback must be callable or None, got {type(callback).__name__}')
+    report = None if callback is None else lambda done, out: callback(done, partial_codes(out, done, c.grid))
     if guided:
         rows = list(rows) + [model.generation_prompt(None)] * B
     with _Eval(model):
         ids, mask = _left_pad(rows, device)
         out = torch.empty(B, L, K, dtype=torch.long, device=device)
         if use_cache:
-            _codes_cached(model, ids, mask, sampler, scales, out)
+            _codes_cached(model, ids, mask, sampler, scales, out, report)
         else:
-            _codes_uncached(model, ids, mask, sampler, scales, out)
+            _codes_uncached(model, ids, mask, sampler, scales, out, report)
     return out.transpose(1, 2).reshape(B, K, *c.grid).clone()
 
 
@@ -87,7 +93,7 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp_min(0)
 
 
-def _codes_cached(model, ids, mask, sampler, scales, out) -> None:
+def _codes_cached(model, ids, mask, sampler, scales, out, report=None) -> None:
     N = ids.shape[0]
     head_dtype = model.head.pos_embed.dtype
     cache = _new_cache(model)
@@ -96,6 +102,8 @@ def _codes_cached(model, ids, mask, sampler, scales, out) -> None:
     h = model.hidden_states(model.embed(ids), mask, pos, cache)[:, -1]
     for i in range(len(scales)):
         out[:, i] = sample_position(model, h.to(head_dtype), sampler, scales[i], head_cache)
+        if report is not None:
+            report(i + 1, out)
         if i < len(scales) - 1:
             x = model.next_image_embeds(sampler.both(out[:, :i + 1])).to(h.dtype)   # (N, 1, C)
             mask = torch.cat([mask, mask.new_ones(N, 1)], dim=1)
@@ -103,7 +111,7 @@ def _codes_cached(model, ids, mask, sampler, scales, out) -> None:
             h = model.hidden_states(x, mask, pos, cache)[:, -1]
 
 
-def _codes_uncached(model, ids, mask, sampler, scales, out) -> None:
+def _codes_uncached(model, ids, mask, sampler, scales, out, report=None) -> None:
     N, P = ids.shape
     K = model.config.num_codebooks
     head_dtype = model.head.pos_embed.dtype
@@ -117,6 +125,8 @@ def _codes_uncached(model, ids, mask, sampler, scales, out) -> None:
         x = model.embed(full_ids, image, codes, generated=True)
         h = model.hidden_states(x, full_mask, _positions(full_mask))[:, -1]
         out[:, i] = sample_position(model, h.to(head_dtype), sampler, scales[i], None)
+        if report is not None:
+            report(i + 1, out)
 
 
 def generate_text(model, example: dict, *, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,

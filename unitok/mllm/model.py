@@ -348,12 +348,15 @@ class UniTokMLLM(Pretrained, nn.Module):
 
     def generate_image(self, prompt: str | Sequence[str], *, n: int = 1, cfg_scale: float = 1.0,
                        temperature: float | Sequence[float] = 1.0, top_k: int | Sequence[int] = 0,
-                       top_p: float | Sequence[float] = 1.0, generator=None, use_cache: bool = True) -> torch.Tensor:
+                       top_p: float | Sequence[float] = 1.0, generator=None, use_cache: bool = True,
+                       callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
         """Codes ``(B, K, h, w)`` of ``n`` images per prompt (``B = n * len(prompts)``), for ``decode_codes``.
 
-        ``cfg_scale != 1`` mixes the logits with those of the null prompt, ``u + s * (c - u)``."""
+        ``cfg_scale != 1`` mixes the logits with those of the null prompt, ``u + s * (c - u)``.
+        ``callback(done, partial)``: called after each grid position with the positions sampled so far and
+        a copy of the codes, -1 where not sampled yet (as :func:`unitok.generation.generate`)."""
         return generate_codes(self, image_request_rows(self, prompt, n), cfg_scale=cfg_scale, temperature=temperature,
-                              top_k=top_k, top_p=top_p, generator=generator, use_cache=use_cache)
+                              top_k=top_k, top_p=top_p, generator=generator, use_cache=use_cache, callback=callback)
 
 
 def _text_terms(model: UniTokMLLM, h: torch.Tensor, labels: torch.Tensor) -> tuple:

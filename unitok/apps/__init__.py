@@ -1,0 +1,1 @@
+"""Applications built on the library's public API (``unitok studio``); the library never imports them."""
