@@ -202,7 +202,11 @@ class Trainer:
             self.data.close()
             for s, h in handlers.items():
                 signal.signal(s, h)
-        path = self.save_checkpoint()
+        try:
+            path = self.save_checkpoint()
+        except BaseException:                   # a full disk: the error names the file, the logs are closed
+            logger.close()
+            raise
         if exit_reason == 'finished':
             self.export(os.path.join(cfg.out, 'model'))
             if cfg.eval_every and self.step % cfg.eval_every:
