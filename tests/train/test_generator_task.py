@@ -88,6 +88,33 @@ def test_generate_command_writes_a_grid_and_the_codes(exported, tmp_path):
                 '--out', str(tmp_path / 'x.png')]) == 2
 
 
+def test_generated_codes_carry_the_tokenizer_identity(exported, tmp_path, capsys):
+    """`unitok decode` takes them with their tokenizer and refuses them with another of the same shape;
+    a codes file without an identity is decoded with a warning naming the check skipped."""
+    Trainer(_cfg(exported, tmp_path / 'run', steps=1)).fit()
+    assert cli(['generate', '--gen', str(tmp_path / 'run' / 'model'), '--class', 'animals & nature', '--n', '2',
+                '--seed', '0', '--out', str(tmp_path / 'grid.png')]) == 0
+    identity = json.loads(str(np.load(tmp_path / 'grid.npz')['tokenizer']))
+    tok = unitok.UniTok.from_pretrained(str(exported / 'tokenizer'))
+    assert identity == {**unitok.codes.tokenizer_identity(tok), 'grid': [4, 4], 'image_size': 64}
+    decode = ['decode', str(tmp_path / 'grid.npz'), '--out-dir', str(tmp_path / 'dec'), '--device', 'cpu']
+    assert cli([*decode, '--model', str(exported / 'tokenizer')]) == 0
+    torch.manual_seed(1)
+    other = unitok.create_model('unitok-tiny')
+    other.init_weights()
+    other.save_pretrained(str(tmp_path / 'tok2'))
+    capsys.readouterr()
+    assert cli([*decode[:3], str(tmp_path / 'dec2'), '--model', str(tmp_path / 'tok2'), '--device', 'cpu']) == 2
+    assert 'other codebooks' in capsys.readouterr().err and not (tmp_path / 'dec2').exists()
+    bare = dict(np.load(tmp_path / 'grid.npz'))
+    del bare['tokenizer']
+    np.savez(tmp_path / 'bare.npz', **bare)
+    with pytest.warns(UserWarning, match=r"bare.npz' records no tokenizer identity: the check that its codes come "
+                                         'from this tokenizer is skipped'):
+        assert cli(['decode', str(tmp_path / 'bare.npz'), '--out-dir', str(tmp_path / 'dec3'), '--model',
+                    str(tmp_path / 'tok2'), '--device', 'cpu']) == 0
+
+
 def test_generate_checks_its_outputs_first_and_gives_n_per_class(exported, tmp_path):
     Trainer(_cfg(exported, tmp_path / 'run', steps=1)).fit()
     gen = ['generate', '--gen', str(tmp_path / 'run' / 'model'), '--seed', '0']

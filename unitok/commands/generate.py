@@ -2,13 +2,14 @@
 generator on them) and ``generate`` (images from a generator, or from a multimodal LLM with ``--mllm``)."""
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
 import torch
 
 from ..checkpoint import CheckpointError
-from ..codes import check_agreement, code_space
+from ..codes import check_agreement, code_space, tokenizer_identity
 from ..data.files import default_workers
 from ..eval.generation import load_generator
 from ..generation import ExportConfig, export_codes, generate, text_condition
@@ -167,7 +168,7 @@ def run_generate(args) -> int:
         images = tokenizer.decode(codes)
     per_row = args.n if len(rows) > 1 else min(args.n, 8)
     extra = {'labels': cond.cpu().numpy()} if c.cond == 'class' else {'prompts': np.array(prompts)}
-    write_samples(args, images, codes, per_row, **extra)
+    write_samples(args, images, codes, per_row, tokenizer, **extra)
     return 0
 
 
@@ -185,7 +186,8 @@ def _generate_with_mllm(args) -> int:
                                  top_k=args.top_k, top_p=args.top_p, generator=args.seed)
     with torch.no_grad():
         images = model.decode_codes(codes)
-    write_samples(args, images, codes, args.n, prompts=np.array([p for p in args.prompt for _ in range(args.n)]))
+    prompts = np.array([p for p in args.prompt for _ in range(args.n)])
+    write_samples(args, images, codes, args.n, model.image_tokenizer, prompts=prompts)
     return 0
 
 
@@ -205,15 +207,17 @@ def check_sample_outputs(out: str) -> str:
     return stem + '.npz'
 
 
-def write_samples(args, images: torch.Tensor, codes: torch.Tensor, per_row: int, **extra) -> None:
+def write_samples(args, images: torch.Tensor, codes: torch.Tensor, per_row: int, tokenizer, **extra) -> None:
     """``args.out``: a grid image of ``images`` (``per_row`` a row) in the format its suffix names;
-    beside it, the same name with ``.npz``: the codes (uint16), the guidance scale, the seed and ``extra``
+    beside it, the same name with ``.npz``: the codes (uint16), the identity of ``tokenizer`` (which
+    decoded them: ``unitok decode`` refuses them for another), the guidance scale, the seed and ``extra``
     arrays (labels or prompts). The codes are written first, so the image appears only with its codes."""
     codes_path = check_sample_outputs(args.out)
     grid = make_grid([images[i:i + per_row] for i in range(0, len(images), per_row)])
     image_format = GRID_FORMATS[os.path.splitext(args.out)[1].lower()]
-    meta = dict(codes=codes.cpu().numpy().astype(np.uint16), cfg=np.float64(args.cfg), seed=np.int64(args.seed),
-                **extra)
+    identity = {**tokenizer_identity(tokenizer), 'grid': list(codes.shape[2:]), 'image_size': images.shape[-1]}
+    meta = dict(codes=codes.cpu().numpy().astype(np.uint16), tokenizer=np.array(json.dumps(identity)),
+                cfg=np.float64(args.cfg), seed=np.int64(args.seed), **extra)
     atomic_write(codes_path, lambda f: np.savez(f, **meta), what='codes')
     atomic_write(args.out, lambda f: grid.save(f, format=image_format), what='output image')
     print(f'wrote {args.out} ({len(images)} samples) and {codes_path}')
