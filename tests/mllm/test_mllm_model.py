@@ -162,6 +162,19 @@ def test_special_tokens_and_weights_round_trip_through_save_and_load(mllm, token
         UniTokMLLM.from_pretrained(str(tmp_path / 'm'), llm=tiny_llm(hidden=64))
 
 
+def test_an_llm_with_the_same_config_and_other_weights_is_refused_or_warned_about(mllm, tokenizer, tmp_path, caplog):
+    mllm.save_pretrained(str(tmp_path / 'm'))
+    assert len(mllm.config.llm_ref['weights_sha256']) == 64
+    with pytest.raises(LLMError, match=r"is not the one this MLLM was trained with: the LLM weights differ \(same "
+                                       r'config and vocabulary, other values\); .* or --ignore-mismatch'):
+        UniTokMLLM.from_pretrained(str(tmp_path / 'm'), llm=tiny_llm(seed=1))
+    again = UniTokMLLM.from_pretrained(str(tmp_path / 'm'), llm=tiny_llm(seed=1), ignore_mismatch=True)
+    assert 'the LLM weights differ' in caplog.text and 'used anyway (--ignore-mismatch)' in caplog.text
+    assert again.config.llm_ref == mllm.config.llm_ref
+    llm, tok = tiny_llm()
+    assert UniTokMLLM.from_pretrained(str(tmp_path / 'm'), llm=(llm.to(torch.bfloat16), tok)) is not None  # dtype: same
+
+
 def test_lora_adapters_are_saved_and_restored(tokenizer, tmp_path):
     m = _mllm(tokenizer, lora_rank=4)
     m.freeze_llm()

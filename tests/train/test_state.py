@@ -29,8 +29,8 @@ def test_a_full_disk_while_checkpointing_is_one_error_and_keeps_the_previous_che
     _disk_full_at(monkeypatch, 4, OSError(errno.ENOSPC, 'No space left on device'))
     with pytest.raises(OutputError) as e:
         Trainer(task.cfg, task).fit()
-    assert str(e.value) == (f"cannot write training checkpoint {str(tmp_path / 'run' / 'checkpoints' / 'step_00000004.pt')!r}"
-                            ': the disk is full (no space left on device)')
+    path = str(tmp_path / 'run' / 'checkpoints' / 'step_00000004.pt')
+    assert str(e.value) == f'cannot write training checkpoint {path!r}: the disk is full (no space left on device)'
     assert os.listdir(tmp_path / 'run' / 'checkpoints') == ['step_00000002.pt']      # kept, no temporary file
     assert torch.load(tmp_path / 'run' / 'checkpoints' / 'step_00000002.pt', weights_only=True)['step'] == 2
 

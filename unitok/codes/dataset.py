@@ -50,7 +50,7 @@ class CodeDataset(torch.utils.data.Dataset):
         self._meta: dict[int, list] = {}
         vocab = tok.get('vocab_sizes') or [self.codebook_size] * self.num_codebooks
         self._vocab = np.asarray(vocab, dtype=np.int64)
-        for s in range(len(self.shard_names)):      # check every shard once: a bad file fails here, not mid-training
+        for s in range(len(self.shard_names)):      # every shard checked once: bad data fails here, not mid-training
             self._check_shard(s)
 
     # -- properties

@@ -23,7 +23,7 @@ from ..utils.io import atomic_write, check_writable_file
 from ..utils.throughput import Throughput
 from .args import (add_codes_arguments, add_command, add_precision_arg, add_run_arguments, add_sampling_args,
                    default_device)
-from .mllm import load_mllm
+from .mllm import add_llm_arguments, load_mllm
 from .train import assignments, resolve_config, run_training
 
 EXPORT_DOC = """``unitok export-codes``: tokenize a data source into memory-mapped code shards (see :mod:`.codes`).
@@ -228,7 +228,7 @@ def register_generate(sub) -> None:
     which = g.add_mutually_exclusive_group(required=True)
     which.add_argument('--gen', help='generator model directory (RUN/model of unitok train-gen)')
     which.add_argument('--mllm', help='multimodal LLM directory (RUN/model of unitok train-mllm); takes --prompt')
-    g.add_argument('--llm', help='with --mllm: the LLM to use instead of the referenced one')
+    add_llm_arguments(g)
     g.add_argument('--tokenizer', help='UniTok model that decodes the codes (default: the one it was trained with)')
     g.add_argument('--class', dest='classes', action='append', help='class name (repeatable; default: every class)')
     g.add_argument('--prompt', action='append', help='text prompt (text-conditional generators; repeatable)')
