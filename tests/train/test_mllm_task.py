@@ -105,3 +105,20 @@ def test_bad_configs_get_one_clear_error(exported, tmp_path):
     Trainer(_cfg(exported, tmp_path / 'c', steps=2)).fit()
     with pytest.raises(CheckpointError, match='model'):
         Trainer(_cfg(exported, tmp_path / 'c', steps=4).override(['model.head_width=64'])).fit(resume='latest')
+
+
+def test_codes_whose_captions_are_file_names_are_refused(exported, tmp_path):
+    """A folder exported without captions.jsonl gets its file stems ('0', '10') as captions: not trained on."""
+    from PIL import Image
+    from unitok import UniTok
+    folder = tmp_path / 'images'
+    folder.mkdir()
+    for i in (0, 10, 11):
+        Image.new('RGB', (64, 64), (20 * i, 0, 0)).save(folder / f'{i}.png')
+    tok = UniTok.from_pretrained(str(exported / 'tokenizer'))
+    export_codes(tok, ExportConfig(data=f'folder:{folder}'), str(tmp_path / 'codes'))
+    cfg = _cfg(exported, tmp_path / 'run', category_question='').override([f'data.train={tmp_path / "codes"}',
+                                                                          'data.val='])
+    with pytest.raises(ConfigError, match=r"codes' have no captions \(each item's caption is empty or its file name"):
+        Trainer(cfg)
+    assert not (tmp_path / 'run').exists()
