@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..checkpoint import CheckpointError
 from ..losses.perceptual import MissingWeightsError, load_effnet_lite0
 
 EXTRACTORS = ('inception', 'effnet-lite0', 'dinov2')
@@ -34,14 +35,20 @@ class InceptionFeatures(nn.Module):
                 f'the inception extractor needs the FID Inception-v3 weights in a local file (got {weights_path!r}): '
                 "torch-fidelity's weights-inception-2015-12-05-6726825d.pth; offline, use --extractor effnet-lite0")
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-        # Read the file without executing pickled code, then hand torch-fidelity a re-saved copy that
-        # holds tensors only (it would otherwise unpickle the user's file unrestricted).
-        state = torch.load(weights_path, map_location='cpu', weights_only=True)
+
+        from ..safe_pickle import safe_load
+        # Read the file without executing pickled code (a pickle is refused in one line), then hand
+        # torch-fidelity a re-saved copy that holds tensors only (it would unpickle the user's file unrestricted).
+        state = safe_load(weights_path)
         with tempfile.TemporaryDirectory() as tmp:
             clean = os.path.join(tmp, 'inception.pth')
             torch.save(state, clean)
-            self.net = FeatureExtractorInceptionV3('inception-v3-compat', ['2048', 'logits_unbiased'],
-                                                   feature_extractor_weights_path=clean)
+            try:
+                self.net = FeatureExtractorInceptionV3('inception-v3-compat', ['2048', 'logits_unbiased'],
+                                                       feature_extractor_weights_path=clean)
+            except (RuntimeError, KeyError, AttributeError, TypeError) as e:
+                raise CheckpointError(f'{weights_path!r} is not the FID Inception-v3 weights: '
+                                      f'{str(e).strip().splitlines()[0][:300]}') from None
 
     def forward(self, images_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (pool features (B, 2048), logits (B, 1008))."""

@@ -205,7 +205,11 @@ def load_dinov2(path: str, grid: int) -> nn.Module:
     import timm
     from timm.models.vision_transformer import checkpoint_filter_fn
     model = timm.create_model('vit_small_patch14_dinov2', pretrained=False, img_size=grid * 14, num_classes=0)
-    state = torch.load(path, map_location='cpu', weights_only=True)
+    from ..checkpoint import CheckpointError
+    from ..safe_pickle import safe_load
+    state = safe_load(path)                     # a pickle that would run code: one-line refusal
+    if not isinstance(state, dict):
+        raise CheckpointError(f'{path!r} is not DINOv2 ViT-S/14 weights: it holds a {type(state).__name__}')
     pe = state.get('pos_embed')
     if pe is not None and pe.shape[1] != 1 + grid * grid:
         # DINOv2's own interpolation (bicubic, scale factor with a 0.1 offset, no antialias), so that
@@ -214,7 +218,11 @@ def load_dinov2(path: str, grid: int) -> nn.Module:
         patch = pe[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2).float()
         patch = F.interpolate(patch, scale_factor=((grid + 0.1) / side,) * 2, mode='bicubic', antialias=False)
         state['pos_embed'] = torch.cat([pe[:, :1], patch.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)], 1)
-    model.load_state_dict(checkpoint_filter_fn(state, model), strict=True)
+    try:
+        model.load_state_dict(checkpoint_filter_fn(state, model), strict=True)
+    except (RuntimeError, KeyError, AttributeError) as e:
+        raise CheckpointError(f'{path!r} is not DINOv2 ViT-S/14 weights: {str(e).strip().splitlines()[0][:300]}') \
+            from None
     return model.requires_grad_(False).eval()
 
 

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 from importlib import util
 
 import torch
@@ -95,12 +96,21 @@ def load_llm(spec: str | None = None, dtype: torch.dtype = torch.float32):
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(where, **kwargs)
         model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+    except pickle.UnpicklingError as e:    # a pickled pytorch_model.bin that would run code: the one-line refusal
+        from ..safe_pickle import unsafe_pickle_message
+        raise LLMError(unsafe_pickle_message(_pickled_weights(where), e)) from None
     except (OSError, ValueError) as e:
         raise LLMError(f'cannot load the LLM {spec or DEFAULT_LLM!r} ({where}{", " + gguf if gguf else ""}): '
                        f'{str(e).splitlines()[0]}') from None
     model.eval()
     ref = llm_reference(spec or DEFAULT_LLM, gguf, model, tokenizer)
     return model, tokenizer, ref
+
+
+def _pickled_weights(where: str) -> str:
+    """The pickled weights file of an LLM directory (what a refusal names), else the directory."""
+    found = sorted(f for f in os.listdir(where) if f.endswith(('.bin', '.pt', '.pth'))) if os.path.isdir(where) else []
+    return os.path.join(where, found[0]) if found else where
 
 
 def config_sha256(model) -> str:

@@ -401,6 +401,10 @@ def _referenced_llm(config: MLLMConfig, directory: str | None, llm=None, ignore_
         spec = llm or (os.path.join(directory, config.llm) if config.llm == LLM_COPY else config.llm)
         model, text_tok, _ = load_llm(spec)
     check_reference(config.llm_ref, model, text_tok, config.base_vocab, ignore_mismatch)
+    width = model.get_input_embeddings().weight.shape[1]
+    if config.llm_dim and config.llm_dim != width:
+        raise LLMError(f'the saved MLLM says llm_dim {config.llm_dim}, the LLM has width {width}: its mllm.json does '
+                       'not fit this LLM (edited, or another LLM)')
     if len(text_tok) != config.base_vocab and not all(t in text_tok.get_vocab() for t in IMAGE_TOKENS):
         raise LLMError(f'the LLM tokenizer has {len(text_tok)} tokens, the saved model was trained with '
                        f'{config.base_vocab} (before the image tokens)')

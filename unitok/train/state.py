@@ -9,6 +9,7 @@ import errno
 import glob
 import logging
 import os
+import pickle
 import random
 import re
 
@@ -65,6 +66,9 @@ class Checkpointer:
     def load(path: str) -> dict:
         try:
             return torch.load(path, map_location='cpu', weights_only=True)
+        except pickle.UnpicklingError as e:        # a pickle that would run code: the one-line refusal
+            from ..safe_pickle import unsafe_pickle_message
+            raise CheckpointError(unsafe_pickle_message(path, e)) from None
         except Exception as e:
             raise CheckpointError(f'cannot read training checkpoint {path!r}: {type(e).__name__}: {e}') from None
 
