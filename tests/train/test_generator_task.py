@@ -71,7 +71,7 @@ def test_generator_resume_after_kill_9_is_exact(exported, tmp_path):
     assert max_param_diff(a, b) == 0
 
 
-def test_generate_command_writes_a_grid_and_the_codes(exported, tmp_path):
+def test_generate_command_writes_a_grid_and_the_codes(exported, tmp_path, capsys):
     Trainer(_cfg(exported, tmp_path / 'run', steps=2)).fit()
     out = tmp_path / 'grid.png'
     assert cli(['generate', '--gen', str(tmp_path / 'run' / 'model'), '--class', 'animals & nature', '--n', '3',
@@ -86,6 +86,12 @@ def test_generate_command_writes_a_grid_and_the_codes(exported, tmp_path):
     # an unknown class lists the valid ones
     assert cli(['generate', '--gen', str(tmp_path / 'run' / 'model'), '--class', 'dinosaurs',
                 '--out', str(tmp_path / 'x.png')]) == 2
+
+    # a huge --n: refused before sampling, with the memory it would need
+    capsys.readouterr()
+    assert cli(['generate', '--gen', str(tmp_path / 'run' / 'model'), '--n', '100000000', '--out',
+                str(tmp_path / 'huge.png')]) == 2
+    assert 'samples would need about' in capsys.readouterr().err and not (tmp_path / 'huge.npz').exists()
 
 
 def test_generated_codes_carry_the_tokenizer_identity(exported, tmp_path, capsys):

@@ -162,6 +162,9 @@ def run_generate(args) -> int:
         check_fits(args.prompt, tokenizer.config.text_context_length, what='--prompt')
         prompts = [p for p in args.prompt for _ in range(args.n)]
         cond, rows = text_condition(tokenizer, prompts), [None] * len(args.prompt)
+    prefix = c.class_tokens if c.cond == 'class' else c.text_len
+    check_sample_memory(len(labels) if c.cond == 'class' else len(prompts), tokenizer.config.image_size,
+                        kv_bytes(c.depth, c.dim, prefix + c.grid[0] * c.grid[1], args.cfg), args.device)
     with torch.no_grad():
         codes = generate(model, cond, cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, generator=args.seed)
@@ -182,6 +185,9 @@ def _generate_with_mllm(args) -> int:
         raise ValueError(f'--n must be >= 1, got {args.n}')
     check_sample_outputs(args.out)
     model = load_mllm(args)
+    lc, (h, w) = model.llm.config, model.config.grid
+    check_sample_memory(args.n * len(args.prompt), model.image_tokenizer.config.image_size,
+                        kv_bytes(lc.num_hidden_layers, lc.hidden_size, 64 + h * w, args.cfg), args.device)
     codes = model.generate_image(args.prompt, n=args.n, cfg_scale=args.cfg, temperature=args.temperature,
                                  top_k=args.top_k, top_p=args.top_p, generator=args.seed)
     with torch.no_grad():
@@ -189,6 +195,28 @@ def _generate_with_mllm(args) -> int:
     prompts = np.array([p for p in args.prompt for _ in range(args.n)])
     write_samples(args, images, codes, args.n, model.image_tokenizer, prompts=prompts)
     return 0
+
+
+def kv_bytes(layers: int, width: int, positions: int, cfg: float) -> int:
+    """The float32 keys and values one sample caches while it is sampled (twice with guidance)."""
+    return 2 * layers * width * positions * 4 * (2 if cfg != 1 else 1)
+
+
+def check_sample_memory(n: int, image_size: int, per_sample_cache: int, device: str) -> None:
+    """Refuse (before any sampling) a request whose samples could not be held at once: each needs its
+    cache while sampled and its decoded image (float32, copied into the grid); the error says how much
+    memory it would need and how many samples fit in what is free."""
+    per_sample = per_sample_cache + 3 * image_size * image_size * 4 * 3
+    if torch.device(device).type == 'cuda':
+        free = torch.cuda.mem_get_info(torch.device(device))[0]
+    else:
+        import psutil
+        free = psutil.virtual_memory().available
+    if n * per_sample > 0.8 * free:
+        gib = 1 << 30
+        raise ValueError(f'--n: {n} samples would need about {n * per_sample / gib:,.1f} GiB of memory '
+                         f'({per_sample / (1 << 20):.1f} MiB each), {free / gib:.1f} GiB are free on {device}: '
+                         f'ask for at most {max(0, int(0.8 * free // per_sample))} samples in one command')
 
 
 # The grid formats ``--out`` may name, by suffix; the codes go beside it with ``.npz``.
