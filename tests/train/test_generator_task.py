@@ -8,8 +8,8 @@ import torch
 
 import unitok
 from unitok.cli import main as cli
-from train_helpers import (kill_9_then_resume, load_params, max_param_diff, run_unitok, saved_tiny_tokenizer,
-                           uninterrupted_and_resumed)
+from train_helpers import (kill_9_then_resume, load_params, logged_rows, max_param_diff, run_unitok,
+                           saved_tiny_tokenizer, uninterrupted_and_resumed)
 from unitok.config import ConfigError
 from unitok.generation import GeneratorModel
 from unitok.codes import ExportConfig, export_codes
@@ -69,6 +69,7 @@ def test_generator_resume_after_kill_9_is_exact(exported, tmp_path):
     a = load_params(str(tmp_path / 'ref' / 'checkpoints' / 'step_00000040.pt'))
     b = load_params(str(tmp_path / 'cut' / 'checkpoints' / 'step_00000040.pt'))
     assert max_param_diff(a, b) == 0
+    assert logged_rows(tmp_path / 'cut') == logged_rows(tmp_path / 'ref')      # each step once, the same values
 
 
 def test_generate_command_writes_a_grid_and_the_codes(exported, tmp_path, capsys):

@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip('transformers')
 
-from train_helpers import (kill_9_then_resume, load_params, max_param_diff, run_unitok,  # noqa: E402
+from train_helpers import (kill_9_then_resume, load_params, logged_rows, max_param_diff, run_unitok,  # noqa: E402
                            saved_tiny_tokenizer, uninterrupted_and_resumed)
 from unitok.checkpoint import CheckpointError  # noqa: E402
 from unitok.config import ConfigError  # noqa: E402
@@ -79,6 +79,7 @@ def test_mllm_resume_after_kill_9_is_exact(exported, tmp_path):
     b = load_params(str(tmp_path / 'cut' / 'checkpoints' / 'step_00000030.pt'))
     assert a and not any(k.startswith('model.llm.') for k in a)       # the frozen LLM is not checkpointed
     assert max_param_diff(a, b) == 0
+    assert logged_rows(tmp_path / 'cut') == logged_rows(tmp_path / 'ref')      # each step once, the same values
 
 
 def test_stage_two_trains_lora_adapters_from_a_stage_one_model(exported, tmp_path):
