@@ -48,7 +48,7 @@ class InceptionFeatures(nn.Module):
                                                        feature_extractor_weights_path=clean)
             except (RuntimeError, KeyError, AttributeError, TypeError) as e:
                 raise CheckpointError(f'{weights_path!r} is not the FID Inception-v3 weights: '
-                                      f'{str(e).strip().splitlines()[0][:300]}') from None
+                                      f'{" ".join(str(e).split())[:300]}') from None
 
     def forward(self, images_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (pool features (B, 2048), logits (B, 1008))."""

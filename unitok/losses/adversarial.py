@@ -221,7 +221,7 @@ def load_dinov2(path: str, grid: int) -> nn.Module:
     try:
         model.load_state_dict(checkpoint_filter_fn(state, model), strict=True)
     except (RuntimeError, KeyError, AttributeError) as e:
-        raise CheckpointError(f'{path!r} is not DINOv2 ViT-S/14 weights: {str(e).strip().splitlines()[0][:300]}') \
+        raise CheckpointError(f'{path!r} is not DINOv2 ViT-S/14 weights: {" ".join(str(e).split())[:300]}') \
             from None
     return model.requires_grad_(False).eval()
 
