@@ -247,3 +247,18 @@ def test_every_model_saves_and_loads_through_the_one_contract(kind, tiny_model, 
     _same_state(model, cls.from_pretrained(f'someone/{kind}', **options))
     with pytest.raises(CheckpointError, match=f"hub model 'someone/{kind}' at revision 'v2' is not in the local"):
         cls.from_pretrained(f'someone/{kind}', revision='v2', **options)
+
+
+def test_a_full_disk_while_saving_the_weights_is_one_error_naming_the_file(tiny_model, tmp_path, monkeypatch):
+    """safetensors reports a full disk as 'I/O error: ... (os error 28)': it becomes the OutputError of every write."""
+    from safetensors import SafetensorError
+
+    from unitok import pretrained
+    from unitok.utils.io import OutputError
+
+    def full(state, path, metadata=None):
+        raise SafetensorError('Error while serializing: I/O error: No space left on device (os error 28)')
+    monkeypatch.setattr(pretrained, 'save_file', full)
+    with pytest.raises(OutputError, match=r"cannot write .*model weights '.*model.safetensors': the disk is full"):
+        tiny_model.save_pretrained(str(tmp_path / 'm'))
+    assert not os.path.exists(tmp_path / 'm' / 'model.safetensors')

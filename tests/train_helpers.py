@@ -98,6 +98,16 @@ def kill_9_then_resume(args: list[str], out, checkpoint: str, timeout: float = 6
     return output
 
 
+TIMING_KEYS = ('time', 'sec_per_step', 'samples_per_sec')
+
+
+def logged_rows(run_dir) -> list[dict]:
+    """The rows of ``RUN/metrics.jsonl`` without their timings (which differ between any two runs)."""
+    import json
+    with open(os.path.join(str(run_dir), 'metrics.jsonl'), encoding='utf-8') as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in TIMING_KEYS} for line in f]
+
+
 def saved_tiny_tokenizer(root):
     """A seeded random ``unitok-tiny`` tokenizer, saved to ``root/tokenizer`` and returned in eval mode
     (the tokenizer the code-export fixtures of the generator and MLLM tests encode with)."""

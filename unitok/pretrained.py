@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import tempfile
 from typing import Any, ClassVar, Mapping
 
@@ -160,6 +161,18 @@ def push_folder(repo_id: str, write, *, private: bool | None, token: str | None,
     return str(commit)
 
 
+def _save_file(state: dict, path: str, meta: dict) -> None:
+    """safetensors' ``save_file``, its failed writes (a full disk: 'os error 28') as the OSError they are."""
+    try:
+        save_file(state, path, metadata=meta)
+    except SafetensorError as e:
+        found = re.search(r'os error (\d+)', str(e))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code)) from None
+
+
 class Pretrained:
     """Mixin of the models: ``save_pretrained``, ``from_pretrained``, ``push_to_hub``.
 
@@ -185,7 +198,7 @@ class Pretrained:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
         text = model._config_json(directory, **options)
         meta = {'format': model.weights_format, 'config': text}
-        atomic_write(os.path.join(directory, model.weights_file), lambda p: save_file(state, p, metadata=meta),
+        atomic_write(os.path.join(directory, model.weights_file), lambda p: _save_file(state, p, meta),
                      mode='path', what=f'{model.model_kind} weights')
         atomic_write(os.path.join(directory, model.config_file), lambda f: f.write(text + '\n'), mode='w',
                      what=f'{model.model_kind} config')

@@ -194,6 +194,29 @@ def test_interrupted_export_resumes_to_the_same_files(tokenizer, tmp_path, monke
     assert _files(tmp_path / 'cut') == _files(tmp_path / 'full')
 
 
+def test_export_killed_with_sigkill_then_rerun_gives_the_files_of_an_uninterrupted_one(tokenizer, tmp_path):
+    """kill -9 (no handler runs) after the first finished shard, then the same command: the same files."""
+    import signal
+    import time
+    from train_helpers import CLI_ENV, run_unitok
+    _, path = tokenizer
+    args = ['export-codes', '--model', path, '--data', SPEC, '--split', 'val', '--limit', '160', '--shard-size', '4',
+            '--batch-size', '2', '--workers', '0', '--device', 'cpu']
+    run_unitok([*args, '--out', str(tmp_path / 'full')])
+    cut = tmp_path / 'cut'
+    proc = subprocess.Popen([sys.executable, '-m', 'unitok.cli', *args, '--out', str(cut)], env=CLI_ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline and not list(cut.glob('done-*.json')):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, 'the export ended before it could be killed: make it longer'
+    assert not (cut / 'manifest.json').exists() or not json.loads((cut / 'manifest.json').read_text())['complete']
+    run_unitok([*args, '--out', str(cut)])
+    assert _files(cut) == _files(tmp_path / 'full')
+
+
 def test_codes_of_another_tokenizer_or_grid_get_one_clear_error(tokenizer, exported, tmp_path):
     model, _ = tokenizer
     _, out = exported

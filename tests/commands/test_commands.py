@@ -25,14 +25,16 @@ CONTRACT = {
     'export-codes': '--model --data --out --split --augment --batch-size --shard-size --limit --workers --precision '
                     '--device',
     'train-gen': '--codes --val-codes --tokenizer --preset --config --out --steps --batch-size --resume overrides',
-    'generate': '--gen --mllm --llm --tokenizer --class --prompt --n --cfg --temperature --top-k --top-p --seed '
+    'generate': '--gen --mllm --llm --ignore-mismatch --tokenizer --class --prompt --n --cfg --temperature --top-k '
+                '--top-p --seed '
                 '--device --out',
     'eval-gen': '--gen --tokenizer --data --codes-val --out --samples-per-class --cfg --temperature --top-k --top-p '
                 '--seed --chunk-size --batch-size --extractor --inception-weights --dinov2-weights --max-real '
                 '--max-train --template --device',
     'train-mllm': '--codes --val-codes --tokenizer --llm --stage --init --config --out --steps --batch-size --resume '
                   'overrides',
-    'chat': '--mllm --image question --llm --tokenizer --max-new-tokens --temperature --top-k --top-p --seed --device',
+    'chat': '--mllm --image question --llm --ignore-mismatch --tokenizer --max-new-tokens --temperature --top-k '
+            '--top-p --seed --device',
     'eval-mllm': '--mllm --data --codes-val --codes-train --out --llm --cfg --max-items --train-items '
                  '--samples-per-item --max-new-tokens --question --category-question --draw --label-set '
                  '--temperature --top-k --top-p --seed --chunk-size --batch-size --extractor --extractor-weights '

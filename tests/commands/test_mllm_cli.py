@@ -50,3 +50,12 @@ def test_generate_mllm_writes_an_image_and_codes(trained, tmp_path):
     assert cli(['generate', '--mllm', str(trained / 'run' / 'model'), '--out', str(tmp_path / 'y.png')]) == 2
     with pytest.raises(SystemExit):
         cli(['generate', '--mllm', 'a', '--gen', 'b', '--out', str(tmp_path / 'z.png')])
+
+
+def test_generate_mllm_with_a_huge_n_is_refused_with_the_memory_it_would_need(trained, tmp_path, capsys):
+    capsys.readouterr()
+    assert cli(['generate', '--mllm', str(trained / 'run' / 'model'), '--prompt', 'Draw an emoji of a red apple.',
+                '--n', '100000000', '--out', str(tmp_path / 'img.png')]) == 2
+    err = capsys.readouterr().err
+    assert 'error: --n: 100000000 samples would need about' in err and 'ask for at most' in err
+    assert len(err.strip().splitlines()) == 1 and not list(tmp_path.iterdir())

@@ -144,3 +144,15 @@ def test_bad_arguments_fail_with_one_clear_error(tmp_path, capsys):
     assert '--steps must be >= 1' in capsys.readouterr().err
     assert main(['demo-mllm', '--out', str(tmp_path / 'd'), '--tokenizer', str(tmp_path)]) == 2
     assert 'not a UniTok model directory' in capsys.readouterr().err
+
+
+def test_later_stages_arguments_are_checked_before_the_first_stage(tmp_path, capsys, monkeypatch):
+    """--lr nan and an LLM that is not there fail at once, not after the export and the LLM's loading."""
+    from unitok.commands import demo_mllm
+    monkeypatch.setattr(demo_mllm, '_trained', lambda *a, **k: pytest.fail('a stage ran before the check'))
+    monkeypatch.setattr(demo_mllm, '_export', lambda *a, **k: pytest.fail('the export ran before the check'))
+    assert main(['demo-mllm', '--out', str(tmp_path / 'd'), '--lr', 'nan']) == 2
+    assert 'optim.lr must be a positive finite number, got nan (from --lr' in capsys.readouterr().err
+    assert main(['demo-mllm', '--out', str(tmp_path / 'd'), '--llm', str(tmp_path / 'no-llm')]) == 2
+    assert f"no LLM directory at {str(tmp_path / 'no-llm')!r}" in capsys.readouterr().err
+    assert not (tmp_path / 'd').exists()

@@ -1,6 +1,8 @@
 """The multimodal LLM on a tiny random Llama: cached == uncached generation (text and image codes),
 one input path for image positions, the mixed-batch loss, save/load of the special tokens and
 adapters, and one clear error for each bad input."""
+import os
+
 import pytest
 import torch
 
@@ -162,6 +164,19 @@ def test_special_tokens_and_weights_round_trip_through_save_and_load(mllm, token
         UniTokMLLM.from_pretrained(str(tmp_path / 'm'), llm=tiny_llm(hidden=64))
 
 
+def test_an_llm_with_the_same_config_and_other_weights_is_refused_or_warned_about(mllm, tokenizer, tmp_path, caplog):
+    mllm.save_pretrained(str(tmp_path / 'm'))
+    assert len(mllm.config.llm_ref['weights_sha256']) == 64
+    with pytest.raises(LLMError, match=r"is not the one this MLLM was trained with: the LLM weights differ \(same "
+                                       r'config and vocabulary, other values\); .* or --ignore-mismatch'):
+        UniTokMLLM.from_pretrained(str(tmp_path / 'm'), llm=tiny_llm(seed=1))
+    again = UniTokMLLM.from_pretrained(str(tmp_path / 'm'), llm=tiny_llm(seed=1), ignore_mismatch=True)
+    assert 'the LLM weights differ' in caplog.text and 'used anyway (--ignore-mismatch)' in caplog.text
+    assert again.config.llm_ref == mllm.config.llm_ref
+    llm, tok = tiny_llm()
+    assert UniTokMLLM.from_pretrained(str(tmp_path / 'm'), llm=(llm.to(torch.bfloat16), tok)) is not None  # dtype: same
+
+
 def test_lora_adapters_are_saved_and_restored(tokenizer, tmp_path):
     m = _mllm(tokenizer, lora_rank=4)
     m.freeze_llm()
@@ -245,6 +260,37 @@ def test_cached_and_uncached_paths_give_the_head_the_same_llm_states(mllm):
         hook.remove()
     assert cached.shape == (mllm.config.num_positions, 4, mllm.config.llm_dim)
     torch.testing.assert_close(cached, uncached, rtol=1e-4, atol=1e-5)
+
+
+class _Call:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f'touch {self.marker}',))
+
+
+def test_an_llm_folder_with_a_pickled_pytorch_model_bin_is_the_one_line_refusal(tmp_path):
+    from unitok.mllm.llm import load_llm
+    marker = tmp_path / 'pwned'
+    llm, tok = tiny_llm()
+    llm.save_pretrained(str(tmp_path / 'llm'))
+    tok.save_pretrained(str(tmp_path / 'llm'))
+    os.remove(tmp_path / 'llm' / 'model.safetensors')
+    torch.save({**llm.state_dict(), 'payload': _Call(marker)}, tmp_path / 'llm' / 'pytorch_model.bin')
+    with pytest.raises(LLMError, match=r"refused to load '.*pytorch_model.bin': the file is unsafe: unpickling it "
+                                       r'would import and call os.system.*Nothing from the file was executed'):
+        load_llm(str(tmp_path / 'llm'))
+    assert not marker.exists()
+
+
+def test_an_mllm_json_whose_llm_width_differs_is_one_line(mllm, tokenizer, tmp_path):
+    import json
+    mllm.save_pretrained(str(tmp_path / 'm'))
+    config = json.loads((tmp_path / 'm' / 'mllm.json').read_text())
+    (tmp_path / 'm' / 'mllm.json').write_text(json.dumps({**config, 'llm_dim': 64}))
+    with pytest.raises(LLMError, match=r'the saved MLLM says llm_dim 64, the LLM has width 32'):
+        UniTokMLLM.from_pretrained(str(tmp_path / 'm'), llm=tiny_llm(), tokenizer=tokenizer)
 
 
 @pytest.mark.parametrize('use_cache', [True, False])

@@ -8,8 +8,8 @@ import torch
 
 import unitok
 from unitok.cli import main as cli
-from train_helpers import (kill_9_then_resume, load_params, max_param_diff, run_unitok, saved_tiny_tokenizer,
-                           uninterrupted_and_resumed)
+from train_helpers import (kill_9_then_resume, load_params, logged_rows, max_param_diff, run_unitok,
+                           saved_tiny_tokenizer, uninterrupted_and_resumed)
 from unitok.config import ConfigError
 from unitok.generation import GeneratorModel
 from unitok.codes import ExportConfig, export_codes
@@ -69,9 +69,10 @@ def test_generator_resume_after_kill_9_is_exact(exported, tmp_path):
     a = load_params(str(tmp_path / 'ref' / 'checkpoints' / 'step_00000040.pt'))
     b = load_params(str(tmp_path / 'cut' / 'checkpoints' / 'step_00000040.pt'))
     assert max_param_diff(a, b) == 0
+    assert logged_rows(tmp_path / 'cut') == logged_rows(tmp_path / 'ref')      # each step once, the same values
 
 
-def test_generate_command_writes_a_grid_and_the_codes(exported, tmp_path):
+def test_generate_command_writes_a_grid_and_the_codes(exported, tmp_path, capsys):
     Trainer(_cfg(exported, tmp_path / 'run', steps=2)).fit()
     out = tmp_path / 'grid.png'
     assert cli(['generate', '--gen', str(tmp_path / 'run' / 'model'), '--class', 'animals & nature', '--n', '3',
@@ -86,6 +87,39 @@ def test_generate_command_writes_a_grid_and_the_codes(exported, tmp_path):
     # an unknown class lists the valid ones
     assert cli(['generate', '--gen', str(tmp_path / 'run' / 'model'), '--class', 'dinosaurs',
                 '--out', str(tmp_path / 'x.png')]) == 2
+
+    # a huge --n: refused before sampling, with the memory it would need
+    capsys.readouterr()
+    assert cli(['generate', '--gen', str(tmp_path / 'run' / 'model'), '--n', '100000000', '--out',
+                str(tmp_path / 'huge.png')]) == 2
+    assert 'samples would need about' in capsys.readouterr().err and not (tmp_path / 'huge.npz').exists()
+
+
+def test_generated_codes_carry_the_tokenizer_identity(exported, tmp_path, capsys):
+    """`unitok decode` takes them with their tokenizer and refuses them with another of the same shape;
+    a codes file without an identity is decoded with a warning naming the check skipped."""
+    Trainer(_cfg(exported, tmp_path / 'run', steps=1)).fit()
+    assert cli(['generate', '--gen', str(tmp_path / 'run' / 'model'), '--class', 'animals & nature', '--n', '2',
+                '--seed', '0', '--out', str(tmp_path / 'grid.png')]) == 0
+    identity = json.loads(str(np.load(tmp_path / 'grid.npz')['tokenizer']))
+    tok = unitok.UniTok.from_pretrained(str(exported / 'tokenizer'))
+    assert identity == {**unitok.codes.tokenizer_identity(tok), 'grid': [4, 4], 'image_size': 64}
+    decode = ['decode', str(tmp_path / 'grid.npz'), '--out-dir', str(tmp_path / 'dec'), '--device', 'cpu']
+    assert cli([*decode, '--model', str(exported / 'tokenizer')]) == 0
+    torch.manual_seed(1)
+    other = unitok.create_model('unitok-tiny')
+    other.init_weights()
+    other.save_pretrained(str(tmp_path / 'tok2'))
+    capsys.readouterr()
+    assert cli([*decode[:3], str(tmp_path / 'dec2'), '--model', str(tmp_path / 'tok2'), '--device', 'cpu']) == 2
+    assert 'other codebooks' in capsys.readouterr().err and not (tmp_path / 'dec2').exists()
+    bare = dict(np.load(tmp_path / 'grid.npz'))
+    del bare['tokenizer']
+    np.savez(tmp_path / 'bare.npz', **bare)
+    with pytest.warns(UserWarning, match=r"bare.npz' records no tokenizer identity: the check that its codes come "
+                                         'from this tokenizer is skipped'):
+        assert cli(['decode', str(tmp_path / 'bare.npz'), '--out-dir', str(tmp_path / 'dec3'), '--model',
+                    str(tmp_path / 'tok2'), '--device', 'cpu']) == 0
 
 
 def test_generate_checks_its_outputs_first_and_gives_n_per_class(exported, tmp_path):

@@ -1,5 +1,6 @@
 """The one training loop, on a toy task (seconds): accumulation, clipping, EMA export, non-finite
 skips, exact resume, the run directory rules, signals and data failures."""
+import json
 import os
 import signal
 from dataclasses import dataclass, field
@@ -228,3 +229,40 @@ def test_bf16_on_a_device_without_bf16_units_is_warned_about(tmp_path, monkeypat
         assert Trainer(task.cfg, task).fit()['exit'] == 'finished'
     warned = [r for r in caplog.records if 'no bf16 units' in r.getMessage()]
     assert asked == [torch.device('cpu')] and len(warned) == (0 if has_units else 1)
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_no_run(tmp_path):
+    """config.yaml, an empty metrics.jsonl and tensorboard/ are left by a run that failed at once: the same
+    command starts it again, and so does --resume latest (from step 0), each step logged once."""
+    task = ToyTask(toy(tmp_path, steps=3), source=Points(bad=('all',)))
+    with pytest.raises(DataError):
+        Trainer(task.cfg, task).fit()
+    run = tmp_path / 'run'
+    assert (run / 'config.yaml').exists() and not (run / 'checkpoints').exists()
+    (run / 'metrics.jsonl').write_text('{"step": 1, "kind": "train", "loss": 9.0}\n')     # a stale row
+    again = ToyTask(toy(tmp_path, steps=3))
+    assert Trainer(again.cfg, again).fit()['exit'] == 'finished'
+    steps = [json.loads(line)['step'] for line in (run / 'metrics.jsonl').read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    other = tmp_path / 'other'
+    other.mkdir()
+    (other / 'config.yaml').write_text('')
+    resumed = ToyTask(toy(tmp_path, 'other', steps=2))
+    summary = Trainer(resumed.cfg, resumed).fit(resume='latest')
+    assert summary['exit'] == 'finished' and summary['step'] == 2
+
+
+class FailsAt(ToyTask):
+    def loss(self, phase, batch, step):
+        if step == self.nan_at:
+            raise ValueError(f'bad item at step {step}')
+        return super().loss(phase, batch, step)
+
+
+def test_a_step_that_fails_mid_run_checkpoints_the_steps_before_it(tmp_path):
+    task = FailsAt(toy(tmp_path, steps=5), nan_at=3)                   # steps 0..2 done, the 4th fails
+    with pytest.raises(ValueError, match='bad item at step 3'):
+        Trainer(task.cfg, task).fit()
+    assert sorted(os.listdir(tmp_path / 'run' / 'checkpoints')) == ['step_00000003.pt']
+    again = ToyTask(toy(tmp_path, steps=5))
+    assert Trainer(again.cfg, again).fit(resume='latest')['step'] == 5

@@ -8,7 +8,7 @@ import torch
 
 pytest.importorskip('transformers')
 
-from train_helpers import (kill_9_then_resume, load_params, max_param_diff, run_unitok,  # noqa: E402
+from train_helpers import (kill_9_then_resume, load_params, logged_rows, max_param_diff, run_unitok,  # noqa: E402
                            saved_tiny_tokenizer, uninterrupted_and_resumed)
 from unitok.checkpoint import CheckpointError  # noqa: E402
 from unitok.config import ConfigError  # noqa: E402
@@ -79,6 +79,7 @@ def test_mllm_resume_after_kill_9_is_exact(exported, tmp_path):
     b = load_params(str(tmp_path / 'cut' / 'checkpoints' / 'step_00000030.pt'))
     assert a and not any(k.startswith('model.llm.') for k in a)       # the frozen LLM is not checkpointed
     assert max_param_diff(a, b) == 0
+    assert logged_rows(tmp_path / 'cut') == logged_rows(tmp_path / 'ref')      # each step once, the same values
 
 
 def test_stage_two_trains_lora_adapters_from_a_stage_one_model(exported, tmp_path):
@@ -105,3 +106,20 @@ def test_bad_configs_get_one_clear_error(exported, tmp_path):
     Trainer(_cfg(exported, tmp_path / 'c', steps=2)).fit()
     with pytest.raises(CheckpointError, match='model'):
         Trainer(_cfg(exported, tmp_path / 'c', steps=4).override(['model.head_width=64'])).fit(resume='latest')
+
+
+def test_codes_whose_captions_are_file_names_are_refused(exported, tmp_path):
+    """A folder exported without captions.jsonl gets its file stems ('0', '10') as captions: not trained on."""
+    from PIL import Image
+    from unitok import UniTok
+    folder = tmp_path / 'images'
+    folder.mkdir()
+    for i in (0, 10, 11):
+        Image.new('RGB', (64, 64), (20 * i, 0, 0)).save(folder / f'{i}.png')
+    tok = UniTok.from_pretrained(str(exported / 'tokenizer'))
+    export_codes(tok, ExportConfig(data=f'folder:{folder}'), str(tmp_path / 'codes'))
+    cfg = _cfg(exported, tmp_path / 'run', category_question='').override([f'data.train={tmp_path / "codes"}',
+                                                                          'data.val='])
+    with pytest.raises(ConfigError, match=r"codes' have no captions \(each item's caption is empty or its file name"):
+        Trainer(cfg)
+    assert not (tmp_path / 'run').exists()

@@ -48,8 +48,10 @@ class CodeDataset(torch.utils.data.Dataset):
         self._starts = np.concatenate([[0], np.cumsum(counts)])
         self._arrays: dict[int, tuple] = {}
         self._meta: dict[int, list] = {}
-        for s in range(len(self.shard_names)):      # open every shard once: a bad file fails here, not mid-training
-            self._open(s)
+        vocab = tok.get('vocab_sizes') or [self.codebook_size] * self.num_codebooks
+        self._vocab = np.asarray(vocab, dtype=np.int64)
+        for s in range(len(self.shard_names)):      # every shard checked once: bad data fails here, not mid-training
+            self._check_shard(s)
 
     # -- properties
     @property
@@ -91,14 +93,13 @@ class CodeDataset(torch.utils.data.Dataset):
     # -- access
     def _open(self, s: int) -> tuple:
         if s not in self._arrays:
-            name = self.shard_names[s]
             n = int(self._starts[s + 1] - self._starts[s])
             h, w = self.grid
             want = {'codes': ((n, self.num_views, self.num_codebooks, h, w), np.uint16),
                     'labels': ((n, len(self.manifest['label_sets'])), np.int64), 'index': ((n,), np.int64)}
             arrays = []
             for part, (shape, dtype) in want.items():
-                path = os.path.join(self.directory, f'{part}-{name}.npy')
+                path = self._path(part, s)
                 try:
                     a = np.load(path, mmap_mode='r', allow_pickle=False)
                 except (OSError, ValueError) as e:
@@ -110,17 +111,61 @@ class CodeDataset(torch.utils.data.Dataset):
             self._arrays[s] = tuple(arrays)
         return self._arrays[s]
 
+    def _check_shard(self, s: int, chunk: int = 4096) -> None:
+        """Codes in their sub-codebook's range, labels in their label set's, one well-formed caption row
+        per item; one :class:`CodeFormatError` naming the shard file and the item otherwise. Reads the
+        memory maps in chunks of ``chunk`` items (bounded memory, one pass)."""
+        codes, labels, _ = self._open(s)
+        rows = self._captions(s)
+        name, start = self.shard_names[s], int(self._starts[s])
+
+        def item(j: int) -> str:
+            return f'item {j} of shard {name} (item {start + j} of the export, key {rows[j].get("key")!r})'
+        sizes = [len(c['classnames']) for c in self.manifest['label_sets']]
+        for lo in range(0, len(codes), chunk):
+            block = np.asarray(codes[lo:lo + chunk])
+            high = block.max(axis=(1, 3, 4)).astype(np.int64)           # (items, K)
+            bad = np.argwhere(high >= self._vocab)
+            if len(bad):
+                j, k = int(bad[0][0]), int(bad[0][1])
+                raise CodeFormatError(f'{self._path("codes", s)!r}: {item(lo + j)} has code {high[j, k]} in '
+                                      f'sub-codebook {k}, outside [0, {self._vocab[k]}); export the codes again')
+            lab = np.asarray(labels[lo:lo + chunk])
+            for c, n in enumerate(sizes):
+                wrong = np.flatnonzero((lab[:, c] < -1) | (lab[:, c] >= n))
+                if len(wrong):
+                    j = int(wrong[0])
+                    raise CodeFormatError(f'{self._path("labels", s)!r}: {item(lo + j)} has label {lab[j, c]} in '
+                                          f'label set {self.manifest["label_sets"][c]["name"]!r}, outside '
+                                          f'[-1, {n}); export the codes again')
+
+    def _path(self, part: str, s: int) -> str:
+        suffix = 'jsonl' if part == 'meta' else 'npy'
+        return os.path.join(self.directory, f'{part}-{self.shard_names[s]}.{suffix}')
+
     def _captions(self, s: int) -> list:
         if s not in self._meta:
-            path = os.path.join(self.directory, f'meta-{self.shard_names[s]}.jsonl')
+            path = self._path('meta', s)
+            rows = []
             try:
                 with open(path, encoding='utf-8') as f:
-                    rows = [json.loads(line) for line in f if line.strip()]
-            except (OSError, json.JSONDecodeError) as e:
+                    for line in f:
+                        if line.strip():
+                            rows.append(json.loads(line))
+            except (OSError, UnicodeDecodeError) as e:
                 raise CodeFormatError(f'cannot read {path!r}: {e}') from None
+            except json.JSONDecodeError as e:
+                raise CodeFormatError(f'{path!r}: the row of item {len(rows)} of shard {self.shard_names[s]} is '
+                                      f'not JSON ({e}); the file is cut or damaged, export the codes again') from None
+            for j, row in enumerate(rows):
+                if not (isinstance(row, dict) and isinstance(row.get('captions'), list)
+                        and all(isinstance(c, str) for c in row['captions'])):
+                    raise CodeFormatError(f'{path!r}: the row of item {j} of shard {self.shard_names[s]} has no '
+                                          'list of caption strings; export the codes again')
             if len(rows) != self._starts[s + 1] - self._starts[s]:
                 raise CodeFormatError(f'{path!r} has {len(rows)} rows, the manifest says '
-                                      f'{self._starts[s + 1] - self._starts[s]}')
+                                      f'{self._starts[s + 1] - self._starts[s]}; the file is cut or damaged, '
+                                      'export the codes again')
             self._meta[s] = rows
         return self._meta[s]
 

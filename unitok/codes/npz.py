@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import zipfile
 import zlib
 from dataclasses import dataclass
@@ -119,7 +120,11 @@ def _json_object(path: str, text: str | None, what: str) -> dict | None:
 
 def check_codes_match(path: str, data: CodesFile, model) -> None:
     """Refuse codes written by a model whose code space differs from ``model``'s (another
-    configuration, or the same configuration with other codebooks), and codes out of its range."""
+    configuration, or the same configuration with other codebooks), and codes out of its range. A file
+    that records nothing of its tokenizer gets a warning naming the check skipped."""
+    if data.tokenizer is None and data.config is None and data.codebook_digest is None:
+        warnings.warn(f'the codes file {path!r} records no tokenizer identity: the check that its codes come '
+                      'from this tokenizer is skipped (only their range is checked)', stacklevel=2)
     check_agreement(data.identity(), model, where=f'the codes file {path!r}', consumer='the model',
                     there='in the file', fix=_FIX, skip=DECODER_FIELDS, error=ValueError)
     check_code_range(data.codes, model.quantizer, repr(path), data.files)

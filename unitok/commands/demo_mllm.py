@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from ..config import ConfigError
 from ..data import open_source
 from ..eval.mllm import MLLMEvalConfig, evaluate_mllm
 from ..eval.report import format_value, png_data_uri, render_template
@@ -244,6 +245,18 @@ def _render(out: str, summary: dict, report: dict, answers: list[dict], drawings
 
 
 # ---------------------------------------------------------------------- the command
+def _check_arguments(args, out: str, precision: str) -> None:
+    """Every setting of the later stages checked before the first one runs (the LLM found without
+    loading it; the MLLM run's configuration validated), so that a typo is not found after an export."""
+    from ..mllm.llm import TINY_LLM, resolve_llm
+    if args.llm != TINY_LLM:
+        resolve_llm(args.llm)
+    try:
+        _mllm_config(out, args.tokenizer or os.path.join(out, 'tokenizer', 'model'), args, precision).validate()
+    except ConfigError as e:
+        raise DemoError(f'{e} (from --lr, --steps or --batch-size)') from None
+
+
 def run(args) -> int:
     for name in ('steps', 'batch_size', 'tokenizer_steps', 'eval_items', 'limit'):
         if getattr(args, name) is not None and getattr(args, name) < 1:
@@ -255,11 +268,12 @@ def run(args) -> int:
                         '.pth or a hub id; pass e.g. demo_output/train/model of `unitok demo`, or leave it out to '
                         'train one')
     out = os.path.abspath(args.out)
+    precision = 'bf16' if (bf16_runs_in_hardware('cpu') or torch.cuda.is_available()) and not args.fp32 else 'fp32'
+    _check_arguments(args, out, precision)
     check_writable_dir(out, 'demo directory')
     os.makedirs(out, exist_ok=True)
     stages = _Stages(out)
     t0 = time.time()
-    precision = 'bf16' if (bf16_runs_in_hardware('cpu') or torch.cuda.is_available()) and not args.fp32 else 'fp32'
 
     if args.tokenizer:
         tokenizer_dir = os.path.abspath(args.tokenizer) if local else args.tokenizer      # else a hub id

@@ -2,13 +2,14 @@
 generator on them) and ``generate`` (images from a generator, or from a multimodal LLM with ``--mllm``)."""
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
 import torch
 
 from ..checkpoint import CheckpointError
-from ..codes import check_agreement, code_space
+from ..codes import check_agreement, code_space, tokenizer_identity
 from ..data.files import default_workers
 from ..eval.generation import load_generator
 from ..generation import ExportConfig, export_codes, generate, text_condition
@@ -22,7 +23,7 @@ from ..utils.io import atomic_write, check_writable_file
 from ..utils.throughput import Throughput
 from .args import (add_codes_arguments, add_command, add_precision_arg, add_run_arguments, add_sampling_args,
                    default_device)
-from .mllm import load_mllm
+from .mllm import add_llm_arguments, load_mllm
 from .train import assignments, resolve_config, run_training
 
 EXPORT_DOC = """``unitok export-codes``: tokenize a data source into memory-mapped code shards (see :mod:`.codes`).
@@ -161,13 +162,16 @@ def run_generate(args) -> int:
         check_fits(args.prompt, tokenizer.config.text_context_length, what='--prompt')
         prompts = [p for p in args.prompt for _ in range(args.n)]
         cond, rows = text_condition(tokenizer, prompts), [None] * len(args.prompt)
+    prefix = c.class_tokens if c.cond == 'class' else c.text_len
+    check_sample_memory(len(labels) if c.cond == 'class' else len(prompts), tokenizer.config.image_size,
+                        kv_bytes(c.depth, c.dim, prefix + c.grid[0] * c.grid[1], args.cfg), args.device)
     with torch.no_grad():
         codes = generate(model, cond, cfg_scale=args.cfg, temperature=args.temperature, top_k=args.top_k,
                          top_p=args.top_p, generator=args.seed)
         images = tokenizer.decode(codes)
     per_row = args.n if len(rows) > 1 else min(args.n, 8)
     extra = {'labels': cond.cpu().numpy()} if c.cond == 'class' else {'prompts': np.array(prompts)}
-    write_samples(args, images, codes, per_row, **extra)
+    write_samples(args, images, codes, per_row, tokenizer, **extra)
     return 0
 
 
@@ -181,12 +185,38 @@ def _generate_with_mllm(args) -> int:
         raise ValueError(f'--n must be >= 1, got {args.n}')
     check_sample_outputs(args.out)
     model = load_mllm(args)
+    lc, (h, w) = model.llm.config, model.config.grid
+    check_sample_memory(args.n * len(args.prompt), model.image_tokenizer.config.image_size,
+                        kv_bytes(lc.num_hidden_layers, lc.hidden_size, 64 + h * w, args.cfg), args.device)
     codes = model.generate_image(args.prompt, n=args.n, cfg_scale=args.cfg, temperature=args.temperature,
                                  top_k=args.top_k, top_p=args.top_p, generator=args.seed)
     with torch.no_grad():
         images = model.decode_codes(codes)
-    write_samples(args, images, codes, args.n, prompts=np.array([p for p in args.prompt for _ in range(args.n)]))
+    prompts = np.array([p for p in args.prompt for _ in range(args.n)])
+    write_samples(args, images, codes, args.n, model.image_tokenizer, prompts=prompts)
     return 0
+
+
+def kv_bytes(layers: int, width: int, positions: int, cfg: float) -> int:
+    """The float32 keys and values one sample caches while it is sampled (twice with guidance)."""
+    return 2 * layers * width * positions * 4 * (2 if cfg != 1 else 1)
+
+
+def check_sample_memory(n: int, image_size: int, per_sample_cache: int, device: str) -> None:
+    """Refuse (before any sampling) a request whose samples could not be held at once: each needs its
+    cache while sampled and its decoded image (float32, copied into the grid); the error says how much
+    memory it would need and how many samples fit in what is free."""
+    per_sample = per_sample_cache + 3 * image_size * image_size * 4 * 3
+    if torch.device(device).type == 'cuda':
+        free = torch.cuda.mem_get_info(torch.device(device))[0]
+    else:
+        import psutil
+        free = psutil.virtual_memory().available
+    if n * per_sample > 0.8 * free:
+        gib = 1 << 30
+        raise ValueError(f'--n: {n} samples would need about {n * per_sample / gib:,.1f} GiB of memory '
+                         f'({per_sample / (1 << 20):.1f} MiB each), {free / gib:.1f} GiB are free on {device}: '
+                         f'ask for at most {max(0, int(0.8 * free // per_sample))} samples in one command')
 
 
 # The grid formats ``--out`` may name, by suffix; the codes go beside it with ``.npz``.
@@ -205,15 +235,17 @@ def check_sample_outputs(out: str) -> str:
     return stem + '.npz'
 
 
-def write_samples(args, images: torch.Tensor, codes: torch.Tensor, per_row: int, **extra) -> None:
+def write_samples(args, images: torch.Tensor, codes: torch.Tensor, per_row: int, tokenizer, **extra) -> None:
     """``args.out``: a grid image of ``images`` (``per_row`` a row) in the format its suffix names;
-    beside it, the same name with ``.npz``: the codes (uint16), the guidance scale, the seed and ``extra``
+    beside it, the same name with ``.npz``: the codes (uint16), the identity of ``tokenizer`` (which
+    decoded them: ``unitok decode`` refuses them for another), the guidance scale, the seed and ``extra``
     arrays (labels or prompts). The codes are written first, so the image appears only with its codes."""
     codes_path = check_sample_outputs(args.out)
     grid = make_grid([images[i:i + per_row] for i in range(0, len(images), per_row)])
     image_format = GRID_FORMATS[os.path.splitext(args.out)[1].lower()]
-    meta = dict(codes=codes.cpu().numpy().astype(np.uint16), cfg=np.float64(args.cfg), seed=np.int64(args.seed),
-                **extra)
+    identity = {**tokenizer_identity(tokenizer), 'grid': list(codes.shape[2:]), 'image_size': images.shape[-1]}
+    meta = dict(codes=codes.cpu().numpy().astype(np.uint16), tokenizer=np.array(json.dumps(identity)),
+                cfg=np.float64(args.cfg), seed=np.int64(args.seed), **extra)
     atomic_write(codes_path, lambda f: np.savez(f, **meta), what='codes')
     atomic_write(args.out, lambda f: grid.save(f, format=image_format), what='output image')
     print(f'wrote {args.out} ({len(images)} samples) and {codes_path}')
@@ -225,7 +257,7 @@ def register_generate(sub) -> None:
     which.add_argument('--gen', help='generator model directory (RUN/model of unitok train-gen)')
     which.add_argument('--mllm', help='multimodal LLM directory (RUN/model of unitok train-mllm) or the released '
                        'UniTok MLLM (folder or FoundationVision/unitok_mllm); takes --prompt')
-    g.add_argument('--llm', help='with --mllm: the LLM to use instead of the referenced one')
+    add_llm_arguments(g)
     g.add_argument('--tokenizer', help='UniTok model that decodes the codes (default: the one it was trained with)')
     g.add_argument('--class', dest='classes', action='append', help='class name (repeatable; default: every class)')
     g.add_argument('--prompt', action='append', help='text prompt (text-conditional generators; repeatable)')

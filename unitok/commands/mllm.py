@@ -23,7 +23,16 @@ MLLM_DOC = """``unitok chat``, ``unitok train-mllm`` and ``unitok generate --mll
 
 def load_mllm(args) -> UniTokMLLM:
     """The model of ``--mllm``, with ``--llm`` and ``--tokenizer`` in place of the referenced ones."""
-    return UniTokMLLM.from_pretrained(args.mllm, llm=args.llm, tokenizer=args.tokenizer, map_location=args.device)
+    return UniTokMLLM.from_pretrained(args.mllm, llm=args.llm, tokenizer=args.tokenizer, map_location=args.device,
+                                      ignore_mismatch=getattr(args, 'ignore_mismatch', False))
+
+
+def add_llm_arguments(p) -> None:
+    """``--llm`` and ``--ignore-mismatch`` of the commands that load a trained MLLM."""
+    p.add_argument('--llm', help='the LLM to use instead of the referenced one (checked against it: config, '
+                                 'vocabulary and weights digests)')
+    p.add_argument('--ignore-mismatch', action='store_true',
+                   help='use an --llm whose weights differ from those the MLLM was trained with (a warning)')
 
 
 # ---------------------------------------------------------------------- unitok train-mllm
@@ -67,7 +76,7 @@ def register_chat(sub) -> None:
                    'UniTok MLLM: its folder or hub id FoundationVision/unitok_mllm')
     c.add_argument('--image', help='image file (without: a text-only question)')
     c.add_argument('question', help='the question, e.g. "What is in this image?"')
-    c.add_argument('--llm', help='the LLM to use instead of the referenced one (checked against it)')
+    add_llm_arguments(c)
     c.add_argument('--tokenizer', help='the UniTok tokenizer (default: the one it was trained with)')
     c.add_argument('--max-new-tokens', type=int, default=64)
     add_sampling_args(c, temperature=0.0, temperature_help='0: greedy')

@@ -47,7 +47,7 @@ class InceptionFeatures(nn.Module):
             try:
                 self.net = FeatureExtractorInceptionV3('inception-v3-compat', ['2048', 'logits_unbiased'],
                                                        feature_extractor_weights_path=clean)
-            except RuntimeError as e:      # its strict load_state_dict names the missing keys and wrong shapes
+            except (RuntimeError, KeyError, AttributeError, TypeError) as e:   # its strict load_state_dict names the missing keys and wrong shapes
                 raise CheckpointError(f'Inception weights {path!r} are not the layout torch-fidelity reads from '
                                       f"{INCEPTION_FILE}: {' '.join(str(e).split())[:400]}") from None
 

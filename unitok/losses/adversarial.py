@@ -225,7 +225,7 @@ def load_dinov2(path: str, grid: int) -> nn.Module:
         state['pos_embed'] = torch.cat([pe[:, :1], patch.permute(0, 2, 3, 1).reshape(1, grid * grid, -1)], 1)
     try:
         model.load_state_dict(checkpoint_filter_fn(state, model), strict=True)
-    except RuntimeError as e:       # torch names every missing / unexpected key and wrong shape
+    except (RuntimeError, KeyError, AttributeError) as e:   # torch names every missing / unexpected key and wrong shape
         detail = ' '.join(str(e).split())[:400]
         raise CheckpointError(f'DINOv2 weights {path!r} are not the released ViT-S/14 layout of {DINO_FILE}: '
                               f'{detail}') from None

@@ -12,7 +12,7 @@ An LLM spec is one of:
   (:mod:`unitok.mllm.tiny`).
 
 :func:`llm_reference` is what a saved MLLM records about its LLM: the spec, the GGUF file, and
-sha256 digests of the LLM config and the tokenizer vocabulary, checked again at load.
+sha256 digests of the LLM config, the tokenizer vocabulary and a few named weight tensors, checked again at load.
 """
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 from importlib import util
 
 import torch
@@ -95,12 +96,21 @@ def load_llm(spec: str | None = None, dtype: torch.dtype = torch.float32):
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(where, **kwargs)
         model = transformers.AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+    except pickle.UnpicklingError as e:    # a pickled pytorch_model.bin that would run code: the one-line refusal
+        from ..safe_pickle import unsafe_pickle_message
+        raise LLMError(unsafe_pickle_message(_pickled_weights(where), e)) from None
     except (OSError, ValueError) as e:
         raise LLMError(f'cannot load the LLM {spec or DEFAULT_LLM!r} ({where}{", " + gguf if gguf else ""}): '
                        f'{str(e).splitlines()[0]}') from None
     model.eval()
     ref = llm_reference(spec or DEFAULT_LLM, gguf, model, tokenizer)
     return model, tokenizer, ref
+
+
+def _pickled_weights(where: str) -> str:
+    """The pickled weights file of an LLM directory (what a refusal names), else the directory."""
+    found = sorted(f for f in os.listdir(where) if f.endswith(('.bin', '.pt', '.pth'))) if os.path.isdir(where) else []
+    return os.path.join(where, found[0]) if found else where
 
 
 def config_sha256(model) -> str:
@@ -120,10 +130,30 @@ def vocab_sha256(tokenizer, base_size: int | None = None) -> str:
     return hashlib.sha256(json.dumps(sorted(vocab.items(), key=lambda x: x[1])).encode()).hexdigest()
 
 
+DIGEST_SAMPLE = 1 << 16                     # values of each named tensor the weights digest reads
+
+
+def weights_sha256(model) -> str:
+    """sha256 of a few named tensors of the LLM (the first two, the middle one and the last two parameters,
+    up to :data:`DIGEST_SAMPLE` evenly strided values each, rounded to bf16 so the load dtype does not
+    matter): cheap, and it tells another LLM of the same config apart. LoRA adapters are left out."""
+    named = [(n.replace('base_model.model.', '').replace('.base_layer', ''), p) for n, p in model.named_parameters()
+             if 'lora_' not in n]
+    picked = {i for i in (0, 1, len(named) // 2, len(named) - 2, len(named) - 1) if 0 <= i < len(named)}
+    h = hashlib.sha256()
+    for i in sorted(picked):
+        name, p = named[i]
+        flat = p.detach().reshape(-1)
+        values = flat[::max(1, flat.numel() // DIGEST_SAMPLE)][:DIGEST_SAMPLE]
+        h.update(name.encode() + json.dumps(list(p.shape)).encode())
+        h.update(values.to('cpu', torch.bfloat16).view(torch.int16).numpy().tobytes())
+    return h.hexdigest()
+
+
 def llm_reference(spec: str, gguf: str | None, model, tokenizer) -> dict:
     return {'llm': spec if not os.path.isdir(spec) else os.path.abspath(spec), 'gguf_file': gguf,
             'config_sha256': config_sha256(model), 'vocab_size': len(tokenizer),
-            'vocab_sha256': vocab_sha256(tokenizer)}
+            'vocab_sha256': vocab_sha256(tokenizer), 'weights_sha256': weights_sha256(model)}
 
 
 def add_image_tokens(tokenizer, expected: dict[str, int] | None = None) -> dict[str, int]:
@@ -141,16 +171,26 @@ def add_image_tokens(tokenizer, expected: dict[str, int] | None = None) -> dict[
     return ids
 
 
-def check_reference(saved: dict, model, tokenizer, base_vocab: int) -> None:
-    """Raise :class:`LLMError` unless ``model``/``tokenizer`` are the LLM a saved MLLM was trained with."""
+def check_reference(saved: dict, model, tokenizer, base_vocab: int, ignore_mismatch: bool = False) -> None:
+    """Raise :class:`LLMError` unless ``model``/``tokenizer`` are the LLM a saved MLLM was trained with
+    (config, vocabulary and weights digests); with ``ignore_mismatch`` a differing weights digest is a
+    warning (a fine-tuned copy of the same LLM), a differing config or vocabulary still an error."""
     problems = []
     if saved.get('config_sha256') and saved['config_sha256'] != config_sha256(model):
         problems.append('the LLM config differs')
     if saved.get('vocab_sha256') and saved['vocab_sha256'] != vocab_sha256(tokenizer, base_vocab):
         problems.append('the tokenizer vocabulary differs')
+    what = f'the LLM {saved.get("llm")!r} is not the one this MLLM was trained with: '
     if problems:
-        raise LLMError(f'the LLM {saved.get("llm")!r} is not the one this MLLM was trained with: '
-                       + '; '.join(problems))
+        raise LLMError(what + '; '.join(problems))
+    if not saved.get('weights_sha256'):
+        log.warning('this MLLM records no digest of its LLM\'s weights (saved by an older version): the check '
+                    'that the LLM has the weights it was trained with is skipped')
+    elif saved['weights_sha256'] != weights_sha256(model):
+        message = what + 'the LLM weights differ (same config and vocabulary, other values)'
+        if not ignore_mismatch:
+            raise LLMError(message + '; pass the LLM it was trained with, or --ignore-mismatch to use this one')
+        log.warning('%s; used anyway (--ignore-mismatch)', message)
 
 
 def chat_prompt(tokenizer, user: str, assistant_prefix: str = '') -> str:

@@ -208,20 +208,23 @@ class UniTokMLLM(Pretrained, nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str, llm=None, tokenizer=None, map_location: str = 'cpu',
-                        revision: str | None = None, **official) -> 'UniTokMLLM':
+                        revision: str | None = None, ignore_mismatch: bool = False, **official) -> 'UniTokMLLM':
         """Load a directory of :meth:`save_pretrained` (or a hub id). ``llm``: another spec or
-        ``(model, tokenizer)`` pair for the referenced LLM (checked against the saved config and
-        vocabulary digests); ``tokenizer``: the UniTok tokenizer (default: the referenced path, loaded
-        on first use). The released MLLM (``FoundationVision/unitok_mllm``) loads as an :class:`OfficialMLLM`
-        (``official``: its options, e.g. ``dtype``)."""
+        ``(model, tokenizer)`` pair for the referenced LLM (checked against the saved config, vocabulary
+        and weights digests; ``ignore_mismatch``: other weights are a warning); ``tokenizer``: the UniTok
+        tokenizer (default: the referenced path, loaded on first use). The released MLLM
+        (``FoundationVision/unitok_mllm``) loads as an :class:`OfficialMLLM` (``official``: its options,
+        e.g. ``dtype``)."""
         folder = resolve_official(os.fspath(directory), revision) if llm is None else None
         if folder is not None:         # the class registers itself (unitok.mllm.official, imported by unitok.mllm)
             return UniTokMLLM.released.load(folder, tokenizer=tokenizer, device=map_location, **official)
-        return cls._load_pretrained(directory, map_location, revision, llm=llm, tokenizer=tokenizer)
+        return cls._load_pretrained(directory, map_location, revision, llm=llm, tokenizer=tokenizer,
+                                    ignore_mismatch=ignore_mismatch)
 
     @classmethod
-    def _empty(cls, config: MLLMConfig, directory: str | None = None, llm=None, **options) -> 'UniTokMLLM':
-        model, text_tok = _referenced_llm(config, directory, llm)
+    def _empty(cls, config: MLLMConfig, directory: str | None = None, llm=None, ignore_mismatch: bool = False,
+               **options) -> 'UniTokMLLM':
+        model, text_tok = _referenced_llm(config, directory, llm, ignore_mismatch)
         mllm = cls(config, model, text_tok, _code_input_like(config))
         if config.lora_rank:
             mllm.add_lora()
@@ -407,7 +410,7 @@ def _save_llm_copy(mllm: UniTokMLLM, directory: str) -> str:
     return LLM_COPY
 
 
-def _referenced_llm(config: MLLMConfig, directory: str | None, llm=None) -> tuple:
+def _referenced_llm(config: MLLMConfig, directory: str | None, llm=None, ignore_mismatch: bool = False) -> tuple:
     """The LLM and its tokenizer a saved config references (or ``llm``, checked against it), with the
     image tokens added at the saved ids."""
     if isinstance(llm, (tuple, list)):
@@ -415,7 +418,11 @@ def _referenced_llm(config: MLLMConfig, directory: str | None, llm=None) -> tupl
     else:
         spec = llm or (os.path.join(directory, config.llm) if config.llm == LLM_COPY else config.llm)
         model, text_tok, _ = load_llm(spec)
-    check_reference(config.llm_ref, model, text_tok, config.base_vocab)
+    check_reference(config.llm_ref, model, text_tok, config.base_vocab, ignore_mismatch)
+    width = model.get_input_embeddings().weight.shape[1]
+    if config.llm_dim and config.llm_dim != width:
+        raise LLMError(f'the saved MLLM says llm_dim {config.llm_dim}, the LLM has width {width}: its mllm.json does '
+                       'not fit this LLM (edited, or another LLM)')
     if len(text_tok) != config.base_vocab and not all(t in text_tok.get_vocab() for t in IMAGE_TOKENS):
         raise LLMError(f'the LLM tokenizer has {len(text_tok)} tokens, the saved model was trained with '
                        f'{config.base_vocab} (before the image tokens)')

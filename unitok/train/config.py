@@ -6,6 +6,7 @@ line overrides are dotted ``key=value`` pairs, e.g. ``optim.lr=1e-3 loss.percept
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Mapping
 
@@ -137,6 +138,8 @@ class RunConfig:
             raise ConfigError('data.batch_size must be >= 1 and data.num_workers >= 0')
         if optim is not None and optim.grad_accum < 1:
             raise ConfigError('optim.grad_accum must be >= 1')
+        if optim is not None and not (math.isfinite(optim.lr) and optim.lr > 0):
+            raise ConfigError(f'optim.lr must be a positive finite number, got {optim.lr}')
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from contextlib import nullcontext
 
 import torch
 
-from ..data import DataError, ResumableBatches
+from ..data import ResumableBatches
 from ..precision import bf16_runs_in_hardware
 from ..utils.distributed import DistInfo
 from ..utils.io import atomic_write
@@ -66,7 +66,7 @@ class Trainer:
             cfg.data.batch_size, cfg.data.num_workers)
         self.checkpointer = Checkpointer(os.path.join(cfg.out, 'checkpoints'), cfg.keep_last)
         self.state = TrainingState(self)
-        self.step, self.nonfinite_steps, self.stop_signal = 0, 0, None
+        self.step, self.nonfinite_steps, self.stop_signal, self._updated = 0, 0, None, False
 
     def autocast(self):
         if self.cfg.precision == 'fp32':
@@ -80,6 +80,7 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         metrics: dict[str, torch.Tensor | float] = dict(self.task.step_metrics(step))
         stop = self.stop_signal is not None
+        self._updated = False                   # whether an optimizer stepped (a failure then leaves no step)
         try:
             for phase in self.phases:
                 if not self.task.active(phase, step):
@@ -101,6 +102,7 @@ class Trainer:
                 nonfinite, stop = self._flags(~torch.isfinite(norm), stop)
                 if nonfinite:
                     raise NonFiniteStep(f'non-finite {phase.name} gradient norm at step {step}')
+                self._updated = True
                 (self.scaler.step if self.scaler else lambda opt: opt.step())(phase.optimizer)
                 prefix = '' if phase.name == 'model' else f'{phase.name}_'
                 metrics[f'{prefix}grad_norm'], metrics[f'{prefix}lr'] = norm.detach(), lr
@@ -136,10 +138,16 @@ class Trainer:
     def fit(self, resume: str | None = None) -> dict:
         cfg, task = self.cfg, self.task
         run = RunDirectory(cfg.out, self.info.is_main)
+        if resume == 'latest' and not holds_run(cfg.out) and self.checkpointer.latest() is None:
+            log.warning('%s: no checkpoint (the run stopped before its first one): starting it from step 0',
+                        cfg.out)
+            resume = None
         run.acquire(resuming=bool(resume))
         try:
             if resume:
                 self.state.load(resume)
+            else:
+                run.clear_leftovers()
             if self.info.is_main:
                 cfg.save(os.path.join(cfg.out, 'config.yaml'))
             return self._fit()
@@ -161,9 +169,12 @@ class Trainer:
         try:
             last_val = self._validate(logger) if self.step == 0 and cfg.eval_every else {}
             while self.step < cfg.steps:
-                micro = self._next_micro_batches()
                 t0 = time.time()
-                metrics = self.train_step(micro)
+                try:
+                    metrics = self.train_step(self._next_micro_batches())
+                except Exception:
+                    self._keep_progress()
+                    raise
                 self.step += 1
                 window.append(time.time() - t0)
                 if cfg.log_every and (self.step % cfg.log_every == 0 or self.step == cfg.steps):
@@ -191,7 +202,11 @@ class Trainer:
             self.data.close()
             for s, h in handlers.items():
                 signal.signal(s, h)
-        path = self.save_checkpoint()
+        try:
+            path = self.save_checkpoint()
+        except BaseException:                   # a full disk: the error names the file, the logs are closed
+            logger.close()
+            raise
         if exit_reason == 'finished':
             self.export(os.path.join(cfg.out, 'model'))
             if cfg.eval_every and self.step % cfg.eval_every:
@@ -212,13 +227,20 @@ class Trainer:
         return summary
 
     def _next_micro_batches(self) -> list[dict]:
+        return [self.task.to_device(next(self.data), self.strategy.device) for _ in range(self.cfg.optim.grad_accum)]
+
+    def _keep_progress(self) -> None:
+        """A step failed (bad data, an error in the task): checkpoint the steps done before it, as a signal
+        does, when the weights are still those of the last finished step (no optimizer stepped yet) and in
+        a single process (other ranks would wait in the checkpoint's collectives)."""
+        if self.info.enabled or self._updated or self.step == 0 or \
+                os.path.exists(self.checkpointer.path(self.step)):
+            return
+        log.error('step %d failed: writing the checkpoint of the %d steps done first', self.step + 1, self.step)
         try:
-            return [self.task.to_device(next(self.data), self.strategy.device)
-                    for _ in range(self.cfg.optim.grad_accum)]
-        except DataError:
-            if not self.info.enabled:       # between steps the state is consistent: keep the progress
-                self.save_checkpoint()
-            raise
+            self.save_checkpoint()
+        except Exception as e:                   # the step's own error is the one to report
+            log.error('the checkpoint could not be written either: %s', e)
 
     def _on_signal(self, signum, frame):
         if self.stop_signal is not None and signum == signal.SIGINT:

@@ -1,8 +1,9 @@
 """The run directory: one run per directory, one process at a time, and a resume that continues the
 run's own configuration.
 
-* A fresh start into a directory that holds another run (its ``config.yaml``, checkpoints, summary
-  or final model) is refused: two runs' checkpoints never mix.
+* A fresh start into a directory that holds another run (its checkpoints, summary or final model) is
+  refused: two runs' checkpoints never mix. A directory whose run stopped before its first checkpoint
+  (a ``config.yaml``, logs) holds no run: the same command starts it again, ``--resume latest`` too.
 * A lock file (``flock``) keeps a second concurrent process off the directory; the kernel releases
   it when the holder dies, kill -9 included. Forked children (data-loader workers) drop their copy of
   the lock's file descriptor, so that a killed trainer's workers, which notice the death only seconds
@@ -17,6 +18,7 @@ import fcntl
 import glob
 import logging
 import os
+import shutil
 
 from ..config import ConfigError
 from ..utils.io import OutputError, check_writable_dir
@@ -49,9 +51,13 @@ class RunDirectoryError(RuntimeError):
     """The run directory is held by another run or process, or cannot be used."""
 
 
+LEFTOVERS = ('metrics.jsonl', 'tensorboard', 'images', 'summary.json')   # logs of a run started afresh
+
+
 def holds_run(directory: str) -> bool:
-    """Whether ``directory`` already holds (the start of) a training run."""
-    markers = [CONFIG_FILE, 'summary.json', os.path.join('model', 'config.json')]
+    """Whether ``directory`` holds a training run: a checkpoint, a summary or a final model. A run that
+    stopped before its first checkpoint left nothing to continue, so it is none."""
+    markers = ['summary.json', os.path.join('model', 'config.json')]
     return any(os.path.exists(os.path.join(directory, m)) for m in markers) or \
         bool(glob.glob(os.path.join(directory, 'checkpoints', 'step_*.pt')))
 
@@ -88,6 +94,22 @@ class RunDirectory:
         self._lock.write(f'{os.getpid()}\n')
         self._lock.flush()
         _HELD_LOCKS.add(self._lock.fileno())
+
+    def clear_leftovers(self) -> None:
+        """Remove the logs of a run that stopped before its first checkpoint (a fresh start at step 0
+        appends to none of them)."""
+        if not self.is_main:
+            return
+        found = [n for n in LEFTOVERS if os.path.lexists(os.path.join(self.directory, n))]
+        if found:
+            log.info('%s: the logs of a run stopped before its first checkpoint (%s) are replaced',
+                     self.directory, ', '.join(found))
+        for name in found:
+            path = os.path.join(self.directory, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
 
     def release(self) -> None:
         if self._lock is not None:

@@ -5,9 +5,11 @@ A checkpoint is one ``torch.save`` file of tensors and plain containers, read ba
 """
 from __future__ import annotations
 
+import errno
 import glob
 import logging
 import os
+import pickle
 import random
 import re
 
@@ -15,7 +17,7 @@ import numpy as np
 import torch
 
 from ..checkpoint import CheckpointError
-from ..utils.io import atomic_write
+from ..utils.io import atomic_write, check_writable_file, describe_os_error
 
 PATTERN = re.compile(r'step_(\d+)\.pt$')
 
@@ -40,8 +42,10 @@ class Checkpointer:
         return found[-1][1] if found else None
 
     def save(self, step: int, state: dict) -> str:
+        """Write the checkpoint of ``step`` whole or not at all; older ones are pruned only after it is
+        written. A failed write (a full disk) is one :class:`~unitok.utils.io.OutputError` naming the file."""
         path = self.path(step)
-        atomic_write(path, lambda p: torch.save(state, p), mode='path')
+        atomic_write(path, lambda p: _save(state, p), mode='path', what='training checkpoint')
         if self.keep_last > 0:
             for _, old in self.all()[:-self.keep_last]:
                 os.remove(old)
@@ -62,8 +66,24 @@ class Checkpointer:
     def load(path: str) -> dict:
         try:
             return torch.load(path, map_location='cpu', weights_only=True)
+        except pickle.UnpicklingError as e:        # a pickle that would run code: the one-line refusal
+            from ..safe_pickle import unsafe_pickle_message
+            raise CheckpointError(unsafe_pickle_message(path, e)) from None
         except Exception as e:
             raise CheckpointError(f'cannot read training checkpoint {path!r}: {type(e).__name__}: {e}') from None
+
+
+def _save(state: dict, path: str) -> None:
+    """``torch.save``, whose writer reports a failed write (disk full) as a RuntimeError without the
+    cause: the cause is found again by writing a probe beside the file."""
+    try:
+        torch.save(state, path)
+    except RuntimeError as e:
+        try:
+            check_writable_file(path)
+        except OSError as probe:
+            raise OSError(probe.errno, describe_os_error(probe)) from None
+        raise OSError(errno.EIO, f'the write failed ({e})') from None
 
 
 def capture_rng() -> dict:

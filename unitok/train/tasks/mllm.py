@@ -101,6 +101,21 @@ def item_name(captions: list[str]) -> str:
     return m.group(1) if m else captions[0]
 
 
+def check_captions(dataset, sample: int = 256) -> None:
+    """Refuse codes without captions to learn from: every one of ``sample`` evenly spread items without a
+    caption, or captioned with its own file name (a folder exported without ``captions.jsonl``)."""
+    n = len(dataset)
+    picks = sorted({round(i * (n - 1) / max(1, sample - 1)) for i in range(min(n, sample))})
+
+    def made_up(i: int) -> bool:
+        stem = os.path.splitext(os.path.basename(dataset.key(i)))[0].replace('_', ' ').replace('-', ' ')
+        return all(c == stem for c in dataset.captions(i))          # no caption at all: True too
+    if picks and all(made_up(i) for i in picks):
+        raise ConfigError(f'the codes in {dataset.directory!r} have no captions (each item\'s caption is empty or '
+                          'its file name, as for a folder without captions.jsonl): train-mllm learns from captions; '
+                          'export images with a captions.jsonl (file, caption) beside them')
+
+
 def _item_with_captions(dataset, i: int) -> tuple:
     """``(codes (A, K, h, w), captions, label)`` of item ``i`` (view 'all', the label of the chosen set)."""
     item = dataset[i]
@@ -119,6 +134,7 @@ class MLLMTask(Task):
         label_set = cfg.category_set or None
         self.train_codes = CodeDataset(cfg.data.train, view='all', label=label_set)
         self.val_codes = CodeDataset(cfg.data.val, view=0, label=label_set) if cfg.data.val else None
+        check_captions(self.train_codes)
         self.classnames = list(self.train_codes.classnames or [])
         if cfg.category_question and not self.classnames:
             raise ConfigError(f'category_question needs class labels, and the codes in {cfg.data.train!r} have no '
