@@ -33,15 +33,14 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..generation.heads import DepthHead
 from ..pretrained import CheckpointError, Pretrained
 from .config import MLLMConfig
 from .connector import CodeInput, Projector
-from .data import IGNORE
 from .official_layout import resolve_official
+from .loss_terms import image_terms, text_terms
 from .llm import IMAGE_TOKENS, LLMError, add_image_tokens, check_reference, load_llm, stop_ids
 from .generate import generate_codes, generate_text
 from .prompts import (chat_sequence, codes_as_rows, end_of_turn, generation_prefix, generation_sequence, image_codes,
@@ -81,7 +80,7 @@ class UniTokMLLM(Pretrained, nn.Module):
         width = c.head_width
         ffn = c.head_ffn or 32 * math.ceil(width * 8 / 3 / 32)
         self.head = DepthHead(c.llm_dim, width, c.head_depth, c.head_heads, ffn, c.num_codebooks, c.codebook_size)
-        self._init_own_weights()
+        _init_own_weights(self)
         self._stop = stop_ids(text_tokenizer)
         self._end_of_turn = end_of_turn(text_tokenizer)
         self.register_state_dict_post_hook(_drop_llm_weights)
@@ -129,18 +128,6 @@ class UniTokMLLM(Pretrained, nn.Module):
         if cfg.lora_rank:
             mllm.add_lora()
         return mllm
-
-    def _init_own_weights(self) -> None:
-        with torch.no_grad():
-            table = self.llm.get_input_embeddings().weight
-            mean, std = table.float().mean(0), table.float().std().clamp_min(1e-6)
-            self.special_embed.weight.copy_(mean + std * torch.randn_like(self.special_embed.weight))
-            for m in self.head.modules():
-                if isinstance(m, (nn.Linear, nn.Embedding)):
-                    nn.init.normal_(m.weight, std=0.02)
-            self.head.pos_embed.normal_(std=0.02)
-            self.head.weight.zero_()                                  # uniform logits at the start
-            self.head.bias.zero_()
 
     def add_lora(self) -> None:
         """Wrap the LLM with LoRA adapters (``config.lora_rank``, ``lora_alpha``, ``lora_targets``)."""
@@ -291,8 +278,8 @@ class UniTokMLLM(Pretrained, nn.Module):
         x = self.embed(ids, image_mask, codes)
         positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
         h = self.hidden_states(x, mask, positions)                                    # (B, T, C)
-        text_sum, text_n, text_acc = _text_terms(self, h, batch['labels'])
-        img_sum, img_n, img_acc = _image_terms(self.head, h, codes, batch['image_targets'])
+        text_sum, text_n, text_acc = text_terms(self, h, batch['labels'])
+        img_sum, img_n, img_acc = image_terms(self.head, h, codes, batch['image_targets'])
         w = self.loss_weights
         if denominator is None:
             denominator = (text_n + img_n).clamp_min(1)
@@ -362,30 +349,18 @@ class UniTokMLLM(Pretrained, nn.Module):
                               top_k=top_k, top_p=top_p, generator=generator, use_cache=use_cache, callback=callback)
 
 
-def _text_terms(model: UniTokMLLM, h: torch.Tensor, labels: torch.Tensor) -> tuple:
-    """Summed text cross-entropy over the positions with a label, their count, and the accuracy there."""
-    text = labels != IGNORE
-    text_sum, text_acc = (h.new_zeros((), dtype=torch.float32),) * 2
-    if bool(text.any()):
-        logits = model.text_logits(h[text]).float()
-        text_sum = F.cross_entropy(logits, labels[text], reduction='sum')
-        text_acc = (logits.argmax(-1) == labels[text]).float().mean()
-    return text_sum, text.sum(), text_acc
-
-
-def _image_terms(head: DepthHead, h: torch.Tensor, codes: torch.Tensor, targets: torch.Tensor) -> tuple:
-    """The depth head's cross-entropy (mean over the K sub-codes) summed over the image targets (position
-    t predicts the codes of t+1), their count, and the accuracy."""
-    sel = targets[:, :-1]
-    img_sum, img_acc = (h.new_zeros((), dtype=torch.float32),) * 2
-    if bool(sel.any()):
-        hh = h[:, :-1][sel].to(head.pos_embed.dtype)
-        tgt = codes[:, 1:][sel]                                                    # (N, K)
-        logits = head(hh, tgt).float()                                             # (N, K, V)
-        ce = F.cross_entropy(logits.flatten(0, 1), tgt.flatten(), reduction='none').view_as(tgt)
-        img_sum = ce.mean(1).sum()
-        img_acc = (logits.argmax(-1) == tgt).float().mean()
-    return img_sum, sel.sum(), img_acc
+def _init_own_weights(mllm: UniTokMLLM) -> None:
+    """Image-token embeddings around the LLM's own table; the head small, its logits uniform at the start."""
+    with torch.no_grad():
+        table = mllm.llm.get_input_embeddings().weight
+        mean, std = table.float().mean(0), table.float().std().clamp_min(1e-6)
+        mllm.special_embed.weight.copy_(mean + std * torch.randn_like(mllm.special_embed.weight))
+        for m in mllm.head.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=0.02)
+        mllm.head.pos_embed.normal_(std=0.02)
+        mllm.head.weight.zero_()                                  # uniform logits at the start
+        mllm.head.bias.zero_()
 
 
 def _cache_argument(decoder) -> str:
