@@ -104,3 +104,16 @@ def test_mllm_chat_streams_and_draws_with_the_library_codes(studio_dir, tmp_path
     assert torch.equal(codes, mllm.generate_image('Draw an emoji of a cat.', n=2, cfg_scale=1.5, temperature=1.0,
                                                   top_k=20, top_p=0.9, generator=3))
     assert len(steps) == 4
+
+
+def test_request_folders_older_than_the_age_cap_are_removed(studio_dir, tmp_path):
+    import os
+    models = load_models(studio_dir['tokenizer'], None, defaults=False)
+    h = Handlers(models, StudioLimits(output_max_age_s=600), str(tmp_path))
+    old, recent = tmp_path / 'old', tmp_path / 'recent'
+    for folder, age in ((old, 3600), (recent, 60)):
+        folder.mkdir()
+        (folder / 'codes.npz').write_bytes(b'x')
+        os.utime(folder, (folder.stat().st_atime - age, folder.stat().st_mtime - age))
+    new = h._output_path('codes.npz')
+    assert not old.exists() and recent.exists() and os.path.isdir(os.path.dirname(new))

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
+import time
 import uuid
 
 import gradio as gr
@@ -56,11 +58,24 @@ class Handlers:
 
     def __init__(self, models: StudioModels, limits: StudioLimits, workdir: str):
         self.models, self.limits, self.workdir = models, limits, workdir
+        self._pruned_at = 0.0
 
     def _output_path(self, name: str) -> str:
+        self._prune_outputs()
         folder = os.path.join(self.workdir, uuid.uuid4().hex)       # one folder per request: no clashes
         os.makedirs(folder)
         return os.path.join(folder, name)
+
+    def _prune_outputs(self) -> None:
+        """Remove request folders older than ``limits.output_max_age_s`` (gradio has copied their files into its
+        own cache long before), at most once a minute, so a long-running server does not fill its disk."""
+        now = time.time()
+        if now - self._pruned_at < 60:
+            return
+        self._pruned_at = now
+        for entry in os.scandir(self.workdir):
+            if entry.is_dir(follow_symlinks=False) and now - entry.stat().st_mtime > self.limits.output_max_age_s:
+                shutil.rmtree(entry.path, ignore_errors=True)
 
     def _pngs(self, images, stem: str) -> list[str]:
         """PNG files of ``images`` (PIL) in a new request folder. Paths, not PIL images, go to gradio: it

@@ -29,10 +29,11 @@ class StudioLimits:
     max_images: int = 8                  # images per generation request
     max_new_tokens: int = 128            # chat answer length
     queue_size: int = 16                 # requests waiting in gradio's queue; more get the queue-full message
+    output_max_age_s: float = 3600.0     # request folders (codes files, PNGs) older than this are removed
 
     def __post_init__(self):
         for name in ('max_upload_mb', 'max_pixels', 'max_prompt_chars', 'max_labels', 'max_images',
-                     'max_new_tokens', 'queue_size'):
+                     'max_new_tokens', 'queue_size', 'output_max_age_s'):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ValueError(f'{name} must be a positive number, got {value!r}')
