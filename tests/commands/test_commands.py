@@ -21,7 +21,7 @@ CONTRACT = {
     'train': '--preset --data --val-data --init --config --out --steps --batch-size --resume overrides',
     'eval': '--model --data --split --out --metrics --extractor --inception-weights --dinov2-weights '
             '--lpips-weights --batch-size --resize --size --max-samples --template --name --compare',
-    'demo': '--out --data --steps --seed --gen-steps --gen-limit --fp32',
+    'demo': '--out --data --recipe --steps --seed --gen-steps --gen-limit --fp32',
     'export-codes': '--model --data --out --split --augment --batch-size --shard-size --limit --workers --precision '
                     '--device',
     'train-gen': '--codes --val-codes --tokenizer --preset --config --out --steps --batch-size --resume overrides',
