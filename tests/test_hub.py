@@ -22,18 +22,11 @@ from unitok.hub import hub_file, resolve_file
 from unitok.losses.adversarial import DINO_FILE, DinoDiscriminator, build_discriminator
 from unitok.losses.perceptual import LPIPS_FILE, LPIPSPerceptual, MissingWeightsError, build_perceptual
 from unitok.official import save_official_checkpoint
+from pickle_payloads import OpensFile
 
 TOKENIZER, EXTERNAL = 'FoundationVision/unitok_tokenizer', 'FoundationVision/unitok_external'
 INCEPTION_FILE = 'weights-inception-2015-12-05-6726825d.pth'
 pytestmark = pytest.mark.filterwarnings('ignore:.*(pretrained|weight enum).*:UserWarning')   # lpips' torchvision call
-
-
-class _Exploit:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, 'w'))   # would create the marker file if unpickled
 
 
 def _official_lpips_state() -> dict:
@@ -132,7 +125,7 @@ def test_hub_repo_of_neither_layout_lists_what_it_holds(hub):
 
 @pytest.mark.parametrize('content, match', [
     (b'PK\x03\x04' + bytes(200), 'cannot read checkpoint'),                  # a torch zip file cut short
-    (pickle.dumps({'args': {}, 'trainer': {'unitok': {'w': torch.zeros(2)}, 'x': _Exploit('MARKER')}}),
+    (pickle.dumps({'args': {}, 'trainer': {'unitok': {'w': torch.zeros(2)}, 'x': OpensFile('MARKER')}}),
      'refused to load .* unpickling it would import and call (io|builtins).open, which can run arbitrary code.* '
      'Nothing from the file was executed')])
 def test_bad_release_file_on_the_hub_is_one_error_and_runs_nothing(hub, tmp_path, monkeypatch, content, match):
@@ -210,7 +203,7 @@ def test_external_weights_of_another_layout_or_unsafe_are_one_error(hub, tmp_pat
         load('someone/wrong')
     monkeypatch.chdir(tmp_path)
     with open(tmp_path / 'evil.pth', 'wb') as f:
-        pickle.dump({'weight': _Exploit('MARKER')}, f)
+        pickle.dump({'weight': OpensFile('MARKER')}, f)
     cache_repo(hub, 'someone/evil', {name: tmp_path / 'evil.pth'})
     with pytest.raises(CheckpointError, match='refused to load .* Nothing from the file was executed'):
         load('someone/evil')

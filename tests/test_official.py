@@ -9,6 +9,7 @@ import torch
 import unitok
 from unitok import CheckpointError, UniTok
 from unitok.official import save_official_checkpoint
+from pickle_payloads import OpensFile
 
 
 def test_official_format_round_trip(tiny_model, images64, tmp_path):
@@ -44,18 +45,10 @@ def test_shape_mismatch_is_named(tiny_model, tmp_path):
         unitok.load_official_checkpoint(str(tmp_path / 'bad.pth'))
 
 
-class _Exploit:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, 'w'))   # would create the marker file if unpickled
-
-
 def test_pickle_that_runs_code_is_refused_and_nothing_runs(tiny_model, tmp_path):
     marker = tmp_path / 'pwned'
     ckpt = _official(tiny_model)
-    ckpt['trainer']['payload'] = _Exploit(str(marker))
+    ckpt['trainer']['payload'] = OpensFile(str(marker))
     path = tmp_path / 'evil.pth'
     torch.save(ckpt, path)
     with pytest.raises(CheckpointError, match='refused to load .* Nothing from the file was executed'):
@@ -64,7 +57,7 @@ def test_pickle_that_runs_code_is_refused_and_nothing_runs(tiny_model, tmp_path)
     # the same with a plain pickle file (not torch's zip format)
     path2 = tmp_path / 'evil2.pth'
     with open(path2, 'wb') as f:
-        pickle.dump(_Exploit(str(marker)), f)
+        pickle.dump(OpensFile(str(marker)), f)
     with pytest.raises(CheckpointError):
         unitok.load_official_checkpoint(str(path2))
     assert not marker.exists()

@@ -1,27 +1,19 @@
 """Feature extractor weights files: a pickle that would run code gets the one-line refusal of --model
 (nothing runs), and a file with other tensors one line naming the mismatch."""
-import os
 
 import pytest
 import torch
 
 from unitok.checkpoint import CheckpointError
 from unitok.eval.features import build_extractor
-
-
-class _Call:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f'touch {self.marker}',))
+from pickle_payloads import RunsShell
 
 
 @pytest.mark.parametrize('name', ['inception', 'dinov2'])
 def test_a_pickled_weights_file_is_refused_and_nothing_runs(tmp_path, name):
     marker = tmp_path / 'pwned'
     path = tmp_path / 'weights.pth'
-    torch.save({'w': torch.zeros(1), 'payload': _Call(marker)}, path)
+    torch.save({'w': torch.zeros(1), 'payload': RunsShell(marker)}, path)
     with pytest.raises(CheckpointError, match=r"refused to load '.*weights.pth': the file is unsafe: unpickling it "
                                               r'would import and call os.system.*Nothing from the file was executed'):
         build_extractor(name, str(path))

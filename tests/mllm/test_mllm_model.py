@@ -15,6 +15,7 @@ from unitok.mllm.generate import generate_text  # noqa: E402
 from unitok.mllm.llm import LLMError  # noqa: E402
 from unitok.mllm.model import UniTokMLLM  # noqa: E402
 from unitok.mllm.tiny import tiny_llm  # noqa: E402
+from pickle_payloads import RunsShell  # noqa: E402
 
 HEAD = dict(head_width=32, head_heads=2, head_depth=1)
 
@@ -262,14 +263,6 @@ def test_cached_and_uncached_paths_give_the_head_the_same_llm_states(mllm):
     torch.testing.assert_close(cached, uncached, rtol=1e-4, atol=1e-5)
 
 
-class _Call:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f'touch {self.marker}',))
-
-
 def test_an_llm_folder_with_a_pickled_pytorch_model_bin_is_the_one_line_refusal(tmp_path):
     from unitok.mllm.llm import load_llm
     marker = tmp_path / 'pwned'
@@ -277,7 +270,7 @@ def test_an_llm_folder_with_a_pickled_pytorch_model_bin_is_the_one_line_refusal(
     llm.save_pretrained(str(tmp_path / 'llm'))
     tok.save_pretrained(str(tmp_path / 'llm'))
     os.remove(tmp_path / 'llm' / 'model.safetensors')
-    torch.save({**llm.state_dict(), 'payload': _Call(marker)}, tmp_path / 'llm' / 'pytorch_model.bin')
+    torch.save({**llm.state_dict(), 'payload': RunsShell(marker)}, tmp_path / 'llm' / 'pytorch_model.bin')
     with pytest.raises(LLMError, match=r"refused to load '.*pytorch_model.bin': the file is unsafe: unpickling it "
                                        r'would import and call os.system.*Nothing from the file was executed'):
         load_llm(str(tmp_path / 'llm'))

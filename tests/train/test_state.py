@@ -11,6 +11,7 @@ from unitok.checkpoint import CheckpointError
 from unitok.train import Trainer
 from unitok.train import state as state_module
 from unitok.utils.io import OutputError
+from pickle_payloads import RunsShell
 
 
 def _disk_full_at(monkeypatch, step, error):
@@ -49,17 +50,9 @@ def test_torch_saves_causeless_write_error_is_explained_by_a_probe(tmp_path, mon
     assert os.listdir(tmp_path / 'run' / 'checkpoints') == []
 
 
-class _Call:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f'touch {self.marker}',))
-
-
 def test_resume_from_a_pickle_that_would_run_code_is_the_one_line_refusal(tmp_path):
     marker = tmp_path / 'pwned'
-    torch.save({'format': 'unitok-training-checkpoint', 'payload': _Call(marker)}, tmp_path / 'evil.pt')
+    torch.save({'format': 'unitok-training-checkpoint', 'payload': RunsShell(marker)}, tmp_path / 'evil.pt')
     task = ToyTask(toy(tmp_path, steps=1))
     with pytest.raises(CheckpointError, match=r"refused to load '.*evil.pt': the file is unsafe: unpickling it would "
                                               r'import and call os.system.*Nothing from the file was executed'):
