@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from head_checks import stepped_and_changed
 from unitok.checkpoint import CheckpointError
 from unitok.generation import (
     GENERATOR_PRESETS, DepthHead, GeneratorConfig, GeneratorConfigError, GeneratorModel, text_condition,
@@ -205,18 +206,9 @@ def test_depth_head_teacher_forced_equals_step_by_step():
     g = torch.Generator().manual_seed(1)
     h = torch.randn(5, 32, generator=g)
     codes = torch.randint(0, 32, (5, 4), generator=g)
-    forced = head(h, codes)                                                     # (N, K, V)
-    cache = head.allocate_cache(5, torch.float32, torch.device('cpu'))
-    x, steps = head.first_input(h), []
-    for k in range(4):
-        steps.append(head.step(x, k, cache))
-        if k < 3:
-            x = head.code_input(codes[:, k], k + 1)
-    assert torch.allclose(forced, torch.stack(steps, 1), atol=1e-5)
+    forced, stepped, changed = stepped_and_changed(head, h, codes, 32)         # (N, K, V) each
+    assert torch.allclose(forced, stepped, atol=1e-5)
     # Step k depends on sub-codes < k only.
-    other = codes.clone()
-    other[:, 1] = (other[:, 1] + 1) % 32
-    changed = head(h, other)
     assert torch.equal(changed[:, :2], forced[:, :2]) and not torch.allclose(changed[:, 2:], forced[:, 2:])
 
 

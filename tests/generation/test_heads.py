@@ -3,6 +3,7 @@ and equals step-by-step decoding with its cache."""
 import pytest
 import torch
 
+from head_checks import stepped_and_changed
 from unitok.generation.heads import LlamaCodeHead
 
 
@@ -16,16 +17,7 @@ def test_teacher_forced_equals_cached_steps(attn):
     head = LlamaCodeHead(cfg, num_codebooks=4, codebook_size=16, depth=2).eval()
     h, codes = torch.randn(3, 32), torch.randint(0, 16, (3, 4))
     with torch.no_grad():
-        full = head(h, codes)                                                    # (3, 4, 16)
-        cache = head.allocate_cache(3, torch.float32, 'cpu')
-        x, steps = head.first_input(h), []
-        for k in range(4):
-            steps.append(head.step(x, k, cache))
-            if k < 3:
-                x = head.code_input(codes[:, k], k + 1)
-        assert torch.allclose(full, torch.stack(steps, 1), atol=1e-5)
+        full, stepped, again = stepped_and_changed(head, h, codes, 16)          # (3, 4, 16) each
+        assert torch.allclose(full, stepped, atol=1e-5)
         # step k reads sub-codes 0..k-1 only: changing sub-code 1 leaves steps 0 and 1 as they were
-        changed = codes.clone()
-        changed[:, 1] = (changed[:, 1] + 1) % 16
-        again = head(h, changed)
         assert torch.allclose(again[:, :2], full[:, :2], atol=1e-6) and not torch.allclose(again[:, 2:], full[:, 2:])
