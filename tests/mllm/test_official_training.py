@@ -91,7 +91,8 @@ def test_training_examples_follow_the_official_layouts(loaded):
     assert gen['image_targets'].nonzero()[:, 0].tolist() == list(range(P, P + 256))
     assert torch.equal(gen['codes'][P + 1:P + 257], CODES.flatten(1).t())
     null = loaded.generation_example(CODES, None)
-    assert null['input_ids'][:null['image_mask'].tolist().index(True) - 1].tolist() == tok('<unconditional>')['input_ids']
+    before_boi = null['image_mask'].tolist().index(True) - 1
+    assert null['input_ids'][:before_boi].tolist() == tok('<unconditional>')['input_ids']
     answer = 'a red apple'
     und = loaded.understanding_example(CODES, META['question'], answer)
     # the official training tokenizes the whole conversation, each piece around <image> on its own
