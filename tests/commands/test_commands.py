@@ -31,8 +31,8 @@ CONTRACT = {
     'eval-gen': '--gen --tokenizer --data --codes-val --out --samples-per-class --cfg --temperature --top-k --top-p '
                 '--seed --chunk-size --batch-size --extractor --inception-weights --dinov2-weights --max-real '
                 '--max-train --template --device',
-    'train-mllm': '--codes --val-codes --tokenizer --llm --stage --init --config --out --steps --batch-size --resume '
-                  'overrides',
+    'train-mllm': '--codes --val-codes --tokenizer --llm --stage --init --loss --config --out --steps --batch-size '
+                  '--resume overrides',
     'chat': '--mllm --image question --llm --ignore-mismatch --tokenizer --max-new-tokens --temperature --top-k '
             '--top-p --seed --device',
     'eval-mllm': '--mllm --data --codes-val --codes-train --out --llm --cfg --max-items --train-items '

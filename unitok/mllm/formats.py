@@ -9,6 +9,10 @@ where the image positions go. :class:`VicunaV1` is the released UniTok MLLM's fo
   around them, as the official evaluation feeds them);
 * generation: ``PROMPT Generate an image based on this description.\\x00`` and ``<unconditional>\\x00``
   for the null prompt; under the Llama tokenizer the trailing ``\\x00`` is the byte token 3, ``<boi>``.
+
+For training it also writes an answer's target ids (the answer, then ``</s>``, vicuna_v1's closing separator)
+and the text before a generated image as the official training tokenizes it (``PROMPT Generate an image based
+on this description.`` or ``<unconditional>``, with BOS, no ``<boi>``: the trainer appends the byte tokens).
 """
 from __future__ import annotations
 
@@ -34,6 +38,14 @@ class PromptFormat:
         """Token ids of an image request, ending with the id that opens the image."""
         raise NotImplementedError
 
+    def answer_ids(self, tokenizer, answer: str) -> list[int]:
+        """Target ids of an answer that closes the assistant's turn (for training)."""
+        raise NotImplementedError
+
+    def generation_training_ids(self, tokenizer, prompt: str | None) -> list[int]:
+        """Token ids of the text before a training image (for training)."""
+        raise NotImplementedError
+
 
 class VicunaV1(PromptFormat):
     """The released UniTok MLLM's prompts (see the module docstring)."""
@@ -43,7 +55,7 @@ class VicunaV1(PromptFormat):
     roles = ('USER', 'ASSISTANT')
     generation_suffix = ' Generate an image based on this description.'
     null_prompt = '<unconditional>'
-    boi_text, boi_id = '\x00', 3
+    boi_text, boi_id, eoi_id = '\x00', 3, 4
 
     def understanding_text(self, question: str, image: bool) -> str:
         user = f'{IMAGE_MARKER}\n{question}' if image else question
@@ -71,3 +83,11 @@ class VicunaV1(PromptFormat):
                            f'(<boi>, the text {self.boi_text!r}); got {ids[-3:]}: not the Llama tokenizer of the '
                            'release')
         return ids
+
+    def answer_ids(self, tokenizer, answer: str) -> list[int]:
+        # 'ASSISTANT: ANSWER</s>' of the official conversation: the answer's own pieces (the tokenizer's
+        # leading-space marker stands for the space after the colon), then EOS.
+        return tokenizer(answer, add_special_tokens=False)['input_ids'] + [int(tokenizer.eos_token_id)]
+
+    def generation_training_ids(self, tokenizer, prompt: str | None) -> list[int]:
+        return tokenizer(self.null_prompt if prompt is None else prompt + self.generation_suffix)['input_ids']

@@ -21,7 +21,8 @@ Sequence layouts (text from the LLM's chat template):
 cross-entropy on the answer; ``generation: [user: prompt] [assistant: <boi> img*L]`` with the depth
 head's cross-entropy on the L positions (all K sub-codes). A mixed batch runs in one forward; the
 loss is the sum of the text token losses and the image position losses (each the mean over its K
-sub-codes) divided by the number of text targets plus image positions.
+sub-codes) divided by the number of text targets plus image positions (or, with ``loss='official'``, the
+released MLLM's weighing: every sub-code a token, plus a z-loss; :mod:`unitok.mllm.loss_terms`).
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ from ..pretrained import CheckpointError, Pretrained
 from .config import MLLMConfig
 from .connector import CodeInput, Projector
 from .official_layout import resolve_official
-from .loss_terms import image_terms, text_terms
+from .loss_terms import combined_loss
 from .llm import IMAGE_TOKENS, LLMError, add_image_tokens, check_reference, load_llm, stop_ids
 from .generate import generate_codes, generate_text
 from .prompts import (chat_sequence, codes_as_rows, end_of_turn, generation_prefix, generation_sequence, image_codes,
@@ -266,28 +267,20 @@ class UniTokMLLM(Pretrained, nn.Module):
         return self.llm.get_output_embeddings()(hidden)[..., :self.config.base_vocab]
 
     # ------------------------------------------------------------------ training
-    def forward(self, batch: dict, denominator: torch.Tensor | None = None
+    def forward(self, batch: dict, denominator: torch.Tensor | None = None, loss: str = 'ours'
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Loss of a collated batch (:func:`unitok.mllm.data.collate`): text CE on ``labels`` and the
-        depth head's CE at ``image_targets`` (position t predicts the codes of position t+1).
+        head's CE at ``image_targets`` (position t predicts the codes of position t+1), weighed as ``loss``
+        says (``'ours'`` or ``'official'``, :mod:`unitok.mllm.loss_terms`).
 
-        ``denominator``: what the summed losses are divided by (default: this batch's text targets plus
-        image positions; data-parallel training passes the global count / world size, so that every
-        target weighs the same whatever rank it is on)."""
+        ``denominator``: what the summed losses are divided by (default: this batch's
+        :func:`~unitok.mllm.loss_terms.target_count`; data-parallel training passes the global count / world
+        size, so that every target weighs the same whatever rank it is on)."""
         ids, mask, image_mask, codes = batch['input_ids'], batch['attention_mask'], batch['image_mask'], batch['codes']
         x = self.embed(ids, image_mask, codes)
         positions = (mask.long().cumsum(-1) - 1).clamp_min(0)
         h = self.hidden_states(x, mask, positions)                                    # (B, T, C)
-        text_sum, text_n, text_acc = text_terms(self, h, batch['labels'])
-        img_sum, img_n, img_acc = image_terms(self.head, h, codes, batch['image_targets'])
-        w = self.loss_weights
-        if denominator is None:
-            denominator = (text_n + img_n).clamp_min(1)
-        loss = (w[0] * text_sum + w[1] * img_sum) / denominator
-        metrics = {'loss': loss.detach(), 'text_loss': (text_sum / text_n.clamp_min(1)).detach(),
-                   'image_loss': (img_sum / img_n.clamp_min(1)).detach(), 'text_accuracy': text_acc.detach(),
-                   'image_accuracy': img_acc.detach()}
-        return loss, metrics
+        return combined_loss(self, h, batch, denominator, loss)
 
     loss_weights = (1.0, 1.0)
 

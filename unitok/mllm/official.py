@@ -20,6 +20,14 @@ How generated positions are read back (``feedback``):
   earlier position's embedding independent of later ones, so this is exactly the training-time input.
 
 An image being understood always passes the projection whole (causally), in both modes, as officially.
+
+Fine-tuning (``unitok train-mllm --init FoundationVision/unitok_mllm``, :class:`~unitok.train.tasks.mllm.MLLMTask`)
+uses the official training layouts (``eval/liquid/train.py``): understanding as the vicuna_v1 conversation with
+the answer and ``</s>`` as text targets; text-to-image as ``<s> PROMPT Generate an image based on this
+description. <boi> image <eoi> </s>`` (``<s> <unconditional> ...`` for the null prompt), with text targets
+``<boi>``, ``<eoi>``, ``</s>`` and the head's targets at the image. :meth:`freeze_llm` keeps the LM (except
+LoRA adapters) and the codebooks frozen; :meth:`save_pretrained` writes the official layout with the adapters
+merged into the LM's weights, so the result loads like the release.
 """
 from __future__ import annotations
 
@@ -35,16 +43,16 @@ from .config import MLLMConfig
 from .connector import CausalCodeEmbedder
 from .data import IGNORE
 from .formats import PromptFormat, VicunaV1
-from .model import UniTokMLLM
+from .model import UniTokMLLM, _drop_llm_weights, _ignore_missing_llm_weights
 from .official_layout import (EMBEDDER, HEAD, Layout, check_keys, llama_config, load_lm, load_tokenizer, read_layout,
                               read_tensors, resolve_official, save_layout, to_library, to_official)
-from .prompts import codes_as_rows
+from .prompts import check_length, codes_as_rows
 
 log = logging.getLogger(__name__)
 
 FEEDBACK = ('position', 'prefix')
 PAD_COLOUR = (122, 116, 104)       # the official evaluation's padding colour (the data's mean)
-IMAGE_SIZE, GRID, PROJ_HEADS = 256, (16, 16), 16
+GRID, PROJ_HEADS = (16, 16), 16
 
 
 def expand2square(image, colour=PAD_COLOUR):
@@ -93,10 +101,11 @@ class OfficialMLLM(UniTokMLLM):
 
     @classmethod
     def load(cls, folder: str, *, dtype: torch.dtype = torch.bfloat16, tokenizer=None, device: str | None = None,
-             feedback: str = 'position') -> 'OfficialMLLM':
+             feedback: str = 'position', device_map: str | None = 'auto') -> 'OfficialMLLM':
         """Load an official folder: everything checked first, then the LM through ``transformers`` shard by
-        shard in ``dtype`` (``device_map='auto'`` when a GPU is present), the image input and head from their
-        shards. ``tokenizer``: the UniTok tokenizer (model, folder or hub id) to encode and decode images."""
+        shard in ``dtype`` (``device_map='auto'`` when a GPU is present; None: on the CPU, for a trainer to
+        place), the image input and head from their shards. ``tokenizer``: the UniTok tokenizer (model, folder
+        or hub id) to encode and decode images."""
         layout = read_layout(folder)
         config = llama_config(layout.config)
         embedder, head = _empty_parts(layout, config)
@@ -113,7 +122,7 @@ class OfficialMLLM(UniTokMLLM):
         head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith('head.')}, assign=True)
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
         head.rotary = LlamaRotaryEmbedding(config)                  # its buffers are not in the checkpoint
-        lm = load_lm(layout, config, dtype)
+        lm = load_lm(layout, config, dtype, device_map)
         text_tok = load_tokenizer(folder, config)
         K, V, d = embedder.codebooks.shape
         cfg = MLLMConfig(llm=os.path.abspath(folder), num_codebooks=K, codebook_size=V, code_dim=d, grid=GRID,
@@ -130,10 +139,13 @@ class OfficialMLLM(UniTokMLLM):
         return mllm.eval()
 
     def save_pretrained(self, directory: str, max_shard_size: str | int = '5GB') -> None:
-        """Write the official layout (config.json, safetensors shards + index, tokenizer files), all-or-nothing."""
+        """Write the official layout (config.json, safetensors shards + index, tokenizer files), all-or-nothing;
+        LoRA adapters merged into the LM's weights, every tensor in the LM's dtype."""
+        from .lora import merged_state_dict
         parts = {**{'embedder.' + k: v for k, v in self.embedder.state_dict().items()},
                  **{'head.' + k: v for k, v in self.head.state_dict().items()}}
-        save_layout(directory, self.raw_config, self.llm, parts, self.text_tokenizer, self.source, max_shard_size)
+        save_layout(directory, self.raw_config, merged_state_dict(self.llm), parts, self.text_tokenizer, self.source,
+                    max_shard_size)
 
     def set_image_tokenizer(self, tokenizer) -> None:
         """Use this UniTok tokenizer for images; warns when its codebooks differ (by sha256 at bfloat16) from
@@ -180,18 +192,55 @@ class OfficialMLLM(UniTokMLLM):
         return x
 
     def understanding_example(self, codes: torch.Tensor, question: str, answer: str | None = None) -> dict:
-        """The official understanding prompt (:class:`VicunaV1`) with the image's L positions spliced in."""
-        if answer is not None:
-            raise NotImplementedError('training examples of the released MLLM are not supported yet')
+        """The official understanding prompt (:class:`VicunaV1`) with the image's L positions spliced in; with an
+        ``answer``, its ids and ``</s>`` follow as the text targets (the official vicuna_v1 training layout)."""
         ids, at = self.prompt_format.understanding_ids(self.text_tokenizer, question, True)
+        target = [] if answer is None else self.prompt_format.answer_ids(self.text_tokenizer, answer)
         L, K = self.config.num_positions, self.config.num_codebooks
-        full = ids[:at] + [0] * L + ids[at:]
+        full = ids[:at] + [0] * L + ids[at:] + target
+        check_length(self, len(full))
         image = torch.zeros(len(full), dtype=torch.bool)
         image[at:at + L] = True
         grid = torch.zeros(len(full), K, dtype=torch.long)
         grid[at:at + L] = codes_as_rows(self.config, codes)
-        return dict(input_ids=torch.tensor(full), image_mask=image, codes=grid,
-                    labels=torch.full((len(full),), IGNORE), image_targets=torch.zeros(len(full), dtype=torch.bool))
+        labels = torch.full((len(full),), IGNORE)
+        if target:                        # position t predicts token t+1: the prompt's last one predicts target[0]
+            labels[len(full) - len(target) - 1:-1] = torch.tensor(target)
+        return dict(input_ids=torch.tensor(full), image_mask=image, codes=grid, labels=labels,
+                    image_targets=torch.zeros(len(full), dtype=torch.bool))
+
+    def generation_example(self, codes: torch.Tensor, prompt: str | None) -> dict:
+        """The official text-to-image training sequence ``<s> PROMPT Generate an image based on this description.
+        <boi> image <eoi> </s>`` (``prompt=None``: ``<s> <unconditional>``): text targets ``<boi>`` (from the
+        prompt's last token), ``<eoi>`` (from the image's last position) and ``</s>``; the head's targets are
+        the L image positions, each predicted from the position before it."""
+        f, tok = self.prompt_format, self.text_tokenizer
+        pre = f.generation_training_ids(tok, prompt)
+        L, K, P = self.config.num_positions, self.config.num_codebooks, len(pre)
+        ids = pre + [f.boi_id] + [0] * L + [f.eoi_id, int(tok.eos_token_id)]
+        check_length(self, len(ids))
+        image = torch.zeros(len(ids), dtype=torch.bool)
+        image[P + 1:P + 1 + L] = True
+        grid = torch.zeros(len(ids), K, dtype=torch.long)
+        grid[P + 1:P + 1 + L] = codes_as_rows(self.config, codes)
+        labels = torch.full((len(ids),), IGNORE)
+        labels[P - 1], labels[P + L], labels[P + L + 1] = f.boi_id, f.eoi_id, int(tok.eos_token_id)
+        targets = torch.zeros(len(ids), dtype=torch.bool)
+        targets[P:P + L] = True
+        return dict(input_ids=torch.tensor(ids), image_mask=image, codes=grid, labels=labels, image_targets=targets)
+
+    def freeze_llm(self) -> None:
+        """Train the image input's projections, the head and LoRA adapters (if any): the LM and the codebooks
+        stay frozen (the official training freezes its quantizer too). From here on :meth:`state_dict` leaves
+        the frozen LM out, as :class:`UniTokMLLM`'s does, so checkpoints hold what trains;
+        :meth:`save_pretrained` still writes the whole model."""
+        for n, p in self.llm.named_parameters():
+            p.requires_grad_('lora_' in n)
+        self.embedder.codebooks.requires_grad_(False)
+        if not self.__dict__.get('_trainable_state'):
+            self.register_state_dict_post_hook(_drop_llm_weights)
+            self.register_load_state_dict_post_hook(_ignore_missing_llm_weights)
+            self.__dict__['_trainable_state'] = True
 
     def text_example(self, question: str) -> dict:
         ids, _ = self.prompt_format.understanding_ids(self.text_tokenizer, question, False)
@@ -204,24 +253,21 @@ class OfficialMLLM(UniTokMLLM):
 
     def encode_image(self, image) -> torch.Tensor:
         """Codes ``(K, h, w)``; a path or PIL image is padded to a square with the official colour and resized
-        to 256 px (bilinear) first; tensors go to the tokenizer as they are."""
+        (bilinear) to the tokenizer's size, 256 px for the release's; tensors go to the tokenizer as they are."""
         if not isinstance(image, torch.Tensor):
             import numpy as np
             from PIL import Image
             img = Image.open(image) if isinstance(image, (str, os.PathLike)) else image
-            img = expand2square(img.convert('RGB')).resize((IMAGE_SIZE, IMAGE_SIZE), Image.BILINEAR)
+            size = self.image_tokenizer.config.image_size
+            img = expand2square(img.convert('RGB')).resize((size, size), Image.BILINEAR)
             image = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float().div(127.5).sub(1)
         return super().encode_image(image)
-
-    # ------------------------------------------------------------------ what it does not do (yet)
-    def forward(self, batch: dict, denominator=None):
-        raise NotImplementedError('training the released MLLM is not supported yet (issue 26 item 5)')
 
     def code_logits(self, prompt: str, codes: torch.Tensor) -> torch.Tensor:
         """Teacher-forced sub-code logits ``(L, K, V)`` of an image ``codes (K, h, w)`` after ``prompt`` in the
         training layout (``<s> PROMPT Generate an image based on this description. <boi>`` + image, read whole)."""
         tok = self.text_tokenizer
-        ids = tok(prompt + self.prompt_format.generation_suffix)['input_ids'] + [self.prompt_format.boi_id]
+        ids = self.prompt_format.generation_training_ids(tok, prompt) + [self.prompt_format.boi_id]
         rows = codes_as_rows(self.config, codes).to(self.device)
         L, P = len(rows), len(ids)
         with torch.inference_mode():
@@ -232,6 +278,14 @@ class OfficialMLLM(UniTokMLLM):
 
 
 UniTokMLLM.released = OfficialMLLM
+
+
+def code_space_of(folder: str) -> tuple[int, int, tuple[int, int]]:
+    """``(K, codebook size, grid)`` of the codes an official folder reads, from its tensors' shapes alone (a
+    trainer checks its codes against them before the LM is loaded)."""
+    layout = read_layout(folder)
+    embedder, _ = _empty_parts(layout, llama_config(layout.config))
+    return embedder.num_codebooks, embedder.codebook_size, GRID
 
 
 def _empty_parts(layout: Layout, config) -> tuple[CausalCodeEmbedder, nn.Module]:

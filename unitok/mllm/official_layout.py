@@ -124,11 +124,12 @@ def load_tokenizer(folder: str, config):
         raise CheckpointError(f'cannot load the tokenizer of {folder}: {str(e).splitlines()[0]}') from None
 
 
-def load_lm(layout: Layout, config, dtype: torch.dtype):
-    """The Llama LM through ``transformers`` (its keys were checked before; the others are not its own)."""
+def load_lm(layout: Layout, config, dtype: torch.dtype, device_map: str | None = 'auto'):
+    """The Llama LM through ``transformers`` (its keys were checked before; the others are not its own);
+    ``device_map`` is used when a GPU is present (None: the CPU)."""
     from transformers import LlamaForCausalLM
     from transformers.utils import logging as hf_logging
-    kwargs = {'device_map': 'auto'} if torch.cuda.is_available() else {}
+    kwargs = {'device_map': device_map} if device_map and torch.cuda.is_available() else {}
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()           # the image input and head keys are read below, not unused
     try:
@@ -192,16 +193,20 @@ def to_official(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_layout(directory: str, config: dict, lm, parts: dict[str, torch.Tensor], tokenizer, source: str | None,
-                max_shard_size: str | int = '5GB') -> None:
-    """Write the official layout all-or-nothing: config.json, safetensors shards + index, tokenizer files."""
+def save_layout(directory: str, config: dict, lm_state: dict[str, torch.Tensor], parts: dict[str, torch.Tensor],
+                tokenizer, source: str | None, max_shard_size: str | int = '5GB') -> None:
+    """Write the official layout all-or-nothing: config.json, safetensors shards + index, tokenizer files.
+    ``lm_state``: the LM's weights under its own names; ``parts``: the library's ``embedder.*`` / ``head.*``
+    tensors, stored in the LM's dtype (a trainer keeps them in float32), as the release stores one dtype."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
     from ..utils.io import staged_directory
-    state = {**{k: v for k, v in lm.state_dict().items()}, **to_official(parts)}
+    dtype = next(iter(lm_state.values())).dtype
+    parts = {k: v.to(dtype) if v.is_floating_point() else v for k, v in parts.items()}
+    state = {**lm_state, **to_official(parts)}
     state = {k: v.detach().contiguous().cpu() for k, v in state.items()}
     split = split_torch_state_dict_into_shards(state, max_shard_size=max_shard_size)
-    dtype = str(next(iter(state.values())).dtype).replace('torch.', '')
+    dtype_name = str(dtype).replace('torch.', '')
     with staged_directory(directory, 'MLLM directory') as stage:
         for name, keys in split.filename_to_tensors.items():
             save_file({k: state[k] for k in keys}, os.path.join(stage, name), metadata={'format': 'pt'})
@@ -213,7 +218,7 @@ def save_layout(directory: str, config: dict, lm, parts: dict[str, torch.Tensor]
         with open(os.path.join(stage, INDEX), 'w') as f:
             json.dump(index, f, indent=2)
         with open(os.path.join(stage, 'config.json'), 'w') as f:
-            json.dump({**config, 'torch_dtype': dtype}, f, indent=2)
+            json.dump({**config, 'torch_dtype': dtype_name}, f, indent=2)
         tokenizer.save_pretrained(stage)
         for name in TOKENIZER_FILES:
             if source and os.path.isfile(os.path.join(source, name)) and not os.path.exists(os.path.join(stage, name)):

@@ -11,6 +11,19 @@ seeded RNG, so a resumed run sees exactly what the uninterrupted one saw.
 
 Stage 1 trains the connector, the image-token embeddings and the depth head with the LLM frozen;
 stage 2 adds LoRA adapters to the LLM (``lora_rank``), usually from a stage-1 model (``init``).
+
+``init`` may also be the released MLLM (``FoundationVision/unitok_mllm``, or a folder in its layout, e.g. an
+earlier fine-tune): it is detected by its ``config.json`` and fine-tuned as an
+:class:`~unitok.mllm.official.OfficialMLLM` through the same loop, with the official prompt layouts. Its LM
+(``llm`` is then unused) is loaded in the run's precision (float32 for ``fp32``, else bfloat16 / float16: a
+7B LM), the trained parts (the embedder's projections, the head, LoRA adapters) in float32; stage 1 trains the
+embedder's projections and the head, stage 2 adds LoRA adapters; the codes must be of the released code space
+(K, codebook size, grid), and a tokenizer whose codebooks differ from the MLLM's copy is warned about. The
+model is exported in the official layout with the adapters merged into the LM's weights.
+
+``loss``: ``'ours'`` (default; an image position weighs like one text token) or ``'official'`` (every
+sub-code a token, plus the z-loss of weight 5e-5 on the head's logits, as the released MLLM was trained);
+see :mod:`unitok.mllm.loss_terms`.
 """
 from __future__ import annotations
 
@@ -27,6 +40,7 @@ from ...checkpoint import CheckpointError
 from ...config import ConfigError
 from ...data import TrainStream
 from ...codes import CodeDataset
+from ...mllm.loss_terms import LOSSES, target_count
 from ..adapters import CodesSource, Objective
 from ..config import BaseOptimConfig, CodesDataConfig, CodesRunConfig
 from ..task import Phase, Task
@@ -52,7 +66,9 @@ class MLLMTrainConfig(CodesRunConfig):
     codes_needed: ClassVar[str] = 'exported codes with captions'
     tokenizer: str = ''                  # the UniTok model dir that exported the codes (required)
     llm: str = 'smollm2'                 # LLM spec (see unitok.mllm.llm)
-    init: str | None = None              # start from this MLLM directory (e.g. stage 2 from stage 1)
+    init: str | None = None              # start from this MLLM directory (e.g. stage 2 from stage 1), or the
+                                         # released MLLM (FoundationVision/unitok_mllm, or a folder of its layout)
+    loss: str = 'ours'                   # 'ours' | 'official' (every sub-code a token, plus z-loss 5e-5)
     stage: int = 1                       # 1: LLM frozen; 2: plus LoRA adapters (lora_rank)
     lora_rank: int = 8
     model: dict = field(default_factory=dict)   # MLLMConfig overrides (head_width, projector_hidden, ...)
@@ -82,6 +98,8 @@ class MLLMTrainConfig(CodesRunConfig):
             raise ConfigError(f'tasks must be a non-empty subset of {TASKS}, got {list(self.tasks)}')
         if not 0 <= self.prompt_dropout < 1:
             raise ConfigError(f'prompt_dropout must be in [0, 1), got {self.prompt_dropout}')
+        if self.loss not in LOSSES:
+            raise ConfigError(f'loss must be one of {LOSSES}, got {self.loss!r}')
         if self.draw.count('{}') != 1:
             raise ConfigError(f'draw must contain exactly one {{}} (where the name goes), got {self.draw!r}')
 
@@ -122,6 +140,44 @@ def _item_with_captions(dataset, i: int) -> tuple:
     return item['codes'], dataset.captions(i), item['label']
 
 
+def released_folder(init: str | None) -> str | None:
+    """The local folder of ``init`` when it names the released MLLM's layout (a folder, or a hub id fetched by
+    huggingface_hub, offline from its cache), else None."""
+    if not init:
+        return None
+    from ...mllm.official_layout import resolve_official
+    return resolve_official(os.fspath(init))
+
+
+def load_released(folder: str, cfg: MLLMTrainConfig, tokenizer):
+    """The released MLLM of ``folder`` ready to train (see the module docstring): checked against the
+    tokenizer's code space, the LM in the run's precision on the CPU (the trainer places it), the trained
+    parts in float32, LoRA adapters added for stage 2."""
+    from ...mllm.official import OfficialMLLM, code_space_of
+    extra = sorted(set(cfg.model) - {'lora_alpha', 'lora_targets'})
+    if extra:
+        raise ConfigError(f'model.{extra[0]}: the released MLLM\'s architecture is its checkpoint\'s; only '
+                          'model.lora_alpha and model.lora_targets apply to it')
+    tc = tokenizer.config
+    ours, theirs = code_space_of(folder), (tc.num_codebooks, tc.codebook_size, (tc.grid_size, tc.grid_size))
+    if ours != theirs:
+        raise ConfigError(f'the released MLLM reads codes of {ours[0]} x {ours[1]} codes on a {ours[2][0]}x'
+                          f'{ours[2][1]} grid; the tokenizer {cfg.tokenizer!r} makes {theirs[0]} x {theirs[1]} on '
+                          f'{theirs[2][0]}x{theirs[2][1]}: export the codes with the released tokenizer\'s code space')
+    dtype = {'fp32': torch.float32, 'bf16': torch.bfloat16, 'fp16': torch.float16}[cfg.precision]
+    model = OfficialMLLM.load(folder, dtype=dtype, device_map=None)
+    model.set_image_tokenizer(tokenizer)             # warns when its codebooks differ from the MLLM's copy
+    model.embedder.float()
+    model.head.float()
+    for k, v in cfg.model.items():
+        setattr(model.config, k, tuple(v) if k == 'lora_targets' else v)
+    if cfg.stage == 2:
+        model.config.lora_rank = cfg.lora_rank
+        model.add_lora()
+    model.freeze_llm()
+    return model
+
+
 class MLLMTask(Task):
     name = 'mllm'
     progress_keys = ('loss', 'text_loss', 'image_loss', 'lr')
@@ -146,7 +202,10 @@ class MLLMTask(Task):
         overrides = dict(cfg.model)
         if cfg.stage == 2:
             overrides['lora_rank'] = cfg.lora_rank
-        if cfg.init:
+        released = released_folder(cfg.init)
+        if released:
+            self.model = load_released(released, cfg, tokenizer)
+        elif cfg.init:
             self.model = UniTokMLLM.from_pretrained(cfg.init, llm=llm or cfg.llm, tokenizer=tokenizer)
             if cfg.stage == 2 and not self.model.config.lora_rank:
                 self.model.config.lora_rank = cfg.lora_rank
@@ -220,9 +279,9 @@ class MLLMTask(Task):
         if self.strategy.world_size > 1:
             # Every target weighs the same on every rank: the global count, divided by the world size
             # because DDP averages the gradients (one small all-reduce per micro-batch).
-            n = ((batch['labels'] != -100).sum() + batch['image_targets'][:, :-1].sum()).float()
+            n = target_count(batch, self.model.config.num_codebooks, self.cfg.loss).float()
             denominator = (self.strategy.all_reduce(n.reshape(1)) / self.strategy.world_size).clamp_min(1)[0]
-        return self.wrapped(batch, denominator)
+        return self.wrapped(batch, denominator, self.cfg.loss)
 
     # ------------------------------------------------------------------ validation, images, export
     @torch.no_grad()
@@ -243,7 +302,7 @@ class MLLMTask(Task):
                 item = self.val_codes[i]
                 examples += self.examples(item['codes'], self.val_codes.captions(i), label=item['label'])
             batch = self.to_device(collate(examples), strategy.device)
-            _, m = self.model(batch)
+            _, m = self.model(batch, None, self.cfg.loss)
             nt = float((batch['labels'] != -100).sum())
             ni = float(batch['image_targets'][:, :-1].sum())
             sums += torch.cat([weighted_sums([float(m['text_loss'])], nt), weighted_sums([float(m['image_loss'])], ni),
