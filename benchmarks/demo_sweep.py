@@ -4,6 +4,8 @@ fastest recipe that meets every target.
 
     python benchmarks/demo_sweep.py --out runs/demo_sweep                      # fast and legacy
     python benchmarks/demo_sweep.py --out runs/demo_sweep --recipes fast fast-clip1 --guidance 1 2 3 4
+    python benchmarks/demo_sweep.py --out runs/demo_levers --tokenizer-only \
+        --recipes fast-clip0.5 fast-clip0.25 fast-clip0.1-900 fast-clip0.25-1100 fast-cb4096
 
 Resumable: a recipe already in ``OUT/sweep.json`` is not run again, a finished demo in ``OUT/RECIPE``
 (e.g. ``unitok demo --out OUT/fast``) is taken as it is, and an interrupted one continues from its
@@ -25,15 +27,30 @@ from unitok.data import open_source  # noqa: E402
 from unitok.eval.generation import load_generator  # noqa: E402
 from unitok.utils.io import atomic_write  # noqa: E402
 
-_FAST = RECIPES['fast']
-# Variants of the default recipe, one lever each (see docs/RESULTS.md for what they measured).
+_BASE = RECIPES['fast-clip0.5']          # the recipe the levers below were measured against
+
+
+def _lever(clip: float | None = None, lr: str | None = None, steps: int | None = None, gen_steps: int | None = None,
+           extra: tuple[str, ...] = ()):
+    """``_BASE`` with one or two things changed: the CLIP weight, the learning rate, the steps, more overrides."""
+    overrides = tuple(o for o in _BASE.overrides
+                      if not (clip is not None and o.startswith('loss.clip=')) and not (lr and o.startswith('optim.lr=')))
+    overrides += ((f'loss.clip={clip}',) if clip is not None else ()) + ((f'optim.lr={lr}',) if lr else ()) + extra
+    return dataclasses.replace(_BASE, overrides=overrides, steps=steps or _BASE.steps,
+                               gen_steps=gen_steps or _BASE.gen_steps)
+
+
+# Variants, one lever each (docs/RESULTS.md section 11 has what they measured); `fast` is `fast-clip0.1-900`
+# with 100 more tokenizer steps, 100 fewer generator steps and guidance 4.
 VARIANTS = {
     **RECIPES,
-    'fast-clip1': dataclasses.replace(_FAST, overrides=tuple(o for o in _FAST.overrides if not o.startswith('loss.clip'))
-                                      + ('loss.clip=1.0',)),
-    'fast-lr2e-3': dataclasses.replace(_FAST, overrides=tuple(o.replace('optim.lr=1e-3', 'optim.lr=2e-3')
-                                                              for o in _FAST.overrides)),
-    'fast-short': dataclasses.replace(_FAST, steps=600, gen_steps=400),
+    'fast-clip1': _lever(clip=1.0),
+    'fast-clip0.25': _lever(clip=0.25),
+    'fast-clip0.25-1100': _lever(clip=0.25, steps=1100),
+    'fast-clip0.1-900': _lever(clip=0.1),
+    'fast-cb4096': _lever(extra=('model.codebook_size=4096', 'model.code_dim=8')),
+    'fast-lr2e-3': _lever(lr='2e-3'),
+    'fast-short': _lever(steps=600, gen_steps=400),
 }
 
 
@@ -57,7 +74,8 @@ def guidance_sweep(out: str, data: str, recipe, scales: list[float], seed: int =
 def choose(results: dict) -> str | None:
     """The recipe with the smallest total time among those that met every target, else None."""
     met = [(r['summary']['total_minutes'], name) for name, r in results.items()
-           if r.get('summary') and all(r['summary']['targets_met'].values())]
+           if r.get('summary') and 'gen_consistency_zero_shot' in r['summary']['targets_met']
+           and all(r['summary']['targets_met'].values())]
     return min(met)[1] if met else None
 
 
@@ -67,6 +85,8 @@ def main(argv=None) -> int:
     p.add_argument('--recipes', nargs='+', default=['fast', 'legacy'], choices=sorted(VARIANTS))
     p.add_argument('--guidance', nargs='+', type=float, default=[1.0, 2.0, 3.0, 4.0])
     p.add_argument('--data', default='builtin:emoji')
+    p.add_argument('--tokenizer-only', action='store_true',
+                   help='train and evaluate only the tokenizers (no generator): the quick comparison of tokenizer levers')
     args = p.parse_args(argv)
     path = os.path.join(args.out, 'sweep.json')
     results = {}
@@ -80,14 +100,16 @@ def main(argv=None) -> int:
         recipe, out = VARIANTS[name], os.path.join(args.out, name)
         load_before = os.getloadavg()
         finished = os.path.join(out, 'demo_summary.json')     # a demo run that finished before: its own times
-        if not os.path.exists(finished) and run_demo(name, recipe, out, args.data) != 0:
+        gen_steps = 0 if args.tokenizer_only else None
+        if not os.path.exists(finished) and run_demo(name, recipe, out, args.data, gen_steps=gen_steps) != 0:
             print(f'[sweep] {name}: interrupted; run again to continue')
             return 143
         with open(os.path.join(out, 'demo_summary.json'), encoding='utf-8') as f:
             summary = json.load(f)
         results[name] = {'recipe': dataclasses.asdict(recipe), 'summary': summary,
                          'load_average_before': load_before, 'load_average_after': os.getloadavg(),
-                         'guidance': guidance_sweep(out, args.data, recipe, args.guidance)}
+                         'guidance': {} if 'gen_model' not in summary else
+                         guidance_sweep(out, args.data, recipe, args.guidance)}
         atomic_write(path, lambda f: f.write(json.dumps(results, indent=2).encode()))
     chosen = choose(results)
     for name, r in results.items():

@@ -142,4 +142,6 @@ def test_recipe_legacy_trains_the_earlier_128_px_tokenizer(tmp_path, monkeypatch
     summary = json.loads((tmp_path / 'd' / 'demo_summary.json').read_text())
     assert summary['recipe'] == 'legacy' and 'gen_consistency_zero_shot' not in summary['targets_met']
     assert main(['demo', '--out', str(tmp_path / 'd'), '--gen-steps', '0']) == 0    # the default: 8 px patches
-    assert (seen[1].preset, seen[1].model, seen[1].steps, seen[1].loss.clip) == ('unitok-tiny-p8', {}, 900, 0.5)
+    assert (seen[1].preset, seen[1].model, seen[1].steps, seen[1].loss.clip) == ('unitok-tiny-p8', {}, 1000, 0.1)
+    assert main(['demo', '--out', str(tmp_path / 'e'), '--recipe', 'fast-clip0.5', '--gen-steps', '0']) == 0
+    assert (seen[2].preset, seen[2].steps, seen[2].loss.clip) == ('unitok-tiny-p8', 900, 0.5)

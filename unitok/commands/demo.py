@@ -172,8 +172,8 @@ def register(sub) -> None:
     p.add_argument('--out', default='demo_output')
     p.add_argument('--data', default='builtin:emoji')
     p.add_argument('--recipe', choices=sorted(RECIPES), default=DEFAULT_RECIPE,
-                   help=f'tokenizer, generator and sampling settings (default {DEFAULT_RECIPE}; legacy: the recipe '
-                        'before issue 27, 128 px)')
+                   help=f'tokenizer, generator and sampling settings (default {DEFAULT_RECIPE}; fast-clip0.5: its first '
+                        'version, CLIP weight 0.5; legacy: the recipe before issue 27, 128 px)')
     p.add_argument('--steps', type=positive_int, default=None, help="tokenizer training steps (default: the recipe's)")
     p.add_argument('--seed', type=int, default=0)
     p.add_argument('--gen-steps', type=non_negative_int, default=None,
