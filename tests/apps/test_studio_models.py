@@ -8,8 +8,9 @@ import pytest
 gr = pytest.importorskip('gradio', reason='the studio needs gradio')
 
 from unitok.apps.studio import StudioLimits, load_models  # noqa: E402
-from unitok.apps.studio.models import DEMO_GENERATOR, DEMO_TOKENIZER, NO_GENERATOR, NO_MLLM, NO_TOKENIZER  # noqa: E402
-from unitok.apps.studio.ui import build_app  # noqa: E402
+from unitok.apps.studio.models import (DEMO_GENERATOR, DEMO_TOKENIZER, NO_GENERATOR, NO_MLLM,  # noqa: E402
+                                       NO_TOKENIZER, StudioModels)
+from unitok.apps.studio.ui import _describe, build_app  # noqa: E402
 
 
 def page_texts(app) -> str:
@@ -38,6 +39,16 @@ def test_the_demo_outputs_are_used_by_default(studio_dir, tmp_path, monkeypatch)
     assert models.classnames == ['smiley', 'cat', 'tree'] and set(models.notes) == {'mllm'}
     assert load_models(defaults=False).tokenizer is None
     assert os.path.isdir(DEMO_TOKENIZER)
+
+
+def test_the_header_counts_tokens_with_the_tokenizers_patch_size():
+    from types import SimpleNamespace
+
+    from unitok.config import UniTokConfig
+    for patch, grid in ((16, 4), (8, 8)):                  # the demo's tokenizer has 8 px patches: 8 x 8 tokens
+        config = UniTokConfig(encoder='vitamin_tiny', image_size=64, patch_size=patch)
+        header = _describe(StudioModels(tokenizer=SimpleNamespace(config=config)))
+        assert f'{grid} x {grid} tokens at 64 px' in header
 
 
 def test_studio_command_arguments_and_missing_gradio(monkeypatch, capsys):

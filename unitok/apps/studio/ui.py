@@ -181,7 +181,7 @@ def _describe(m: StudioModels) -> str:
     parts = []
     if m.tokenizer is not None:
         c = m.tokenizer.config
-        g = c.image_size // 16
+        g = c.grid_size
         parts.append(f'tokenizer: {c.num_codebooks} sub-codebooks x {c.codebook_size} codes, {g} x {g} tokens at '
                      f'{c.image_size} px')
     if m.generator is not None:
