@@ -54,20 +54,25 @@ VARIANTS = {
 }
 
 
-def guidance_sweep(out: str, data: str, recipe, scales: list[float], seed: int = 0) -> dict[str, dict]:
-    """Consistency and shuffled-label control of the recipe's generator at each guidance scale."""
+def guidance_sweep(out: str, data: str, recipe, scales: list[float], temperatures: list[float] | None = None,
+                   seed: int = 0) -> dict[str, dict]:
+    """Consistency and shuffled-label control of the recipe's generator at each guidance scale and sampling
+    temperature (default: the recipe's), keyed ``'G'`` at the recipe's temperature, else ``'G@T'``."""
     generator, tokenizer, info = load_generator(os.path.join(out, 'generator', 'model'),
                                                 os.path.join(out, 'train', 'model'))
     templates = getattr(open_source(data, 'val'), 'templates', None) or ('a photo of a {}.',)
     rows = {}
-    for g in scales:
-        t = time.time()
-        judged = judge_samples(generator, tokenizer, info['classnames'], templates, recipe, seed, guidance=g)
-        rows[f'{g:g}'] = {'consistency': judged['gen_consistency_zero_shot'],
-                          'control': judged['gen_control_zero_shot'], 'samples': judged['gen_judged'],
-                          'seconds': time.time() - t}
-        print(f'[sweep]   guidance {g:g}: consistency {rows[f"{g:g}"]["consistency"]:.3f} '
-              f'(control {rows[f"{g:g}"]["control"]:.3f})', flush=True)
+    for t in temperatures or [recipe.temperature]:
+        drawn = dataclasses.replace(recipe, temperature=t)
+        for g in scales:
+            key = f'{g:g}' if t == recipe.temperature else f'{g:g}@{t:g}'
+            start = time.time()
+            judged = judge_samples(generator, tokenizer, info['classnames'], templates, drawn, seed, guidance=g)
+            rows[key] = {'guidance': g, 'temperature': t, 'consistency': judged['gen_consistency_zero_shot'],
+                         'control': judged['gen_control_zero_shot'], 'samples': judged['gen_judged'],
+                         'seconds': time.time() - start}
+            print(f'[sweep]   guidance {g:g}, temperature {t:g}: consistency {rows[key]["consistency"]:.3f} '
+                  f'(control {rows[key]["control"]:.3f})', flush=True)
     return rows
 
 
@@ -84,6 +89,8 @@ def main(argv=None) -> int:
     p.add_argument('--out', default='runs/demo_sweep')
     p.add_argument('--recipes', nargs='+', default=['fast', 'legacy'], choices=sorted(VARIANTS))
     p.add_argument('--guidance', nargs='+', type=float, default=[1.0, 2.0, 3.0, 4.0])
+    p.add_argument('--temperatures', nargs='+', type=float, help="sampling temperatures of the guidance sweep "
+                   "(default: each recipe's)")
     p.add_argument('--data', default='builtin:emoji')
     p.add_argument('--tokenizer-only', action='store_true',
                    help='train and evaluate only the tokenizers (no generator): the quick comparison of tokenizer levers')
@@ -109,7 +116,7 @@ def main(argv=None) -> int:
         results[name] = {'recipe': dataclasses.asdict(recipe), 'summary': summary,
                          'load_average_before': load_before, 'load_average_after': os.getloadavg(),
                          'guidance': {} if 'gen_model' not in summary else
-                         guidance_sweep(out, args.data, recipe, args.guidance)}
+                         guidance_sweep(out, args.data, recipe, args.guidance, args.temperatures)}
         atomic_write(path, lambda f: f.write(json.dumps(results, indent=2).encode()))
     chosen = choose(results)
     for name, r in results.items():
