@@ -82,8 +82,10 @@ class CausalCodeEmbedder(nn.Module):
 
     def code_vectors(self, codes: torch.Tensor) -> torch.Tensor:
         """``(B, L, K)`` -> ``(B, L, K*d)``: each sub-code's l2-normalised vector, sub-codebooks side by side."""
-        table = F.normalize(self.codebooks, dim=-1)
-        return torch.cat([F.embedding(codes[..., k], table[k]) for k in range(self.num_codebooks)], dim=-1)
+        # Gather first, then normalise the gathered rows: the same values as normalising the whole (K, V, d)
+        # table and gathering (row-wise), without re-normalising all K*V rows at every generated position.
+        vectors = torch.stack([F.embedding(codes[..., k], self.codebooks[k]) for k in range(self.num_codebooks)], -2)
+        return F.normalize(vectors, dim=-1).flatten(-2)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         if codes.dim() != 3 or codes.shape[-1] != self.num_codebooks:
