@@ -2,9 +2,9 @@
 
 ``fast`` (the default) trains ``unitok-tiny-p8``: 64 px emoji as they are, 8 px patches, so 8x8
 tokens per image at a quarter of the pixels of ``legacy``, which up-samples them to 128 px for the same
-grid with ``unitok-tiny``'s 16 px patches. Its CLIP weight is 0.1: on this budget the contrastive term
-takes the small encoder's capacity from reconstruction (0.5 -> 0.1 bought 1.9 dB of held-out PSNR and
-kept zero-shot above 0.5). ``benchmarks/demo_sweep.py`` and docs/RESULTS.md section 11 hold the measurements.
+grid with ``unitok-tiny``'s 16 px patches. Its CLIP weight is 0.1, because on this budget the contrastive
+term takes the small encoder's capacity from reconstruction. ``benchmarks/demo_sweep.py`` runs the levers
+and docs/RESULTS.md section 11 holds what they measured.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ RECIPES: dict[str, DemoRecipe] = {
         overrides=('optim.lr=1e-3', 'optim.warmup=0.02', 'data.batch_size=32', 'loss.clip=0.1'),
         gen_preset='gen-tiny', gen_steps=500, gen_overrides=('data.batch_size=32', 'optim.lr=1e-3'),
         guidance=4.0, temperature=0.8, judged_per_class=16),
-    # The first recipe of issue 27 (CLIP weight 0.5, 900 + 600 steps, guidance 3): 20.1 dB held-out.
+    # The first recipe of issue 27 (CLIP weight 0.5, 900 + 600 steps, guidance 3), kept for comparison.
     'fast-clip0.5': DemoRecipe(
         preset='unitok-tiny-p8', steps=900,
         overrides=('optim.lr=1e-3', 'optim.warmup=0.02', 'data.batch_size=32', 'loss.clip=0.5'),
