@@ -34,14 +34,18 @@ def cached_model(monkeypatch, model_dir, model):
                         model if path == model_dir else original(path, device, precision))
 
 
-@pytest.fixture()
-def imgs(tmp_path):
-    d = tmp_path / 'imgs'
+def random_images(d, count: int):
+    """``count`` random 64 px RGB PNGs ``im{i}.png`` in a new folder ``d`` (seeded)."""
     d.mkdir()
     rng = np.random.default_rng(0)
-    for i in range(3):
+    for i in range(count):
         Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(d / f'im{i}.png')
     return d
+
+
+@pytest.fixture()
+def imgs(tmp_path):
+    return random_images(tmp_path / 'imgs', 3)
 
 
 @pytest.fixture(scope='module')

@@ -12,8 +12,8 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from fault_fixtures import random_images
 from hub_cache import cache_repo, use_cache
 import unitok
 from unitok import CheckpointError, UniTok
@@ -220,12 +220,7 @@ def test_missing_external_weights_still_name_the_option():
 # ---------------------------------------------------------------------- the command line
 @pytest.fixture()
 def imgs(tmp_path):
-    d = tmp_path / 'imgs'
-    d.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(2):
-        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(d / f'im{i}.png')
-    return d
+    return random_images(tmp_path / 'imgs', 2)
 
 
 def test_cli_takes_the_hub_names(hub, released, imgs, tmp_path, capsys):
